@@ -1,0 +1,30 @@
+# cellfuse: `make install && make demo` on a fresh machine; `make test` runs the test suite.
+PY ?= .venv/bin/python
+DATA ?=
+OUT ?= outputs/demo
+
+.PHONY: install test test-slow demo bench lint clean-outputs
+
+install:
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m toolkit --version
+
+test:
+	$(PY) -m pytest -q tests
+
+test-slow:
+	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests
+
+demo:
+	$(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
+
+bench:
+	$(PY) -m toolkit bench
+
+lint:
+	$(PY) -m ruff check toolkit tests
+
+clean-outputs:
+	rm -rf outputs/demo outputs/bench

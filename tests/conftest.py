@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny data made here, the real data from ../shared when present."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from toolkit.data import save_dataset  # noqa: E402
+from toolkit.runs import shared_dir  # noqa: E402
+
+
+def _split_cpu_in_two():
+    """Two logical CPU devices, so MirroredStrategy has something to mirror over (set before TF starts)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    except RuntimeError:  # TF already initialised by an earlier import: keep what is there
+        pass
+
+
+_split_cpu_in_two()
+
+
+def make_images(n: int, n_classes: int = 8, seed: int = 0, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: each class is a disc of its own colour and size on a noisy background."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[:size, :size]
+    images = rng.integers(150, 200, (n, size, size, 3)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        r = 10 + 3 * c
+        colour = np.array([40 + 25 * c, 200 - 20 * c, 120 + (c % 3) * 40])
+        images[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
+    return images, labels
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """64 toy images in the challenge format."""
+    images, labels = make_images(64)
+    return save_dataset(tmp_path / "tiny.npz", images, labels)
+
+
+@pytest.fixture(scope="session")
+def shared():
+    path = shared_dir()
+    if not (path / "data" / "train.npz").exists():
+        pytest.skip(f"real data not found under {path}")
+    return path
+
+
+slow = pytest.mark.skipif(not os.environ.get("CELLFUSE_SLOW"), reason="slow; set CELLFUSE_SLOW=1")

@@ -1,0 +1,155 @@
+"""Metrics, confusion matrices, curves and image grids: what a person looks at after every run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.runs import atomic_save_figure
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
+    """Accuracy, macro-F1, one-vs-rest AUC, NLL, ECE and per-class precision/recall/F1."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+    n_classes = len(class_names)
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(1)
+    present = np.unique(labels)
+    try:
+        auc = float(roc_auc_score(labels, probs[:, present] / probs[:, present].sum(1, keepdims=True),
+                                  multi_class="ovr", labels=present)) if len(present) > 1 else float("nan")
+    except ValueError:
+        auc = float("nan")
+    p, r, f, s = precision_recall_fscore_support(labels, pred, labels=range(n_classes), zero_division=0)
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
+        "auc_ovr": auc,
+        "nll": nll(labels, probs),
+        "ece": expected_calibration_error(labels, probs),
+        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                             "support": int(s[i])} for i, name in enumerate(class_names)},
+        "confusion": confusion_matrix(labels, pred, labels=range(n_classes)).tolist(),
+    }
+
+
+def nll(labels: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return float(-np.log(p).mean())
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs((pred[inside] == labels[inside]).mean() - conf[inside].mean())
+    return float(ece)
+
+
+def plot_confusion(confusion, class_names, path: str | Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix with counts, so small classes are readable."""
+    plt = _pyplot()
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(cm)), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion (colour: row-normalised; text: counts)")
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    """Loss and every accuracy/AUC column per epoch, training beside validation."""
+    plt = _pyplot()
+    keys = [k for k in history[0] if k not in ("epoch", "stage", "lr", "seconds")]
+    groups = {"loss": [k for k in keys if k.endswith("loss")],
+              "accuracy / AUC": [k for k in keys if not k.endswith("loss")]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [row["epoch"] for row in history]
+    for ax, (title, cols) in zip(axes, groups.items()):
+        for col in cols:
+            ax.plot(epochs, [row[col] for row in history], marker=".", label=col)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if cols:
+            ax.legend(fontsize=7)
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, ncols: int = 8,
+                    suptitle: str = "", cell: float = 1.3) -> Path:
+    """A grid of uint8 images with a small title each."""
+    plt = _pyplot()
+    n = max(len(images), 1)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.25)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+        ax.set_title(title, fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    out = atomic_save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def metrics_table(rows: dict[str, dict], title: str = "", columns=("accuracy", "macro_f1", "auc_ovr", "nll", "ece")):
+    """A rich table: one row per (model or data set), one column per metric."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *[_fmt(metrics.get(col)) for col in columns])
+    return table
+
+
+def per_class_table(metrics: dict, title: str = ""):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in metrics["per_class"].items():
+        table.add_row(name, _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"]))
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.4f}"
+    return str(value)
