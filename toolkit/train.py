@@ -1,0 +1,516 @@
+"""`cellfuse train`: fit one recipe, top to bottom.
+
+    recipe -> run directory -> data (split, checks) -> model -> initial-loss check
+           -> stages (each: unfreeze, compile, fit with resumable backups) -> best.keras -> metrics
+
+A run directory explains itself: recipe.toml as run, env.json, history.csv, tb/ (TensorBoard),
+best.keras (no optimizer state), checkpoint/ (resumable), metrics.json, confusion_*.png, curves.png,
+probs_*.npz (validation probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+
+from toolkit import report
+from toolkit.data import Dataset, load_dataset, one_hot, save_npz, stratified_split
+from toolkit.errors import CellfuseError
+from toolkit.recipe import Recipe, load_recipe
+from toolkit.runs import OUTPUTS, atomic_write_text, env_info, write_csv, write_json
+
+RUNS = OUTPUTS / "runs"
+
+
+@dataclass
+class Split:
+    train: Dataset
+    val: dict[str, Dataset]  # "val" (the split) first, then each extra validation file by stem
+
+
+# ---------------------------------------------------------------- entry points
+
+def train_many(paths, overrides=(), *, resume=False, force=False, parallel=1, console=None) -> list[dict]:
+    """Train several recipes one after another, or `parallel` at once in their own processes."""
+    console = console or Console()
+    recipes = [load_recipe(p, overrides) for p in paths]  # parse all first: fail before any training
+    if parallel > 1 and len(recipes) > 1:
+        return _train_parallel(paths, overrides, resume, force, parallel, console)
+    return [train_recipe(r, resume=resume, force=force, console=console) for r in recipes]
+
+
+def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, runs_root=None) -> dict:
+    console = console or Console()
+    run = prepare_run_dir(recipe, Path(runs_root or RUNS), resume, force)
+    if (run / "metrics.json").exists():
+        console.print(f"[green]{run}[/] is already complete; nothing to resume.")
+        return json.loads((run / "summary.json").read_text())
+    started = time.time()
+    _seed_everything(recipe.train.seed)
+    split = load_split(recipe, console)
+    check_data(split, recipe, console)
+    strategy = choose_strategy(recipe.train, console)
+    _set_precision(recipe.train, console)
+    with strategy.scope():
+        model = build_model(recipe, split.train.n_classes)
+    check_initial_loss(model, split.val["val"], recipe, console)
+    fit_stages(model, recipe, split, run, strategy, console)
+    return finish_run(recipe, split, run, started, console)
+
+
+# ---------------------------------------------------------------- run directory
+
+def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool) -> Path:
+    """A new run directory, or the existing one when resuming the same recipe."""
+    import shutil
+
+    run = root / recipe.name
+    snapshot = recipe.to_toml()
+    if run.exists() and any(run.iterdir()):
+        if resume:
+            old = (run / "recipe.toml").read_text() if (run / "recipe.toml").exists() else None
+            if old is not None and old != snapshot:
+                raise CellfuseError(f"{run}: the recipe changed since this run started; "
+                                    "resume needs the same recipe (or --force to start over)")
+        elif force:
+            shutil.rmtree(run)
+        else:
+            raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "recipe.toml", snapshot)
+    write_json(run / "env.json", env_info())
+    return run
+
+
+# ---------------------------------------------------------------- data
+
+def load_split(recipe: Recipe, console: Console) -> Split:
+    data = load_dataset(recipe.data.train, n_classes=recipe.data.n_classes)
+    if recipe.data.limit:
+        data = data.subset(np.arange(min(recipe.data.limit, len(data))))
+    train_rows, val_rows = stratified_split(data.labels, recipe.data.val_fraction, recipe.data.split_seed)
+    val = {"val": data.subset(val_rows)}
+    for path in recipe.data.extra_val:
+        val[Path(path).stem] = load_dataset(path, n_classes=recipe.data.n_classes)
+    console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
+                  + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))
+    return Split(data.subset(train_rows), val)
+
+
+def check_data(split: Split, recipe: Recipe, console: Console) -> None:
+    """Class balance and train/validation leakage through duplicates: reported loudly."""
+    counts = np.bincount(split.train.labels, minlength=split.train.n_classes)
+    console.print("train class counts: " + ", ".join(
+        f"{name} {c}" for name, c in zip(split.train.class_names, counts)))
+    if counts.min() == 0:
+        _warn(console, f"class(es) {[n for n, c in zip(split.train.class_names, counts) if c == 0]} "
+                       "have no training images")
+    elif counts.max() / counts.min() > 10:
+        _warn(console, f"classes are imbalanced {counts.max() / counts.min():.0f}:1; "
+                       "consider train.class_weights = \"balanced\"")
+    for name, val in split.val.items():
+        shared = leaked_rows(split.train.images, val.images)
+        if shared:
+            _warn(console, f"{shared} of {len(val)} '{name}' images duplicate a training image "
+                           "(exactly or perceptually): validation scores will be optimistic. "
+                           "Run `cellfuse clean` on the training file first.")
+
+
+def leaked_rows(train: np.ndarray, val: np.ndarray, threshold: int = 4) -> int:
+    """How many validation images have a near-identical (phash) twin in training."""
+    from toolkit.clean import cross_duplicates, phash_bits
+
+    return len(cross_duplicates(phash_bits(train), phash_bits(val), threshold))
+
+
+def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False):
+    """uint8 arrays -> float32 0..255 batches with one-hot labels; training batches augmented."""
+    import tensorflow as tf
+
+    from toolkit.augment import make_batch_augmenter
+
+    cfg = recipe.train
+    ds = tf.data.Dataset.from_tensor_slices((data.images, one_hot(data.labels, data.n_classes)))
+    if training:
+        ds = ds.shuffle(len(data), seed=cfg.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(cfg.batch_size, drop_remainder=training)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training or validation_augment:
+        augmenter = make_batch_augmenter(recipe.augment, data.n_classes, seed=cfg.seed,
+                                         validation=not training)
+        if augmenter is not None:
+            ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
+    return recipe.train.steps_per_epoch or max(1, n_train // recipe.train.batch_size)
+
+
+# ---------------------------------------------------------------- model and devices
+
+def _seed_everything(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def choose_strategy(cfg, console: Console):
+    """MirroredStrategy over several GPUs (or when asked: two logical CPUs in tests), else default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if cfg.distribute == "mirrored" or (cfg.distribute == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        console.print(f"distribution: MirroredStrategy over {len(devices)} devices")
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def _set_precision(cfg, console: Console) -> None:
+    import keras
+    import tensorflow as tf
+
+    on = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto"
+                                         and bool(tf.config.list_physical_devices("GPU")))
+    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
+    if on:
+        console.print("mixed precision: float16 compute, float32 weights and probabilities")
+
+
+def build_model(recipe: Recipe, n_classes: int):
+    from toolkit.backbones import build_classifier
+
+    return build_classifier(recipe.model, n_classes)
+
+
+def inference_model(recipe: Recipe, n_classes: int, weights: list):
+    """The trained weights in a fresh float32 model with no optimizer: what best.keras holds."""
+    import keras
+
+    from toolkit.backbones import build_classifier
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_classifier(dataclasses.replace(recipe.model, weights="none"), n_classes)
+    model.set_weights(weights)
+    return model
+
+
+# ---------------------------------------------------------------- sanity checks
+
+def _warn(console: Console, text: str) -> None:
+    console.print(Panel(text, title="WARNING", border_style="bold red"))
+
+
+def check_initial_loss(model, val: Dataset, recipe: Recipe, console: Console) -> float:
+    """Before training, the loss should be near ln(n_classes): far off means broken inputs or head."""
+    import keras
+
+    rows = np.arange(min(len(val), 256))
+    probs = model.predict(val.images[rows].astype(np.float32), verbose=0, batch_size=64)
+    if not np.isfinite(probs).all():
+        raise CellfuseError("the untrained model outputs NaN: check model.weights and the input range")
+    loss = float(keras.losses.CategoricalCrossentropy()(one_hot(val.labels[rows], val.n_classes), probs))
+    expected = math.log(val.n_classes)
+    if abs(loss - expected) > 0.5 * expected:
+        _warn(console, f"initial loss {loss:.3f} is far from ln({val.n_classes}) = {expected:.3f}: "
+                       "the inputs may be scaled twice, channels flipped, or the head mis-initialised")
+    else:
+        console.print(f"initial loss {loss:.3f} (ln({val.n_classes}) = {expected:.3f}): ok")
+    return loss
+
+
+def check_batch(images, console: Console) -> None:
+    """The first augmented batch: channels-last, 0..255, not 0..1."""
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise CellfuseError(f"training batches have shape {x.shape}; expected (batch, H, W, 3)")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255.5:
+        raise CellfuseError(f"augmented training batch spans {lo:.1f}..{hi:.1f}; expected 0..255")
+    if hi <= 1.5:
+        raise CellfuseError(f"augmented training batch spans {lo:.2f}..{hi:.2f}: looks like 0..1, expected 0..255")
+
+
+# ---------------------------------------------------------------- fitting
+
+def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console) -> None:
+    """Each stage unfreezes more of the backbone; a finished stage is never redone on resume."""
+    from toolkit.backbones import set_trainable
+
+    ckpt = run / "checkpoint"
+    ckpt.mkdir(exist_ok=True)
+    train_ds = make_dataset(split.train, recipe, training=True)
+    check_batch(next(iter(train_ds))[0], console)
+    val_ds = make_dataset(split.val["val"], recipe, training=False)
+    steps = steps_per_epoch(recipe, len(split.train))
+    offset = 0
+    for i, stage in enumerate(recipe.train.stages):
+        done = ckpt / f"stage{i}.npz"
+        if done.exists():
+            offset += stage.epochs
+            continue
+        if i > 0:
+            _load_weights_npz(model, ckpt / f"stage{i - 1}.npz")
+        with strategy.scope():
+            set_trainable(model, stage.unfreeze, recipe.train.freeze_batchnorm)
+            compile_model(model, recipe, stage, steps)
+        console.print(f"stage {i + 1}/{len(recipe.train.stages)}: {stage.epochs} epoch(s) at lr {stage.lr:g}, "
+                      f"backbone {stage.unfreeze:.0%} trainable, "
+                      f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
+        callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console,
+                                   class_weight=_class_weight(recipe, split.train))
+        model.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
+                  callbacks=callbacks, verbose=0, class_weight=_class_weight(recipe, split.train))
+        nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
+        if nan and nan.where:
+            raise CellfuseError(f"loss became NaN at {nan.where}; training stopped. Lower the learning rate "
+                                "(stage lr), check the inputs, or turn off mixed precision.")
+        save_npz(done, **{f"w{j}": w for j, w in enumerate(model.get_weights())})
+        offset += stage.epochs
+
+
+def _load_weights_npz(model, path: Path) -> None:
+    with np.load(path) as f:
+        model.set_weights([f[f"w{j}"] for j in range(len(f.files))])
+
+
+def compile_model(model, recipe: Recipe, stage, steps: int) -> None:
+    import keras
+
+    cfg = recipe.train
+    model.compile(
+        optimizer=make_optimizer(cfg, stage, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        jit_compile=cfg.xla,
+    )
+
+
+def make_optimizer(cfg, stage, steps: int):
+    import keras
+
+    total = max(1, stage.epochs * steps)
+    lr = stage.lr
+    if cfg.schedule == "cosine":
+        warmup = min(int(cfg.warmup_epochs * steps), total - 1)
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=stage.lr * (0.1 if warmup else 1.0), decay_steps=total - warmup,
+            alpha=0.01, warmup_target=stage.lr if warmup else None, warmup_steps=warmup)
+    common = {"learning_rate": lr, "weight_decay": cfg.weight_decay, "use_ema": cfg.ema}
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(**common)
+    if cfg.optimizer == "lion":
+        return keras.optimizers.Lion(**common)
+    return keras.optimizers.SGD(momentum=0.9, nesterov=True, **common)
+
+
+def _class_weight(recipe: Recipe, train: Dataset):
+    if recipe.train.class_weights == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(train.labels)
+    weights = compute_class_weight("balanced", classes=present, y=train.labels)
+    return {int(c): float(w) for c, w in zip(present, weights)}
+
+
+def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, class_weight):
+    import keras
+
+    cfg = recipe.train
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq=cfg.checkpoint_every,
+                                                  double_checkpoint=True)]
+    if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset),
+                  EpochLog(run, offset, steps, cfg.batch_size, console),
+                  keras.callbacks.TensorBoard(str(run / "tb"), profile_batch=0)]
+    if cfg.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(cfg.monitor, mode="max", factor=0.3, patience=2))
+    if cfg.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(cfg.monitor, mode="max", patience=cfg.early_stopping))
+    return callbacks
+
+
+def _callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class NaNGuard(_callback_base()):
+    """Stops at the first NaN loss and remembers where, so the user hears about it."""
+
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset, self.epoch, self.where = offset, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = f"epoch {self.offset + self.epoch + 1}, step {batch + 1}"
+            self.model.stop_training = True
+
+
+class BestCheckpoint(_callback_base()):
+    """Keeps the weights of the best epoch by validation AUC or accuracy (never the loss)."""
+
+    def __init__(self, run: Path, monitor: str, offset: int):
+        super().__init__()
+        self.run, self.monitor, self.offset = run, monitor, offset
+        state = run / "checkpoint" / "best.json"
+        self.best = json.loads(state.read_text())["value"] if state.exists() else -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value) or value <= self.best:
+            return
+        self.best = float(value)
+        save_npz(self.run / "checkpoint" / "best.npz",
+                 **{f"w{j}": w for j, w in enumerate(self.model.get_weights())})
+        write_json(self.run / "checkpoint" / "best.json",
+                   {"monitor": self.monitor, "value": self.best, "epoch": self.offset + epoch + 1})
+
+
+class EpochLog(_callback_base()):
+    """A rich progress bar per epoch, one printed line of metrics, and history.csv (resume-safe)."""
+
+    def __init__(self, run: Path, offset: int, steps: int, batch_size: int, console: Console):
+        super().__init__()
+        self.run, self.offset, self.steps, self.batch_size, self.console = run, offset, steps, batch_size, console
+        self.progress = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.time()
+        self.progress = Progress(TextColumn(f"epoch {self.offset + epoch + 1}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+        self.task = self.progress.add_task("train", total=self.steps, loss="")
+        self.progress.start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self.progress.update(self.task, completed=batch + 1, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.progress.stop()
+        seconds = time.time() - self.started
+        row = {"epoch": self.offset + epoch + 1, "seconds": round(seconds, 2),
+               "img_per_s": round(self.steps * self.batch_size / seconds, 1),
+               "lr": float(np.asarray(self.model.optimizer.learning_rate)),
+               **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}}
+        self._append(row)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "lr", "img_per_s"))
+        self.console.print(f"epoch {row['epoch']:>3}  {shown}  ({seconds:.0f} s, {row['img_per_s']:.0f} img/s)")
+
+    def _append(self, row: dict) -> None:
+        """Rewrite history.csv without rows from epochs being redone after a resume."""
+        import csv
+
+        path = self.run / "history.csv"
+        rows = list(csv.DictReader(path.open())) if path.exists() else []
+        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
+        write_csv(path, [{k: r.get(k, "") for k in row} for r in rows])
+
+
+# ---------------------------------------------------------------- results
+
+def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console: Console) -> dict:
+    """best.keras, metrics for every validation set, plots, and a summary."""
+    best_npz = run / "checkpoint" / "best.npz"
+    last_stage = run / "checkpoint" / f"stage{len(recipe.train.stages) - 1}.npz"
+    with np.load(best_npz if best_npz.exists() else last_stage) as f:
+        weights = [f[f"w{j}"] for j in range(len(f.files))]
+    model = inference_model(recipe, split.train.n_classes, weights)
+    _save_keras_atomic(model, run / "best.keras")
+    metrics = {}
+    for name, data in split.val.items():
+        probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+        metrics[name] = report.classification_metrics(data.labels, probs, data.class_names)
+        save_npz(run / f"probs_{name}.npz", probs=probs, labels=data.labels, index=data.index)
+        report.plot_confusion(metrics[name]["confusion"], data.class_names, run / f"confusion_{name}.png",
+                              title=f"{recipe.name} on {name}")
+    history = _read_history(run)
+    if history:
+        report.plot_curves(history, run / "curves.png")
+    best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
+    summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
+               "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
+               "seconds": round(time.time() - started, 1),
+               "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
+               "metrics": {k: {m: v[m] for m in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
+                           for k, v in metrics.items()}}
+    write_json(run / "metrics.json", metrics)
+    write_json(run / "summary.json", summary)
+    console.print(report.metrics_table({k: v for k, v in metrics.items()}, title=f"{recipe.name}: best epoch "
+                                       f"{best.get('epoch')} by {recipe.train.monitor}"))
+    console.print(report.per_class_table(metrics["val"], title="validation split, per class"))
+    console.print(f"run directory: {run}")
+    return summary
+
+
+def _save_keras_atomic(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _read_history(run: Path) -> list[dict]:
+    import csv
+
+    path = run / "history.csv"
+    if not path.exists():
+        return []
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]
+
+
+# ---------------------------------------------------------------- several recipes at once
+
+def _train_parallel(paths, overrides, resume, force, parallel, console) -> list[dict]:
+    """One process per recipe, `parallel` at a time; each gets its own GPU when GPUs are visible."""
+    import tensorflow as tf
+
+    n_gpus = len(tf.config.list_physical_devices("GPU"))
+    pending, running, results = list(enumerate(paths)), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, path = pending.pop(0)
+            running.append((i, path, _spawn(path, overrides, resume, force, i % n_gpus if n_gpus else None)))
+        time.sleep(1)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            i, path, proc = item
+            log = RUNS / f"{Path(path).stem}.log"
+            if proc.returncode != 0:
+                raise CellfuseError(f"{path}: training failed (exit {proc.returncode}); see {log}")
+            results[i] = json.loads(log.with_suffix(".json").read_text().strip().splitlines()[-1])[0]
+            console.print(f"[green]done[/] {path}")
+    return [results[i] for i in sorted(results)]
+
+
+def _spawn(path, overrides, resume, force, gpu):
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    cmd = [sys.executable, "-m", "toolkit", "train", str(path), "--json"]
+    cmd += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--force"] if force else [])
+    RUNS.mkdir(parents=True, exist_ok=True)
+    log = RUNS / f"{Path(path).stem}.log"  # files, not pipes: a full pipe would stall the child
+    return subprocess.Popen(cmd, stdout=log.with_suffix(".json").open("w"), stderr=log.open("w"), env=env)
