@@ -215,7 +215,7 @@ def synth(out, n, seed, force):
 @force_option
 def demo(out, data, force):
     """The whole pipeline end to end: synth -> clean -> train x2 -> ensemble -> distill -> export -> grade."""
-    from toolkit.demo import run_demo
+    from toolkit.pipeline import run_demo
 
     run_demo(out, data=data, force=force, console=console)
 

@@ -65,6 +65,9 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip; anything else np.load would try to unpickle
+            raise CellfuseError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"images", "labels"} - set(npz.files)

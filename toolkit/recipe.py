@@ -70,8 +70,7 @@ class DistillConfig:
     mode: str = "cached"  # cached (teacher probabilities computed once) | function-matching (teacher on the fly)
     temperature: float = 4.0
     alpha: float = 0.1  # weight of cross-entropy on true labels; 1 - alpha on the teacher's KL
-    teacher_views: str = "d4"  # TTA views of the teacher's cached targets
-    mixup: float = 0.0  # function-matching: mixup alpha applied to the shared view
+    # The teacher is the ensemble as saved, with its selected TTA views; mixing comes from [augment].
 
 
 @dataclass(frozen=True)

@@ -134,20 +134,21 @@ def leaked_rows(train: np.ndarray, val: np.ndarray, threshold: int = 4) -> int:
     return len(cross_duplicates(phash_bits(train), phash_bits(val), threshold))
 
 
-def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False):
-    """uint8 arrays -> float32 0..255 batches with one-hot labels; training batches augmented."""
+def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False, targets=None):
+    """uint8 arrays -> float32 0..255 batches with one-hot labels (or `targets`); training batches augmented."""
     import tensorflow as tf
 
     from toolkit.augment import make_batch_augmenter
 
     cfg = recipe.train
-    ds = tf.data.Dataset.from_tensor_slices((data.images, one_hot(data.labels, data.n_classes)))
+    targets = one_hot(data.labels, data.n_classes) if targets is None else targets
+    ds = tf.data.Dataset.from_tensor_slices((data.images, targets))
     if training:
         ds = ds.shuffle(len(data), seed=cfg.seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(cfg.batch_size, drop_remainder=training)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if training or validation_augment:
-        augmenter = make_batch_augmenter(recipe.augment, data.n_classes, seed=cfg.seed,
+        augmenter = make_batch_augmenter(recipe.augment, targets.shape[1], seed=cfg.seed,
                                          validation=not training)
         if augmenter is not None:
             ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
@@ -245,15 +246,21 @@ def check_batch(images, console: Console) -> None:
 
 # ---------------------------------------------------------------- fitting
 
-def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console) -> None:
-    """Each stage unfreezes more of the backbone; a finished stage is never redone on resume."""
+def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console, *,
+               train_ds=None, val_ds=None, compile_fn=None) -> None:
+    """Each stage unfreezes more of the backbone; a finished stage is never redone on resume.
+
+    `compile_fn(model, recipe, stage, steps)` compiles and returns what `fit` runs: the model itself,
+    or (distillation) a wrapper around it. Checkpoints always hold `model`'s weights alone.
+    """
     from toolkit.backbones import set_trainable
 
     ckpt = run / "checkpoint"
     ckpt.mkdir(exist_ok=True)
-    train_ds = make_dataset(split.train, recipe, training=True)
+    train_ds = train_ds or make_dataset(split.train, recipe, training=True)
     check_batch(next(iter(train_ds))[0], console)
-    val_ds = make_dataset(split.val["val"], recipe, training=False)
+    val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False)
+    compile_fn = compile_fn or compile_model
     steps = steps_per_epoch(recipe, len(split.train))
     offset = 0
     for i, stage in enumerate(recipe.train.stages):
@@ -265,13 +272,12 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
             _load_weights_npz(model, ckpt / f"stage{i - 1}.npz")
         with strategy.scope():
             set_trainable(model, stage.unfreeze, recipe.train.freeze_batchnorm)
-            compile_model(model, recipe, stage, steps)
+            fitted = compile_fn(model, recipe, stage, steps)
         console.print(f"stage {i + 1}/{len(recipe.train.stages)}: {stage.epochs} epoch(s) at lr {stage.lr:g}, "
                       f"backbone {stage.unfreeze:.0%} trainable, "
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
-        callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console,
-                                   class_weight=_class_weight(recipe, split.train))
-        model.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
+        callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model)
+        fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=0, class_weight=_class_weight(recipe, split.train))
         nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
         if nan and nan.where:
@@ -286,7 +292,7 @@ def _load_weights_npz(model, path: Path) -> None:
         model.set_weights([f[f"w{j}"] for j in range(len(f.files))])
 
 
-def compile_model(model, recipe: Recipe, stage, steps: int) -> None:
+def compile_model(model, recipe: Recipe, stage, steps: int):
     import keras
 
     cfg = recipe.train
@@ -296,6 +302,7 @@ def compile_model(model, recipe: Recipe, stage, steps: int) -> None:
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         jit_compile=cfg.xla,
     )
+    return model
 
 
 def make_optimizer(cfg, stage, steps: int):
@@ -326,7 +333,7 @@ def _class_weight(recipe: Recipe, train: Dataset):
     return {int(c): float(w) for c, w in zip(present, weights)}
 
 
-def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, class_weight):
+def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source):
     import keras
 
     cfg = recipe.train
@@ -334,7 +341,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
                                                   double_checkpoint=True)]
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset),
+    callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   EpochLog(run, offset, steps, cfg.batch_size, console),
                   keras.callbacks.TensorBoard(str(run / "tb"), profile_batch=0)]
     if cfg.schedule == "plateau":
@@ -370,9 +377,9 @@ class NaNGuard(_callback_base()):
 class BestCheckpoint(_callback_base()):
     """Keeps the weights of the best epoch by validation AUC or accuracy (never the loss)."""
 
-    def __init__(self, run: Path, monitor: str, offset: int):
+    def __init__(self, run: Path, monitor: str, offset: int, source):
         super().__init__()
-        self.run, self.monitor, self.offset = run, monitor, offset
+        self.run, self.monitor, self.offset, self.source = run, monitor, offset, source
         state = run / "checkpoint" / "best.json"
         self.best = json.loads(state.read_text())["value"] if state.exists() else -np.inf
 
@@ -382,7 +389,7 @@ class BestCheckpoint(_callback_base()):
             return
         self.best = float(value)
         save_npz(self.run / "checkpoint" / "best.npz",
-                 **{f"w{j}": w for j, w in enumerate(self.model.get_weights())})
+                 **{f"w{j}": w for j, w in enumerate(self.source.get_weights())})
         write_json(self.run / "checkpoint" / "best.json",
                    {"monitor": self.monitor, "value": self.best, "epoch": self.offset + epoch + 1})
 

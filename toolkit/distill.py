@@ -1,0 +1,248 @@
+"""`cellfuse distill`: train a compact student to match an ensemble.
+
+Loss (Hinton et al. 2015): alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+where x_T = softmax(log(x) / T). Models output probabilities, and log-probabilities are valid logits
+(softmax(log p) = p), so the loss is exact without exposing logits.
+
+Two teacher modes:
+- cached: the teacher's (TTA-averaged) probabilities on the un-augmented training images, computed
+  once; the student then trains on augmented images against those fixed targets. Cheap.
+- function-matching (Beyer et al. 2022): teacher and student see the same augmented (and mixed)
+  view every step; the teacher runs on the fly through Keras' `keras.distillation.Distiller`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from toolkit import train as T
+from toolkit.data import Dataset, one_hot, save_npz
+from toolkit.errors import CellfuseError
+from toolkit.recipe import Recipe, load_recipe
+
+EPS = 1e-7
+
+
+# ---------------------------------------------------------------- the loss
+
+def _kl_at_temperature(teacher_probs, student_probs, temperature):
+    """T^2 * KL(softmax(log t / T) || softmax(log s / T)), per example."""
+    from keras import ops
+
+    t = ops.softmax(ops.log(teacher_probs + EPS) / temperature, axis=-1)
+    log_s = ops.log_softmax(ops.log(student_probs + EPS) / temperature, axis=-1)
+    return temperature**2 * ops.sum(t * (ops.log(t + EPS) - log_s), axis=-1)
+
+
+def distillation_loss(teacher_probs, student_probs, labels, temperature: float, alpha: float):
+    """Per-example loss; `labels` may be soft (mixup)."""
+    from keras import ops
+
+    ce = -ops.sum(labels * ops.log(student_probs + EPS), axis=-1)
+    return alpha * ce + (1 - alpha) * _kl_at_temperature(teacher_probs, student_probs, temperature)
+
+
+def packed_loss(n_classes: int, temperature: float, alpha: float):
+    """Cached mode: y_true packs [teacher probabilities | labels], so augmentation mixes both alike."""
+    def loss(y_true, y_pred):
+        return distillation_loss(y_true[:, :n_classes], y_pred, y_true[:, n_classes:], temperature, alpha)
+    return loss
+
+
+def _packed_metrics(n_classes: int):
+    import keras
+
+    def accuracy(y_true, y_pred):
+        return keras.metrics.categorical_accuracy(y_true[:, n_classes:], y_pred)
+
+    class PackedAUC(keras.metrics.AUC):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(y_true[:, n_classes:], y_pred, sample_weight)
+
+    return [keras.metrics.MeanMetricWrapper(accuracy, name="accuracy"), PackedAUC(name="auc")]
+
+
+def _probability_kl(temperature: float):
+    """A keras.distillation loss over probability outputs (the API's own expects logits)."""
+    import keras
+
+    class ProbabilityKL(keras.distillation.DistillationLoss):
+        def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+            return keras.ops.mean(_kl_at_temperature(teacher_outputs, student_outputs, temperature))
+
+        def validate_outputs(self, teacher_outputs, student_outputs):
+            pass
+
+    return ProbabilityKL()
+
+
+# ---------------------------------------------------------------- compile per mode
+
+def _compile_cached(n_classes: int):
+    def compile_fn(model, recipe: Recipe, stage, steps: int):
+        cfg = recipe.distill
+        model.compile(optimizer=T.make_optimizer(recipe.train, stage, steps),
+                      loss=packed_loss(n_classes, cfg.temperature, cfg.alpha),
+                      metrics=_packed_metrics(n_classes), jit_compile=recipe.train.xla)
+        return model
+    return compile_fn
+
+
+def _compile_function_matching(teacher):
+    def compile_fn(model, recipe: Recipe, stage, steps: int):
+        import keras
+
+        teacher.trainable = False
+        distiller = keras.distillation.Distiller(
+            teacher=teacher, student=model, distillation_losses=_probability_kl(recipe.distill.temperature),
+            student_loss_weight=recipe.distill.alpha)
+        distiller.compile(optimizer=T.make_optimizer(recipe.train, stage, steps),
+                          loss=keras.losses.CategoricalCrossentropy(),
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                                   keras.metrics.AUC(name="auc")], jit_compile=recipe.train.xla)
+        return distiller
+    return compile_fn
+
+
+# ---------------------------------------------------------------- entry point
+
+def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, force=False, console=None,
+                   runs_root=None) -> dict:
+    console = console or Console()
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.distill is None:
+        raise CellfuseError(f"{recipe_path}: a student recipe needs a [distill] section")
+    from toolkit.ensemble import load_ensemble
+
+    teacher = load_ensemble(ensemble_dir)
+    run = T.prepare_run_dir(recipe, Path(runs_root or T.RUNS), resume, force)
+    if (run / "metrics.json").exists():
+        console.print(f"[green]{run}[/] is already complete.")
+        return compare(recipe, run, Path(ensemble_dir), console)
+    started = time.time()
+    T._seed_everything(recipe.train.seed)
+    split = T.load_split(recipe, console)
+    T.check_data(split, recipe, console)
+    strategy = T.choose_strategy(recipe.train, console)
+    T._set_precision(recipe.train, console)
+    with strategy.scope():
+        student = T.build_model(recipe, split.train.n_classes)
+    T.check_initial_loss(student, split.val["val"], recipe, console)
+    console.print(f"distillation: {recipe.distill.mode}, T = {recipe.distill.temperature}, "
+                  f"alpha = {recipe.distill.alpha}; student {student.count_params():,} parameters")
+    if recipe.distill.mode == "cached":
+        n = split.train.n_classes
+        targets = {name: teacher_probs(teacher, data, run, Path(ensemble_dir), name, console)
+                   for name, data in [("train", split.train), ("val", split.val["val"])]}
+        train_ds = T.make_dataset(split.train, recipe, training=True,
+                                  targets=np.concatenate([targets["train"], one_hot(split.train.labels, n)], 1))
+        val_ds = T.make_dataset(split.val["val"], recipe, training=False,
+                                targets=np.concatenate([targets["val"], one_hot(split.val["val"].labels, n)], 1))
+        T.fit_stages(student, recipe, split, run, strategy, console, train_ds=train_ds, val_ds=val_ds,
+                     compile_fn=_compile_cached(n))
+    else:
+        T.fit_stages(student, recipe, split, run, strategy, console, compile_fn=_compile_function_matching(teacher))
+    T.finish_run(recipe, split, run, started, console)
+    return compare(recipe, run, Path(ensemble_dir), console)
+
+
+def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:
+    """The teacher's probabilities on `data`, cached in the run (keyed by the ensemble file's hash)."""
+    from toolkit.runs import resolve_model_file
+
+    key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
+    cache = run / "checkpoint" / f"teacher_{name}_{key}.npz"
+    if cache.exists():
+        with np.load(cache) as f:
+            return f["probs"]
+    with console.status(f"teacher predicting {len(data)} {name} images (once)"):
+        probs = teacher.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+    save_npz(cache, probs=probs)
+    return probs
+
+
+# ---------------------------------------------------------------- the comparison table
+
+def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 512) -> dict:
+    """Student vs ensemble vs best member: accuracy per validation set, size, parameters, speed."""
+    import json
+
+    import keras
+
+    import toolkit.layers  # noqa: F401  (registers the ensemble's custom layers)
+    from toolkit.data import load_dataset
+    from toolkit.runs import resolve_model_file, write_json
+    from toolkit.tta import wrap_with_tta
+
+    info = json.loads((ensemble_dir / "ensemble.json").read_text())
+    views = info.get("views", "none")
+    ensemble_file = resolve_model_file(ensemble_dir)
+    models = {"student": (run / "best.keras", views), "ensemble": (ensemble_file, None)}
+    best_member = _best_member(ensemble_dir)
+    if best_member:
+        models["best member"] = (resolve_model_file(best_member), None)
+    split = T.load_split(recipe, Console(quiet=True))
+    rows = {}
+    for label, (path, tta) in models.items():
+        model = keras.saving.load_model(path, safe_mode=True)
+        if tta and tta != "none":
+            model = wrap_with_tta(model, tta)
+        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size,
+                       "img_per_s": _img_per_s(model, split.val["val"], n_timing)}
+        for name, data in split.val.items():
+            probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+            rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
+    result = {"student_run": str(run), "views": views, "rows": rows,
+              "size_ratio": rows["ensemble"]["bytes"] / rows["student"]["bytes"],
+              "speed_ratio": rows["student"]["img_per_s"] / rows["ensemble"]["img_per_s"]}
+    write_json(run / "distill.json", result)
+    console.print(_table(rows, list(split.val), views))
+    return result
+
+
+def _best_member(ensemble_dir: Path):
+    import json
+
+    metrics = ensemble_dir / "metrics.json"
+    info = json.loads((ensemble_dir / "ensemble.json").read_text())
+    members = [m["path"] if isinstance(m, dict) else m for m in info.get("members", [])]
+    if not members:
+        return None
+    if metrics.exists():
+        scores = json.loads(metrics.read_text()).get("members", {})
+        ranked = sorted(members, key=lambda m: -_first_accuracy(scores.get(m, scores.get(Path(m).name, {}))))
+        return ranked[0]
+    return members[0]
+
+
+def _first_accuracy(entry) -> float:
+    if isinstance(entry, dict):
+        for value in entry.values():
+            if isinstance(value, dict) and "accuracy" in value:
+                return value["accuracy"]
+        return entry.get("accuracy", 0.0)
+    return 0.0
+
+
+def _img_per_s(model, data: Dataset, n: int) -> float:
+    x = data.images[np.arange(n) % len(data)].astype(np.float32)
+    model.predict(x[:64], batch_size=64, verbose=0)  # warm-up: tracing is not throughput
+    started = time.perf_counter()
+    model.predict(x, batch_size=128, verbose=0)
+    return n / (time.perf_counter() - started)
+
+
+def _table(rows: dict, val_names: list[str], views: str) -> Table:
+    table = Table(title=f"student vs ensemble (student with the ensemble's views: {views})")
+    for col in ["model", *[f"acc {n}" for n in val_names], "parameters", "file MB", "img/s"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, r in rows.items():
+        table.add_row(label, *[f"{r[f'acc_{n}']:.4f}" for n in val_names], f"{r['params']:,}",
+                      f"{r['bytes'] / 1e6:.2f}", f"{r['img_per_s']:.0f}")
+    return table

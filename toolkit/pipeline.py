@@ -1,0 +1,162 @@
+"""The whole pipeline in one call: data -> clean -> validation files -> train -> ensemble -> distill
+-> export -> grade. `make demo` runs it on synthetic data; `cellfuse bench` on the real data.
+
+Each stage is the same function its command calls, so the demo exercises exactly what users run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+from toolkit.errors import CellfuseError
+from toolkit.runs import fresh_dir, shared_dir
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MEMBER_RECIPES = ("cpu-mobilenet.toml", "cpu-mobilenetv3s.toml")
+STUDENT_RECIPE = "student-cpu.toml"
+
+
+@dataclass
+class Stage:
+    name: str
+    produced: str
+    where: str
+    seconds: float
+
+
+@dataclass
+class Pipeline:
+    out: Path
+    console: Console
+    stages: list[Stage] = field(default_factory=list)
+
+    def step(self, name: str):
+        self.console.print(Rule(f"[bold]{name}"))
+        self._name, self._started = name, time.time()
+
+    def done(self, produced: str, where) -> None:
+        self.stages.append(Stage(self._name, produced, str(where), time.time() - self._started))
+
+    def table(self) -> Table:
+        table = Table(title=f"cellfuse pipeline: {self.out}")
+        for col in ("stage", "produced", "where", "seconds"):
+            table.add_column(col, justify="right" if col == "seconds" else "left")
+        for s in self.stages:
+            table.add_row(s.name, s.produced, s.where, f"{s.seconds:.0f}")
+        table.add_row("total", "", "", f"{sum(s.seconds for s in self.stages):.0f}")
+        return table
+
+
+def member_overrides(clean_npz: Path, val_corrupt: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return [f'data.train="{clean_npz}"', f'data.extra_val=["{val_corrupt}"]', *extra]
+
+
+def pretrained_mobilenet_override() -> list[str]:
+    """The CPU member fine-tunes the real ImageNet MobileNet from shared/ when it is there."""
+    path = shared_dir() / "weights" / "mobilenet_2_5_128_tf.h5"
+    return [f'model.weights="{path}"'] if path.exists() else ['model.weights="none"']
+
+
+def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed: int = 0,
+                    severity: int = 3) -> tuple[Path, Path]:
+    """The validation split every member uses (same function and seed as training), clean and corrupted:
+    ensemble selection is steered by the corrupted one, as the challenge's best teams did."""
+    from toolkit.corrupt import corrupt_images
+    from toolkit.data import load_dataset, save_dataset, stratified_split
+
+    data = load_dataset(clean_npz)
+    _, val_rows = stratified_split(data.labels, val_fraction, seed)
+    val = data.subset(val_rows)
+    clean_path = save_dataset(out / "val.npz", val.images, val.labels, val.index)
+    corrupt = corrupt_images(val.images, severity=severity, seed=seed + 1)
+    return clean_path, save_dataset(out / "val_corrupt.npz", corrupt, val.labels, val.index)
+
+
+def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
+                 student_extra=(), force=False) -> dict:
+    """Everything after the data exists. Returns each stage's main figures."""
+    from toolkit.clean import clean_file
+    from toolkit.distill import distill_recipe
+    from toolkit.ensemble import build_ensemble
+    from toolkit.export import export_submission, grade_submission
+    from toolkit.recipe import load_recipe
+    from toolkit.train import train_recipe
+
+    p = Pipeline(out, console)
+    figures = {}
+    p.step("clean")
+    figures["clean"] = clean_file(data, out / "clean", force=force, console=console)
+    p.done(f"{figures['clean'].get('kept', '?')} images kept", out / "clean" / "clean.npz")
+    clean_npz = out / "clean" / "clean.npz"
+
+    p.step("validation files")
+    val, val_corrupt = write_val_files(clean_npz, out / "clean")
+    p.done("clean + corrupted validation split", val_corrupt)
+    val_sets = [val, val_corrupt] + ([test] if test else [])
+
+    runs = []
+    for name in MEMBER_RECIPES:
+        p.step(f"train {name}")
+        extra = list(member_extra) + (pretrained_mobilenet_override() if "cpu-mobilenet.toml" == name else [])
+        recipe = load_recipe(RECIPES / name, member_overrides(clean_npz, val_corrupt, tuple(extra)))
+        summary = train_recipe(recipe, force=force, console=console, runs_root=out / "runs")
+        figures[f"train {recipe.name}"] = summary
+        runs.append(Path(summary["run"]))
+        p.done(f"val acc {summary['metrics']['val']['accuracy']:.3f}", summary["run"])
+
+    p.step("ensemble")
+    figures["ensemble"] = build_ensemble(runs, [val, val_corrupt], out / "ensemble", force=force, console=console)
+    p.done("selected members, views, temperatures", out / "ensemble" / "ensemble.json")
+
+    p.step("distill")
+    figures["distill"] = distill_recipe(out / "ensemble", RECIPES / STUDENT_RECIPE,
+                                        member_overrides(clean_npz, val_corrupt, tuple(student_extra)),
+                                        force=force, console=console, runs_root=out / "runs")
+    student = Path(figures["distill"]["student_run"])
+    p.done(f"{figures['distill']['size_ratio']:.1f}x smaller, {figures['distill']['speed_ratio']:.1f}x faster",
+           student)
+
+    p.step("export")
+    figures["export"] = export_submission(student, out / "submission.zip", force=True, console=console)
+    p.done(f"{figures['export']['bytes'] / 1e6:.2f} MB zip", out / "submission.zip")
+
+    p.step("grade")
+    graded = test or val_corrupt
+    figures["grade"] = grade_submission(out / "submission.zip", graded, console=console)
+    p.done(f"accuracy {figures['grade']['accuracy']:.3f} on {Path(graded).name}", graded)
+    console.print(p.table())
+    figures["stages"] = [s.__dict__ for s in p.stages]
+    return figures
+
+
+def run_demo(out: Path, *, data: Path | None = None, force: bool = False, console: Console | None = None,
+             n: int = 2000) -> dict:
+    """Synthetic data (or the user's file) through every stage, on CPU, in minutes."""
+    from toolkit.corrupt import corrupt_file
+    from toolkit.synth import write_synthetic
+
+    console = console or Console()
+    out = fresh_dir(out, force)
+    started = time.time()
+    if data is None:
+        console.print(Rule("[bold]synthesise"))
+        data = write_synthetic(out / "synth.npz", n=n, seed=0, console=console)
+        held_out = write_synthetic(out / "heldout.npz", n=400, seed=1, console=console)
+        test = corrupt_file(held_out, out / "heldout_corrupt.npz", severity=3, seed=1, console=console)
+        # The demo's data is easy: a few epochs of the CPU recipes are plenty.
+        member_extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=3, lr=1e-3, unfreeze=1.0}]",)
+        student_extra = ("train.stages=[{epochs=4, lr=2e-3, unfreeze=1.0}]",)
+    else:
+        data, test, member_extra, student_extra = Path(data), None, (), ()
+        if not data.exists():
+            raise CellfuseError(f"{data}: no such file")
+    figures = run_pipeline(data, out, test, console, member_extra=member_extra,
+                           student_extra=student_extra, force=True)
+    console.print(f"demo finished in {time.time() - started:.0f} s; everything is under {out}")
+    return figures
