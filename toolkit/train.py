@@ -127,11 +127,12 @@ def check_data(split: Split, recipe: Recipe, console: Console) -> None:
                            "Run `cellfuse clean` on the training file first.")
 
 
-def leaked_rows(train: np.ndarray, val: np.ndarray, threshold: int = 4) -> int:
+def leaked_rows(train: np.ndarray, val: np.ndarray) -> int:
     """How many validation images have a near-identical (phash) twin in training."""
-    from toolkit.clean import cross_duplicates, phash_bits
+    from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
 
-    return len(cross_duplicates(phash_bits(train), phash_bits(val), threshold))
+    groups = hash_groups(np.concatenate([phash_bits(train), phash_bits(val)]), DEFAULT_THRESHOLD)
+    return int(np.isin(groups[len(train):], groups[:len(train)]).sum())
 
 
 def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False, targets=None):

@@ -1,0 +1,171 @@
+"""`cellfuse bench`: honest, side-by-side figures, each with the command that reproduces it.
+
+Every figure is a ratio of two things measured in the same run on the same machine:
+clean time at 7k vs 50k images; each augmentation preset's img/s vs the training step's img/s;
+the toolkit's training step vs a bare `model.fit` on cached tensors; student vs ensemble prediction
+speed with the same TTA views; and the quality table (members, ensemble, student) on the corrupted
+held-out sample after training the CPU recipes on the cleaned real training file.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.errors import CellfuseError
+from toolkit.runs import fresh_dir, shared_dir, write_json
+
+CPU_RECIPE = "cpu-mobilenetv3s.toml"
+
+
+def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> dict:
+    console = console or Console()
+    data_dir = shared_dir() / "data"
+    train, test = data_dir / "train.npz", data_dir / "test_shifted_sample.npz"
+    if not train.exists():
+        raise CellfuseError(f"{train}: the benchmark needs the real data (set CELLFUSE_SHARED)")
+    out = fresh_dir(out, force=True)
+    figures = {"machine": machine()}
+    figures["clean"] = bench_clean(train, out, quick, console)
+    figures["train_step"] = bench_train_step(out / "clean" / "clean.npz", out, quick, console)
+    figures["augment"] = bench_augment(out / "clean" / "clean.npz", figures["train_step"], quick, console)
+    figures["pipeline"] = bench_pipeline(train, test, out, quick, console)
+    write_json(out / "bench.json", figures)
+    console.print(f"all figures: {out / 'bench.json'}")
+    return figures
+
+
+def machine() -> dict:
+    import os
+
+    import tensorflow as tf
+
+    return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__,
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+
+
+def _show(console: Console, title: str, rows: list[tuple], command: str, columns: tuple) -> None:
+    table = Table(title=title, caption=f"reproduce: {command}")
+    for col in columns:
+        table.add_column(col, justify="left" if col == columns[0] else "right")
+    for row in rows:
+        table.add_row(*[f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+# ---------------------------------------------------------------- clean at two sizes
+
+def bench_clean(train: Path, out: Path, quick: bool, console: Console) -> dict:
+    from toolkit.clean import clean_arrays, clean_file, tile_perturbed
+    from toolkit.data import load_dataset
+
+    started = time.perf_counter()
+    summary = clean_file(train, out / "clean", force=True, console=Console(quiet=True))
+    real_s = time.perf_counter() - started
+    data = load_dataset(train)
+    n_big = 12_000 if quick else 50_000
+    images, labels = tile_perturbed(data.images, data.labels, n_big, seed=0)
+    started = time.perf_counter()
+    clean_arrays(images, labels)
+    big_s = time.perf_counter() - started
+    result = {"n_real": len(data), "real_s": real_s, "n_tiled": n_big, "tiled_s": big_s,
+              "growth": (big_s / real_s) / (n_big / len(data)), "removed": summary}
+    _show(console, "clean", [(f"{len(data):,} real images (whole command, t-SNE included)", real_s,
+                              len(data) / real_s),
+                             (f"{n_big:,} tiled + perturbed (detectors, no plots)", big_s, n_big / big_s)],
+          f"cellfuse clean {train} --out DIR", ("input", "seconds", "img/s"))
+    return result
+
+
+# ---------------------------------------------------------------- training step
+
+def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) -> dict:
+    """The toolkit's step (tf.data + augmentation + callbacks) vs bare model.fit on cached tensors."""
+    import keras
+
+    from toolkit.pipeline import RECIPES
+    from toolkit.recipe import load_recipe
+    from toolkit.train import train_recipe
+
+    steps = 10 if quick else 30
+    recipe = load_recipe(RECIPES / CPU_RECIPE, [f'data.train="{clean_npz}"', "data.extra_val=[]",
+                                                f"train.steps_per_epoch={steps}",
+                                                "train.stages=[{epochs=2, lr=1e-3, unfreeze=1.0}]"])
+    summary = train_recipe(recipe, force=True, console=Console(quiet=True), runs_root=out / "step")
+    import csv
+
+    history = list(csv.DictReader((Path(summary["run"]) / "history.csv").open()))
+    toolkit_ips = float(history[-1]["img_per_s"])  # second epoch: tracing excluded
+    from toolkit.backbones import build_classifier
+
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_classifier(recipe.model, 8)
+    model.compile("adamw", "categorical_crossentropy", metrics=["accuracy"])
+    b = recipe.train.batch_size
+    x = np.random.default_rng(0).uniform(0, 255, (b * steps, 96, 96, 3)).astype(np.float32)
+    y = np.eye(8, dtype=np.float32)[np.arange(b * steps) % 8]
+    model.fit(x[: b * 2], y[: b * 2], batch_size=b, epochs=1, verbose=0)  # trace once
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=b, epochs=1, verbose=0)
+    bare_ips = b * steps / (time.perf_counter() - started)
+    result = {"recipe": recipe.name, "batch_size": b, "toolkit_img_per_s": toolkit_ips,
+              "bare_fit_img_per_s": bare_ips, "ratio": toolkit_ips / bare_ips}
+    _show(console, f"training step, {recipe.name} (batch {b})",
+          [("cellfuse train (tf.data, augmentation, callbacks)", toolkit_ips),
+           ("bare model.fit on cached tensors", bare_ips), ("ratio", toolkit_ips / bare_ips)],
+          f"cellfuse train recipes/{CPU_RECIPE} --set train.steps_per_epoch={steps}", ("", "img/s"))
+    return result
+
+
+# ---------------------------------------------------------------- augmentation throughput
+
+def bench_augment(clean_npz: Path, train_step: dict, quick: bool, console: Console) -> dict:
+    from toolkit.augment import PRESETS, check_section, pipeline_throughput
+    from toolkit.data import load_dataset
+
+    data = load_dataset(clean_npz)
+    rows, result = [], {}
+    step = train_step["toolkit_img_per_s"]
+    for preset in PRESETS:
+        section = check_section({"preset": preset}, "bench")
+        ips = pipeline_throughput(section, data.images[:2048], data.labels[:2048],
+                                  n_batches=10 if quick else 30)
+        result[preset] = ips
+        rows.append((preset, ips, ips / step, "no" if ips > step else "YES: the GPU/CPU step would wait"))
+    _show(console, f"augmentation pipeline vs the {train_step['recipe']} training step ({step:.0f} img/s)",
+          rows, "cellfuse bench (toolkit.augment.pipeline_throughput)",
+          ("preset", "img/s", "x step", "starves the step?"))
+    return {"img_per_s": result, "train_step_img_per_s": step}
+
+
+# ---------------------------------------------------------------- quality and prediction speed
+
+def bench_pipeline(train: Path, test: Path, out: Path, quick: bool, console: Console) -> dict:
+    """Train the CPU recipes on the cleaned real file, ensemble, distill; score all on the shifted sample."""
+    from toolkit.evaluate import evaluate_model
+    from toolkit.pipeline import run_pipeline
+
+    extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=1, lr=1e-3, unfreeze=1.0}]",
+             "data.limit=2000") if quick else ()
+    figures = run_pipeline(train, out / "pipeline", test, console, member_extra=extra,
+                           student_extra=extra[1:] + (("train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]",)
+                                                      if quick else ()), force=True)
+    runs = {k[len("train "):]: v["run"] for k, v in figures.items() if k.startswith("train ")}
+    models = {**runs, "ensemble": str(out / "pipeline" / "ensemble"),
+              "student": figures["distill"]["student_run"]}
+    quiet = Console(quiet=True)
+    rows, quality = [], {}
+    for name, path in models.items():
+        metrics = evaluate_model(path, [test], console=quiet)[str(test)]
+        quality[name] = {k: metrics[k] for k in ("accuracy", "macro_f1", "nll", "ece")}
+        rows.append((name, f"{metrics['accuracy']:.4f}", f"{metrics['macro_f1']:.4f}", f"{metrics['nll']:.3f}"))
+    _show(console, f"quality on {test.name} ({len(np.load(test)['labels'])} corrupted held-out images)", rows,
+          "make bench (clean -> train recipes/cpu-*.toml -> ensemble -> distill)",
+          ("model", "accuracy", "macro-F1", "NLL"))
+    distill = figures["distill"]
+    return {"quality": quality, "distill": distill, "grade": figures["grade"], "stages": figures["stages"]}
