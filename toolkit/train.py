@@ -131,7 +131,8 @@ def leaked_rows(train: np.ndarray, val: np.ndarray) -> int:
     """How many validation images have a near-identical (phash) twin in training."""
     from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
 
-    groups = hash_groups(np.concatenate([phash_bits(train), phash_bits(val)]), DEFAULT_THRESHOLD)
+    quiet = Console(quiet=True)
+    groups = hash_groups(np.concatenate([phash_bits(train, quiet), phash_bits(val, quiet)]), DEFAULT_THRESHOLD)
     return int(np.isin(groups[len(train):], groups[:len(train)]).sum())
 
 
@@ -279,7 +280,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
         callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model)
         fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=0, class_weight=_class_weight(recipe, split.train))
+                  callbacks=callbacks, verbose=0, shuffle=False, class_weight=_class_weight(recipe, split.train))
         nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
         if nan and nan.where:
             raise CellfuseError(f"loss became NaN at {nan.where}; training stopped. Lower the learning rate "

@@ -1,0 +1,347 @@
+"""Package any cellfuse model as a challenge submission zip, and grade a zip the way the challenge does.
+
+A submission is `model.py` plus `model.keras`, side by side at the zip's root. model.py needs only
+numpy and Keras: it inlines toolkit/layers.py (a submission cannot import the project), loads the
+weights with safe_mode on and predicts in batches. `grade_submission` unpacks a zip and runs it in a
+fresh `python -I` subprocess in which the project cannot be imported, as the challenge's grader would.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from toolkit.data import IMAGE_SHAPE, load_dataset, one_hot
+from toolkit.errors import CellfuseError
+from toolkit.runs import atomic_write_bytes, resolve_model_file
+
+WEIGHTS = "model.keras"  # the weights file model.py loads from its own folder
+LAYERS_SOURCE = Path(__file__).with_name("layers.py")  # inlined into model.py
+PROJECT_PACKAGE = __name__.partition(".")[0]  # hidden from the grading subprocess
+SUBMISSION_IMPORTS = {"numpy", "tensorflow", "keras"}  # besides the standard library
+PRECISIONS = ("float32", "float16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+MODEL_PY = '''"""Challenge submission made by `cellfuse export`: `Model().predict(X)` -> class indices.
+
+Needs only numpy, tensorflow and keras; the weights ({weights}) sit beside this file.
+"""
+{future}
+import os
+import warnings
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+WEIGHTS = "{weights}"
+BATCH_SIZE = 64  # images per forward pass: memory stays bounded whatever n is
+IMAGE_SHAPE = (96, 96, 3)
+
+# ---- custom layers (toolkit/layers.py, inlined so that loading the weights finds them) ----
+{layers}
+# ---- end of custom layers ----
+
+
+class Model:
+    def __init__(self):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), WEIGHTS)
+        self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
+
+    def predict(self, X):
+        """X: (n, 96, 96, 3) pixel values 0..255, uint8 or float. Returns (n,) int64 class indices."""
+        X = np.asarray(X)
+        if X.ndim != 4 or X.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"X must have shape (n, 96, 96, 3); got {{X.shape}}")
+        if X.dtype.kind not in "uif":
+            raise ValueError(f"X must hold pixel values 0..255 (uint8 or float); got dtype {{X.dtype}}")
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if X.dtype.kind == "f" and X.max() <= 1.0:
+            warnings.warn("X looks scaled to 0..1, but the contract is pixel values 0..255", stacklevel=2)
+        labels = np.empty(len(X), dtype=np.int64)
+        for start in range(0, len(X), BATCH_SIZE):
+            # A contiguous float32 copy per batch: read-only or strided input is fine, memory stays small.
+            batch = np.ascontiguousarray(X[start:start + BATCH_SIZE], dtype=np.float32)
+            labels[start:start + BATCH_SIZE] = np.argmax(self.model.predict_on_batch(batch), axis=-1)
+        return labels
+'''
+
+# Runs in the grading subprocess (`python -I -c GRADER images.npy preds.npy result.json PACKAGE`),
+# whose working directory is the unpacked submission.
+GRADER = '''
+import json, os, resource, sys, time
+
+class HideProject:
+    """Refuse the project's package: site-packages reaches it through the editable install's finder."""
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == sys.argv[4]:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden while grading)", name=name)
+
+sys.meta_path.insert(0, HideProject())
+sys.path.insert(0, os.getcwd())
+import numpy as np
+X = np.load(sys.argv[1])
+start = time.perf_counter()
+import model
+submission = model.Model()
+loaded = time.perf_counter()
+predictions = np.asarray(submission.predict(X))
+done = time.perf_counter()
+np.save(sys.argv[2], predictions, allow_pickle=False)
+with open(sys.argv[3], "w") as f:
+    json.dump({"load_seconds": loaded - start, "predict_seconds": done - loaded,
+               "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+'''
+
+
+# ---------------------------------------------------------------- export
+
+def export_submission(run, out, *, tta="none", precision="float32", force=False, console=None) -> dict:
+    """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters."""
+    console = console or Console()
+    out = Path(out)
+    _check_destination(out, force)
+    if precision not in PRECISIONS:
+        raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if tta != "none":
+        from toolkit.tta import parse_tta
+
+        parse_tta(tta)  # a bad spec fails before the slow model load
+    source = model_py_source()
+    model = _load_for_export(resolve_model_file(run), tta)
+    files = {"model.py": source.encode(), WEIGHTS: _keras_bytes(model, precision)}
+    atomic_write_bytes(out, _zip_bytes(files))
+    result = {"zip": str(out), "bytes": out.stat().st_size, "params": int(model.count_params()),
+              "tta": tta, "precision": precision}
+    console.print(f"wrote {out}: {result['bytes'] / 1e6:.2f} MB, {result['params']:,} parameters "
+                  f"(tta {tta}, weights {precision})")
+    return result
+
+
+def model_py_source() -> str:
+    """The submission's model.py, with toolkit/layers.py inlined; refuses imports a grader lacks."""
+    layers = LAYERS_SOURCE.read_text()
+    future = [line for line in layers.splitlines() if line.startswith("from __future__ import")]
+    layers = "\n".join(line for line in layers.splitlines() if line not in future)
+    source = MODEL_PY.format(weights=WEIGHTS, future="\n".join(future), layers=layers.strip())
+    for name in _imported_modules(source):
+        if name not in SUBMISSION_IMPORTS and name not in sys.stdlib_module_names:
+            raise CellfuseError(f"{LAYERS_SOURCE}: imports {name!r}; a submission may import only "
+                                f"{', '.join(sorted(SUBMISSION_IMPORTS))} and the standard library")
+    return source
+
+
+def _imported_modules(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.partition(".")[0])
+    return names - {"__future__"}
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.suffix != ".zip":
+        raise CellfuseError(f"{out}: a submission is a .zip file; name it e.g. submission.zip")
+    if out.is_dir():
+        raise CellfuseError(f"{out}: is a directory")
+    if out.exists() and not force:
+        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+
+
+def _load_for_export(path: Path, tta: str):
+    """The model as the submission will run it: no optimizer (compile=False), TTA inside if asked."""
+    import keras
+
+    import toolkit.layers  # noqa: F401  (registers the custom layers before loading)
+
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:  # Keras raises many kinds for a bad file; the user needs one line
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CellfuseError(f"{path}: cannot load this model ({type(e).__name__}: {first_line})") from None
+    _check_contract(path, model)
+    if tta != "none":
+        from toolkit.tta import wrap_with_tta
+
+        model = wrap_with_tta(model, tta)
+    return model
+
+
+def _check_contract(path: Path, model) -> None:
+    """Raw (n, 96, 96, 3) images in, (n, classes) probabilities out: what model.py relies on."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or any(d not in (None, w) for d, w in zip(shape[1:], IMAGE_SHAPE, strict=True)):
+        raise CellfuseError(f"{path}: takes input {shape}; a submission receives (n, 96, 96, 3)")
+    if len(model.output_shape) != 2:
+        raise CellfuseError(f"{path}: returns {model.output_shape}; expected (n, classes) probabilities")
+
+
+def _keras_bytes(model, precision: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        model.save(path)
+        if precision == "float16":
+            _store_weights_as_float16(path)
+        return path.read_bytes()
+
+
+def _store_weights_as_float16(path: Path) -> None:
+    """Rewrite the .keras archive's weights as float16: half the bytes. Keras casts them back to the
+    variables' float32 on load, so model.py loads both precisions the same way."""
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    halved = io.BytesIO()
+    with h5py.File(io.BytesIO(entries["model.weights.h5"]), "r") as src, h5py.File(halved, "w") as dst:
+        _copy_h5_as_float16(src, dst)
+    entries["model.weights.h5"] = halved.getvalue()
+    path.write_bytes(_zip_bytes(entries, zipfile.ZIP_STORED))
+
+
+def _copy_h5_as_float16(src, dst) -> None:
+    # Copied into a fresh file rather than edited in place: HDF5 never reclaims a deleted dataset's space.
+    import h5py
+
+    dst.attrs.update(src.attrs)
+    for name, item in src.items():
+        if isinstance(item, h5py.Group):
+            _copy_h5_as_float16(item, dst.create_group(name))
+            continue
+        data = item[()]
+        if data.dtype == np.float32 and np.all(np.abs(data) <= FLOAT16_MAX):  # else inf: keep float32
+            data = data.astype(np.float16)
+        dst.create_dataset(name, data=data).attrs.update(item.attrs)
+
+
+def _zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- grade
+
+def grade_submission(submission, data, *, timeout=600, console=None) -> dict:
+    """Run SUBMISSION (a zip) on DATA in a clean subprocess; accuracy, macro-F1, per class, time, memory."""
+    console = console or Console()
+    submission = Path(submission)
+    dataset = load_dataset(data)
+    with tempfile.TemporaryDirectory(prefix="cellfuse-grade-") as tmp:
+        folder = _unpack(submission, Path(tmp) / "submission")
+        with console.status(f"grading {submission.name} on {len(dataset)} images in a clean subprocess"):
+            predictions, timings = _run_grader(submission, folder, dataset.images, Path(tmp), timeout)
+    _check_predictions(submission, predictions, len(dataset), dataset.n_classes)
+    metrics = _metrics(dataset, predictions)
+    result = {"submission": str(submission), "data": str(data), "n": len(dataset),
+              "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+              "per_class": metrics["per_class"], "confusion": metrics["confusion"], **timings}
+    _print_grade(result, console)
+    return result
+
+
+def _metrics(dataset, predictions: np.ndarray) -> dict:
+    """The report's metrics from hard predictions (one-hot probabilities)."""
+    from toolkit.report import classification_metrics
+
+    return classification_metrics(dataset.labels, one_hot(predictions, dataset.n_classes),
+                                  dataset.class_names)
+
+
+def _unpack(submission: Path, folder: Path) -> Path:
+    """Extract the zip; model.py and the weights it names must be at its root."""
+    if not submission.is_file():
+        raise CellfuseError(f"{submission}: no such file")
+    try:
+        with zipfile.ZipFile(submission) as archive:
+            names = archive.namelist()
+            archive.extractall(folder)
+    except zipfile.BadZipFile:
+        raise CellfuseError(f"{submission}: not a zip file") from None
+    if "model.py" not in names:
+        nested = [name for name in names if name.endswith("/model.py")]
+        hint = f" (found {nested[0]}; it must be at the zip's root)" if nested else ""
+        raise CellfuseError(f"{submission}: missing model.py{hint}")
+    for name in _weights_named_in(submission, folder / "model.py"):
+        if name not in names:
+            raise CellfuseError(f"{submission}: missing {name}, which model.py loads")
+    return folder
+
+
+def _weights_named_in(submission: Path, model_py: Path) -> list[str]:
+    """The file a module-level `WEIGHTS = "..."` names (what export writes); none for other model.py files."""
+    try:
+        tree = ast.parse(model_py.read_text())
+    except SyntaxError as e:
+        raise CellfuseError(f"{submission}: model.py line {e.lineno}: {e.msg}") from None
+    return [node.value.value for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            and any(isinstance(t, ast.Name) and t.id == "WEIGHTS" for t in node.targets)]
+
+
+def _run_grader(submission: Path, folder: Path, images: np.ndarray, tmp: Path, timeout: float):
+    """`python -I` (no user site, no PYTHONPATH), cwd = the submission, the project hidden.
+    The child never sees the labels."""
+    np.save(tmp / "images.npy", images)
+    command = [sys.executable, "-I", "-c", GRADER, str(tmp / "images.npy"), str(tmp / "predictions.npy"),
+               str(tmp / "result.json"), PROJECT_PACKAGE]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    try:
+        child = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CellfuseError(f"{submission}: grading took longer than {timeout} s; gave up") from None
+    seconds = time.perf_counter() - start
+    if child.returncode != 0:
+        raise CellfuseError(f"{submission}: model.py failed: {_last_error_line(child)}")
+    timings = json.loads((tmp / "result.json").read_text())
+    return np.load(tmp / "predictions.npy", allow_pickle=False), {"seconds": seconds, **timings}
+
+
+def _last_error_line(child: subprocess.CompletedProcess) -> str:
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {child.returncode}, no error message"
+
+
+def _check_predictions(submission: Path, predictions: np.ndarray, n: int, n_classes: int) -> None:
+    if predictions.shape != (n,):
+        raise CellfuseError(f"{submission}: predict returned shape {predictions.shape}; expected ({n},)")
+    if not np.issubdtype(predictions.dtype, np.integer):
+        raise CellfuseError(f"{submission}: predict returned dtype {predictions.dtype}; "
+                            "expected integer class indices")
+    if n and (predictions.min() < 0 or predictions.max() >= n_classes):
+        raise CellfuseError(f"{submission}: predict returned classes "
+                            f"{predictions.min()}..{predictions.max()}; expected 0..{n_classes - 1}")
+
+
+def _print_grade(result: dict, console: Console) -> None:
+    from rich.table import Table
+
+    from toolkit.report import per_class_table
+
+    table = Table(title=f"{Path(result['submission']).name} on {Path(result['data']).name}")
+    for column in ("images", "accuracy", "macro-F1", "load s", "predict s", "peak MB"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result["n"]), f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}",
+                  f"{result['load_seconds']:.1f}", f"{result['predict_seconds']:.1f}",
+                  f"{result['peak_memory_mb']:.0f}")
+    console.print(table)
+    console.print(per_class_table(result, title="per class"))
