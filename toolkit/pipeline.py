@@ -57,9 +57,15 @@ def member_overrides(clean_npz: Path, val_corrupt: Path, extra: tuple[str, ...] 
     return [f'data.train="{clean_npz}"', f'data.extra_val=["{val_corrupt}"]', *extra]
 
 
-def pretrained_mobilenet_override() -> list[str]:
-    """The CPU member fine-tunes the real ImageNet MobileNet from shared/ when it is there."""
-    path = shared_dir() / "weights" / "mobilenet_2_5_128_tf.h5"
+def shared_weights_override(recipe_file: Path) -> list[str]:
+    """Recipes that fine-tune the ImageNet MobileNet in shared/ find it wherever shared/ is (random
+    initialisation when it is missing, so the demo still runs on a bare machine)."""
+    import tomllib
+
+    weights = tomllib.loads(recipe_file.read_text()).get("model", {}).get("weights", "")
+    if not weights.endswith("mobilenet_2_5_128_tf.h5"):
+        return []
+    path = shared_dir() / "weights" / Path(weights).name
     return [f'model.weights="{path}"'] if path.exists() else ['model.weights="none"']
 
 
@@ -103,8 +109,8 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     runs = []
     for name in MEMBER_RECIPES:
         p.step(f"train {name}")
-        extra = list(member_extra) + (pretrained_mobilenet_override() if "cpu-mobilenet.toml" == name else [])
-        recipe = load_recipe(RECIPES / name, member_overrides(clean_npz, val_corrupt, tuple(extra)))
+        extra = (*member_extra, *shared_weights_override(RECIPES / name))
+        recipe = load_recipe(RECIPES / name, member_overrides(clean_npz, val_corrupt, extra))
         summary = train_recipe(recipe, force=force, console=console, runs_root=out / "runs")
         figures[f"train {recipe.name}"] = summary
         runs.append(Path(summary["run"]))
@@ -116,7 +122,9 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
 
     p.step("distill")
     figures["distill"] = distill_recipe(out / "ensemble", RECIPES / STUDENT_RECIPE,
-                                        member_overrides(clean_npz, val_corrupt, tuple(student_extra)),
+                                        member_overrides(clean_npz, val_corrupt,
+                                                         (*student_extra,
+                                                          *shared_weights_override(RECIPES / STUDENT_RECIPE))),
                                         force=force, console=console, runs_root=out / "runs")
     student = Path(figures["distill"]["student_run"])
     p.done(f"{figures['distill']['size_ratio']:.1f}x smaller, {figures['distill']['speed_ratio']:.1f}x faster",

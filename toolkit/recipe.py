@@ -32,6 +32,7 @@ class ModelConfig:
     input_size: int = 0  # side the backbone sees; 0 = the backbone's default. Resizing is inside the model
     head: str = "seed"  # "seed": GAP-BN-Drop-1024-Drop-512-Drop-n; "linear": GAP-Drop-n
     dropout: float = 0.3
+    bn_momentum: float = 0.9  # of every BatchNorm's moving statistics; Keras' 0.99 lags short runs badly
     width: float = 1.0  # width multiplier (efficientnetv2-custom only)
     depth: float = 1.0  # depth multiplier (efficientnetv2-custom only)
 

@@ -1,0 +1,570 @@
+"""Find and explain contamination in a training set: duplicates, label conflicts, non-cell pictures.
+
+`clean_arrays` is the whole decision, on arrays:
+1. perceptual-hash every image (imagehash.phash, packed into uint64);
+2. group near duplicates: pairs within `threshold` bits found by multi-index hashing (no O(n^2)
+   loop), groups = connected components of those pairs;
+3. score one representative per group for oddness: distance from the dataset mean (the seed
+   team's method, reported) and LocalOutlierFactor on cheap colour features (it decides);
+4. judge each group: many copies across labels (or of an odd picture) -> repeated non-cell picture,
+   all copies removed; disagreeing labels -> label conflict, all removed; otherwise keep the lowest
+   row, the rest are exact or near duplicates of it. A lone odd picture is an outlier.
+`clean_file` wraps it: load, write clean.npz / report.json / removed.png / tsne.png, print a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.data import CLASS_NAMES, load_dataset, save_dataset
+from toolkit.errors import CellfuseError
+from toolkit.runs import atomic_save_figure, fresh_dir, write_json
+
+# Max phash Hamming distance between near duplicates. phash marks the 64 low DCT coefficients
+# above their median, so every hash has 32 bits set and distances are even. On the real
+# train.npz, ignoring byte-identical copies, the nearest-neighbour distance of the 6,130 distinct
+# images is 0 (124 cells + the planted pictures' variants) or 2 (17): all re-encoded or slightly
+# altered copies (mean |pixel difference| 3-6). Nothing lies at 4; the closest *different* cells
+# are at 6 (1 pair, mean difference 24) and 8 (41). Every pair that is close in pixel space (RMS
+# < 8 on 24x24 thumbnails) is within 2 bits. 4 sits in that empty gap: a copy may drift one more
+# bit pair than any seen and still match, while the nearest different cells (6) stay apart.
+DEFAULT_THRESHOLD = 4
+# Fraction of distinct pictures the outlier detector removes. On train.npz 22 of ~6,020 distinct
+# pictures (0.37%) are not cells; LocalOutlierFactor ranks all 22 first, so 0.004 (24 pictures)
+# catches them; the other 2 flagged are real cells (LOF 2.4 against 4.5+ for the non-cells).
+DEFAULT_CONTAMINATION = 0.004
+# A near-duplicate group this large, spanning this many labels (or whose picture is an outlier),
+# is a pasted non-cell picture rather than a cell photographed twice.
+NONCELL_MIN_COPIES = 5
+NONCELL_MIN_LABELS = 3
+REASONS = ("repeated_noncell", "outlier", "label_conflict", "exact_duplicate", "near_duplicate")
+EXPLAIN = {
+    "repeated_noncell": "one picture pasted many times across labels: every copy removed",
+    "outlier": "a lone picture unlike the rest (LocalOutlierFactor on colour features)",
+    "label_conflict": "near duplicates whose labels disagree: the whole group removed",
+    "exact_duplicate": "byte-identical to an earlier row (duplicate_of)",
+    "near_duplicate": "perceptual hash within the threshold of the group's kept row",
+}
+THUMB = 16  # side of the colour thumbnail in the cheap representation
+HIST_BINS = 16  # per channel
+LOF_NEIGHBOURS = 50  # above the few crops of one odd picture, so they cannot vouch for each other
+LOF_DIMS = 8
+
+
+# ---------------------------------------------------------------- hashing and near duplicates
+
+def phash_bits(images: np.ndarray, console=None) -> np.ndarray:
+    """imagehash.phash of every image as a uint64 (row-major bits), with a progress bar."""
+    import imagehash
+    from PIL import Image
+
+    bits = np.empty((len(images), 64), dtype=bool)
+    with _progress(console) as progress:
+        task = progress.add_task("perceptual hashes", total=len(images))
+        for i, image in enumerate(images):
+            bits[i] = imagehash.phash(Image.fromarray(image)).hash.ravel()
+            if i % 512 == 511 or i == len(images) - 1:
+                progress.update(task, completed=i + 1)
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 hashes, vectorised."""
+    x = np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64))
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x).astype(np.int64)
+    return np.unpackbits(np.atleast_1d(x).view(np.uint8).reshape(-1, 8), axis=1).sum(1).reshape(x.shape)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of positions whose hashes differ in at most `threshold` bits.
+
+    Multi-index hashing: cut the 64 bits into threshold + 1 chunks. Two hashes within `threshold`
+    bits agree exactly on at least one chunk (pigeonhole), so only hashes sharing a chunk value
+    are compared; sorting on each chunk finds them. Pass distinct hashes (see `hash_groups`):
+    n identical hashes would make n^2/2 pairs.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if not 0 <= threshold < 64:
+        raise ValueError(f"threshold must be 0..63 bits, got {threshold}")
+    n = len(hashes)
+    edges = np.linspace(0, 64, threshold + 2).astype(int)
+    found = [np.empty(0, np.int64)]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        key = (hashes >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts, gap = np.arange(n - 1), 1
+        while starts.size:  # runs of equal keys: compare each item with the next, 2nd next, ...
+            starts = starts[starts + gap < n]
+            starts = starts[key[starts] == key[starts + gap]]
+            i, j = order[starts], order[starts + gap]
+            close = hamming(hashes[i], hashes[j]) <= threshold
+            found.append(np.minimum(i, j)[close] * n + np.maximum(i, j)[close])
+            gap += 1
+    pairs = np.unique(np.concatenate(found))
+    return pairs // max(n, 1), pairs % max(n, 1)
+
+
+def hash_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """A group id per row: rows linked by chains of near-duplicate hashes share one."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    distinct, row_to_distinct = np.unique(hashes, return_inverse=True)
+    i, j = near_duplicate_pairs(distinct, threshold)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(distinct),) * 2)
+    _, component = connected_components(graph, directed=False)
+    return component[row_to_distinct.ravel()]
+
+
+def first_identical(images: np.ndarray) -> np.ndarray:
+    """For each row, the first row holding byte-identical pixels (itself when it is the first)."""
+    digests = np.array([int.from_bytes(hashlib.blake2b(np.ascontiguousarray(x).tobytes(),
+                                                       digest_size=8).digest(), "big")
+                        for x in images], dtype=np.uint64)
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
+
+def find_duplicates(hashes: np.ndarray, threshold: int) -> list[np.ndarray]:
+    """Near-duplicate groups of two or more rows (each sorted), ordered by their first row."""
+    group = hash_groups(hashes, threshold)
+    order = np.argsort(group, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(group[order])) + 1)
+    return sorted((g for g in groups if len(g) > 1), key=lambda g: g[0])
+
+
+# ---------------------------------------------------------------- odd pictures
+
+def image_features(images: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Cheap representation: a 16x16 colour thumbnail (layout) + per-channel histograms (palette)."""
+    n, h, w, _ = images.shape
+    if h != w or h % 32:
+        raise CellfuseError(f"image size {h}x{w}: the cleaner needs square images, sides a multiple of 32")
+    parts = []
+    for a in range(0, n, chunk):
+        thumb32 = _shrink(images[a:a + chunk].astype(np.uint16), h // 32).astype(np.float32)
+        thumb = _shrink(thumb32, 32 // THUMB) / 255
+        m = len(thumb32)
+        bins = (thumb32 * (HIST_BINS / 256)).astype(np.int64).clip(0, HIST_BINS - 1)
+        bins += HIST_BINS * np.arange(3) + 3 * HIST_BINS * np.arange(m)[:, None, None, None]
+        hist = np.bincount(bins.ravel(), minlength=3 * HIST_BINS * m).reshape(m, -1) / (32 * 32)
+        parts.append(np.hstack([thumb.reshape(m, -1), hist]).astype(np.float32))
+    return np.concatenate(parts)
+
+
+def _shrink(x: np.ndarray, k: int) -> np.ndarray:
+    """Means over k x k pixel blocks of (n, H, W, C), by strided adds (numpy's multi-axis mean
+    over a reshaped view is several times slower)."""
+    x = sum(x[:, :, i::k] for i in range(k))
+    return sum(x[:, i::k] for i in range(k)) / (k * k)
+
+
+@dataclass
+class Oddness:
+    flags: np.ndarray  # bool: removed as odd
+    lof: np.ndarray  # LocalOutlierFactor score, higher = odder (~1 for typical points)
+    mean_distance: np.ndarray  # the seed method: distance of the thumbnail from the mean thumbnail
+    seed_rank: np.ndarray  # 1 = farthest from the mean
+
+
+def find_outliers(features: np.ndarray, contamination: float) -> Oddness:
+    """Flag the `contamination` fraction most odd pictures by LocalOutlierFactor.
+
+    LOF on the standardised features reduced to 8 PCA dimensions compares each picture with its
+    50 nearest neighbours, so odd pictures stand out even where the seed's global mean is pulled
+    by them; the distance from the mean is computed too, for the report.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import LocalOutlierFactor
+    from sklearn.preprocessing import StandardScaler
+
+    n = len(features)
+    thumbs = features[:, : THUMB * THUMB * 3]
+    mean_distance = np.linalg.norm(thumbs - thumbs.mean(0), axis=1)
+    seed_rank = np.empty(n, np.int64)
+    seed_rank[np.argsort(-mean_distance, kind="stable")] = np.arange(1, n + 1)
+    if n < 3:
+        return Oddness(np.zeros(n, bool), np.ones(n), mean_distance, seed_rank)
+    with one_thread():
+        z = StandardScaler().fit_transform(features)
+        z = PCA(min(LOF_DIMS, n, z.shape[1]), random_state=0).fit_transform(z)
+        lof = -LocalOutlierFactor(n_neighbors=min(LOF_NEIGHBOURS, n - 1)).fit(z).negative_outlier_factor_
+    flags = np.zeros(n, bool)
+    flags[np.argsort(-lof, kind="stable")[: int(round(contamination * n))]] = True
+    return Oddness(flags, lof, mean_distance, seed_rank)
+
+
+def find_repeated_noncells(groups: list[np.ndarray], labels: np.ndarray,
+                           odd_groups: np.ndarray) -> np.ndarray:
+    """Which groups are a pasted non-cell picture: many copies, and spread over labels or odd.
+
+    A real cell photographed twice makes a group of 2-3 under one label; the planted pictures come
+    in hundreds under every label. Size alone would also catch a cell pasted often under its own
+    label (a duplicate, not a non-cell), so spread or oddness must confirm it.
+    """
+    return np.array([len(g) >= NONCELL_MIN_COPIES
+                     and (len(np.unique(labels[g])) >= NONCELL_MIN_LABELS or bool(odd))
+                     for g, odd in zip(groups, odd_groups, strict=True)], dtype=bool)
+
+
+# ---------------------------------------------------------------- the decision
+
+@dataclass
+class Cleaning:
+    keep: np.ndarray  # kept rows, ascending
+    removed: list[dict]  # one record per removed row, by row
+    groups: list[dict]  # every near-duplicate group: rows, labels, verdict
+    oddness: dict  # seed vs LOF: far end of the seed ranking and how the two agree
+    threshold: int
+    contamination: float
+    n: int
+    seconds: dict = field(default_factory=dict)
+
+    def counts(self) -> dict:
+        reasons = [r["reason"] for r in self.removed]
+        return {"input": self.n, "kept": len(self.keep), "removed": len(self.removed),
+                **{reason: reasons.count(reason) for reason in REASONS}}
+
+
+def clean_arrays(images: np.ndarray, labels: np.ndarray, *, threshold: int | None = None,
+                 contamination: float | None = None, console=None) -> Cleaning:
+    """Decide, for every row, keep or remove, and why. Needs no files."""
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    contamination = DEFAULT_CONTAMINATION if contamination is None else contamination
+    if not 0 <= threshold <= 32:
+        raise CellfuseError(f"--threshold must be 0..32 bits of 64, got {threshold}")
+    if not 0 <= contamination < 0.5:
+        raise CellfuseError(f"--contamination must be in [0, 0.5), got {contamination}")
+    labels = np.asarray(labels).ravel()
+    seconds = {}
+    with timed(seconds, "phash"):
+        hashes = phash_bits(images, console)
+    with timed(seconds, "near_duplicates"):
+        identical = first_identical(images)
+        groups = find_duplicates(hashes, threshold)
+    with timed(seconds, "outliers"):
+        in_group = np.zeros(len(images), bool)
+        for g in groups:
+            in_group[g[1:]] = True
+        reps = np.flatnonzero(~in_group)  # one picture per group (its lowest row) and every single
+        odd = find_outliers(image_features(images[reps]), contamination)
+    with timed(seconds, "decide"):
+        odd_row = np.zeros(len(images), bool)
+        odd_row[reps] = odd.flags
+        noncell = find_repeated_noncells(groups, labels, odd_row[[g[0] for g in groups]])
+        reason, twin, group_records = _judge_groups(images, labels, groups, noncell, identical)
+        for r in reps[odd.flags]:
+            reason.setdefault(int(r), "outlier")
+        removed = _removal_records(labels, reason, twin, groups, reps, odd)
+        keep = np.setdiff1d(np.arange(len(images)), np.fromiter(reason, np.int64, len(reason)))
+    return Cleaning(keep, removed, group_records, _compare_odd_methods(reps, odd, reason),
+                    threshold, contamination, len(images), seconds)
+
+
+def _judge_groups(images, labels, groups, noncell, identical):
+    """Reason and twin of every grouped row that goes; the lowest row of a duplicate group stays."""
+    reason, twin, records = {}, {}, []
+    for gid, (g, is_noncell) in enumerate(zip(groups, noncell, strict=True)):
+        conflict = len(np.unique(labels[g])) > 1
+        verdict = "repeated_noncell" if is_noncell else "label_conflict" if conflict else None
+        records.append({"group": gid, "rows": g.tolist(), "labels": labels[g].tolist(),
+                        "verdict": verdict or "duplicates"})
+        if verdict:
+            reason[int(g[0])] = verdict
+        for r in map(int, g[1:]):
+            exact = identical[r] != r and np.array_equal(images[r], images[identical[r]])
+            twin[r] = int(identical[r]) if exact else int(g[0])
+            reason[r] = verdict or ("exact_duplicate" if exact else "near_duplicate")
+    return reason, twin, records
+
+
+def _removal_records(labels, reason, twin, groups, reps, odd: Oddness) -> list[dict]:
+    group_of = {int(r): gid for gid, g in enumerate(groups) for r in g}
+    rep_pos = {int(r): k for k, r in enumerate(reps)}
+    records = []
+    for r in sorted(reason):
+        record = {"row": r, "reason": reason[r], "label": int(labels[r]),
+                  "class": _class_name(labels[r]), "duplicate_of": twin.get(r),
+                  "group": group_of.get(r)}
+        if r in rep_pos:  # scored pictures carry both oddness scores
+            k = rep_pos[r]
+            record.update(lof=round(float(odd.lof[k]), 3), seed_rank=int(odd.seed_rank[k]))
+        records.append(record)
+    return records
+
+
+@contextmanager
+def timed(seconds: dict, stage: str):
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def _compare_odd_methods(reps: np.ndarray, odd: Oddness, reason: dict) -> dict:
+    """The seed's far end next to what LOF flagged, so the two methods can be compared."""
+    k = int(odd.flags.sum())
+    far = np.argsort(odd.seed_rank)[: max(k, 30)]
+    return {
+        "distinct_pictures": len(reps),
+        "lof_flagged": k,
+        "lof_flagged_in_seed_top_k": int((odd.seed_rank[odd.flags] <= k).sum()),
+        "seed_far_end": [{"row": int(reps[i]), "seed_rank": int(odd.seed_rank[i]),
+                          "mean_distance": round(float(odd.mean_distance[i]), 3),
+                          "lof": round(float(odd.lof[i]), 3),
+                          "removed_as": reason.get(int(reps[i]))} for i in far],
+    }
+
+
+def _class_name(label) -> str:
+    return CLASS_NAMES[int(label)] if 0 <= int(label) < len(CLASS_NAMES) else f"class {int(label)}"
+
+
+# ---------------------------------------------------------------- the command
+
+def clean_file(data, out, *, threshold=None, contamination=None, tsne=True, force=False,
+               console=None) -> dict:
+    """Clean DATA into OUT: clean.npz, report.json, removed.png, tsne.png; returns the counts."""
+    from rich.console import Console
+
+    console = console or Console()
+    start = time.perf_counter()
+    data, out = Path(data), Path(out)
+    inside = out.resolve() in (data.resolve(), *data.resolve().parents)
+    if inside or data.resolve() in out.resolve().parents:  # --force would delete or alter the input
+        raise CellfuseError(f"{out}: the output directory would contain the input {data} "
+                            "(or lie inside it); choose another --out")
+    seconds = {}
+    with timed(seconds, "load"):
+        ds = load_dataset(data)
+    out = fresh_dir(out, force)
+    result = clean_arrays(ds.images, ds.labels, threshold=threshold, contamination=contamination,
+                          console=console)
+    seconds.update(result.seconds)
+    with timed(seconds, "write_npz"):
+        save_dataset(out / "clean.npz", ds.images[result.keep], ds.labels[result.keep],
+                     index=result.keep)
+    with timed(seconds, "removed_png"):
+        plot_removed(ds.images, result.removed, out / "removed.png")
+    if tsne:
+        with console.status("t-SNE"), timed(seconds, "tsne"):
+            plot_tsne(ds.images, ds.labels, result.removed, out / "tsne.png")
+    summary = {**result.counts(), "seconds": round(time.perf_counter() - start, 2)}
+    write_json(out / "report.json", {
+        "input": str(data), "output": str(out / "clean.npz"), "counts": summary,
+        "threshold": result.threshold, "contamination": result.contamination,
+        "stage_seconds": seconds, "reasons": EXPLAIN,
+        "removed": result.removed,
+        "conflict_groups": [g for g in result.groups if g["verdict"] == "label_conflict"],
+        "noncell_groups": [_noncell_summary(g) for g in result.groups
+                           if g["verdict"] == "repeated_noncell"],
+        "duplicate_groups": [g for g in result.groups if g["verdict"] == "duplicates"],
+        "odd_pictures": result.oddness,
+    })
+    console.print(summary_table(summary, data))
+    console.print(f"wrote {out}/clean.npz ({summary['kept']} images), report.json, removed.png"
+                  + (", tsne.png" if tsne else "") + f" in {summary['seconds']:.1f}s", highlight=False)
+    return summary
+
+
+def _noncell_summary(group: dict) -> dict:
+    per_class = np.bincount(group["labels"], minlength=len(CLASS_NAMES))
+    return {"group": group["group"], "first_row": group["rows"][0], "copies": len(group["rows"]),
+            "labels_per_class": per_class.tolist(), "rows": group["rows"]}
+
+
+def summary_table(summary: dict, data):
+    from rich.table import Table
+
+    table = Table(title=f"cellfuse clean: {data}")
+    table.add_column("rows")
+    table.add_column("count", justify="right")
+    table.add_column("why")
+    table.add_row("input", str(summary["input"]), "")
+    for reason in REASONS:
+        table.add_row(f"[red]- {reason}[/]", str(summary[reason]), EXPLAIN[reason])
+    table.add_row("[green]kept[/]", str(summary["kept"]), "one image per duplicate group, no odd pictures")
+    return table
+
+
+# ---------------------------------------------------------------- pictures for a person
+
+def plot_removed(images: np.ndarray, removed: list[dict], path, per_reason: int = 24,
+                 ncols: int = 12) -> Path:
+    """One mosaic per reason, captioned; duplicates shown beside the row they repeat."""
+    from toolkit.report import _pyplot
+
+    plt = _pyplot()
+    sections = [s for s in (_section(images, removed, reason, per_reason) for reason in REASONS) if s]
+    if not sections:
+        sections = [("nothing removed", [], [])]
+    mosaics = [_mosaic(pics, ncols, images.shape[1:]) for _, pics, _ in sections]
+    width = mosaics[0].shape[1]
+    heights = [m.shape[0] + 30 for m in mosaics]  # + room for the section title
+    fig, axes = plt.subplots(len(sections), 1, squeeze=False, height_ratios=heights,
+                             figsize=(width / 80, sum(heights) / 80))
+    for ax, mosaic, (title, _, captions) in zip(axes[:, 0], mosaics, sections, strict=True):
+        ax.imshow(mosaic, interpolation="nearest")
+        ax.axis("off")
+        ax.set_title(title, loc="left", fontsize=10)
+        tile_w, tile_h = width // ncols, images.shape[1] + CAPTION_BAND
+        for k, text in enumerate(captions):
+            ax.text((k % ncols + 0.5) * tile_w, (k // ncols) * tile_h + CAPTION_BAND - 3, text,
+                    ha="center", va="bottom", fontsize=6)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01, hspace=0.15)
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+CAPTION_BAND = 16  # blank pixels above each tile of a mosaic, for its caption
+
+
+def _mosaic(pics, ncols, shape, pad=4):
+    """Pictures in rows of `ncols` on white, one caption band above each row: one imshow, fast."""
+    h, w = shape[:2]
+    nrows = max(1, -(-len(pics) // ncols))
+    canvas = np.full((nrows * (h + CAPTION_BAND), ncols * (w + pad), 3), 255, np.uint8)
+    for k, pic in enumerate(pics):
+        y, x = (k // ncols) * (h + CAPTION_BAND) + CAPTION_BAND, (k % ncols) * (w + pad)
+        canvas[y:y + h, x:x + w] = pic
+    return canvas
+
+
+def _section(images, removed, reason, limit):
+    """(title, pictures, captions) for one reason, or None when nothing was removed for it."""
+    records = [r for r in removed if r["reason"] == reason]
+    if not records:
+        return None
+    title = f"{reason}: {len(records)} removed"
+    if reason in ("exact_duplicate", "near_duplicate"):  # each beside the row it repeats
+        pics, captions = [], []
+        for r in records[: limit // 2]:
+            pics += [images[r["row"]], images[r["duplicate_of"]]]
+            captions += [f"#{r['row']} {r['class'][:10]}", f"= #{r['duplicate_of']}"]
+        return f"{title} (pairs: removed, the row it duplicates)", pics, captions
+    if reason in ("label_conflict", "repeated_noncell"):  # group by group, labels visible
+        groups = _by_group(records)
+        per_group = max(2, limit // len(groups))
+        spread = "; ".join(f"g{g}: {len(rs)} rows under {len({r['label'] for r in rs})} labels"
+                           for g, rs in list(groups.items())[:4])
+        detail = spread if reason == "repeated_noncell" else "each group's labels disagree"
+        shown = [r for rs in groups.values() for r in rs[:per_group]][:limit]
+        return (f"{title} in {len(groups)} groups ({detail})",
+                [images[r["row"]] for r in shown],
+                [f"g{r['group']} #{r['row']} {r['class'][:10]}" for r in shown])
+    records = sorted(records, key=lambda r: -r.get("lof", 0))[:limit]
+    return (f"{title} (most odd first; seed = rank by distance from the mean)",
+            [images[r["row"]] for r in records],
+            [f"#{r['row']} lof {r.get('lof', 0):.1f} seed {r.get('seed_rank', '-')}" for r in records])
+
+
+def _by_group(records) -> dict[int, list[dict]]:
+    groups = {}
+    for r in sorted(records, key=lambda r: (r["group"], r["row"])):
+        groups.setdefault(r["group"], []).append(r)
+    return groups
+
+
+MARKERS = {"repeated_noncell": ("X", "black"), "outlier": ("*", "red"),
+           "label_conflict": ("D", "magenta"), "exact_duplicate": ("s", "dimgray"),
+           "near_duplicate": ("^", "darkorange")}
+
+
+def plot_tsne(images: np.ndarray, labels: np.ndarray, removed: list[dict], path,
+              max_points: int = 2000, seed: int = 0) -> Path | None:
+    """t-SNE of PCA(50) of the cheap features: kept images by class, removed ones marked by reason.
+
+    At most `max_points` are embedded (up to 100 per reason: copies of one picture add nothing,
+    kept images fill the rest), so the cost stays flat as the data grows.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
+    from toolkit.report import _pyplot
+
+    rng = np.random.default_rng(seed)
+    reason_of = {r["row"]: r["reason"] for r in removed}
+    rows = []
+    for reason in REASONS:
+        these = np.array([r for r, why in reason_of.items() if why == reason], np.int64)
+        rows.append(rng.permutation(these)[: max_points // 20])
+    kept = np.setdiff1d(np.arange(len(images)), np.fromiter(reason_of, np.int64, len(reason_of)))
+    rows.append(rng.permutation(kept)[: max(0, max_points - sum(map(len, rows)))])
+    rows = np.sort(np.concatenate(rows))
+    if len(rows) < 5:
+        return None
+    with one_thread():
+        z = StandardScaler().fit_transform(image_features(images[rows]))
+        z = PCA(min(50, *z.shape), random_state=seed).fit_transform(z)
+        # 500 iterations and a coarser Barnes-Hut (angle 0.8) are plenty for a picture, at half the cost.
+        xy = TSNE(perplexity=min(30.0, (len(rows) - 1) / 3), init="pca", max_iter=500, angle=0.8,
+                  random_state=seed).fit_transform(z)
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 8))
+    why = np.array([reason_of.get(r, "") for r in rows])
+    kept_mask = why == ""
+    sc = ax.scatter(*xy[kept_mask].T, c=labels[rows][kept_mask], cmap="tab10", s=5, alpha=0.5,
+                    vmin=0, vmax=9)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=sc.cmap(sc.norm(c)), label=_class_name(c))
+               for c in np.unique(labels[rows][kept_mask])]
+    for reason, (marker, colour) in MARKERS.items():
+        m = why == reason
+        if m.any():
+            handles.append(ax.scatter(*xy[m].T, marker=marker, c=colour, s=40, linewidths=0.4,
+                                      edgecolors="white", label=f"{reason} ({m.sum()} shown)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"t-SNE of PCA(50) colour features: {len(rows)} of {len(images)} images", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- benchmark data
+
+def tile_perturbed(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0,
+                   chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images by tiling the set (the benchmark's larger set). Every copy after the first tile
+    gets a brightness shift, pixel noise and, half of them, a horizontal flip: copies are near
+    duplicates or (flipped) new pictures, not byte-identical."""
+    rng = np.random.default_rng(seed)
+    m = len(images)
+    source = np.concatenate([images, images[:, :, ::-1]])  # rows m.. are the mirror images
+    flip = rng.random(n) < 0.5
+    flip[:m] = False
+    rows = np.arange(n) % m + m * flip
+    noise = rng.integers(-3, 4, (256, *images.shape[1:]), dtype=np.int16)  # a bank: cheaper than fresh
+    out = np.empty((n, *images.shape[1:]), np.uint8)
+    out[:m] = images[:n]
+    for a in range(m, n, chunk):
+        x = source[rows[a:a + chunk]].astype(np.int16)
+        x += noise[rng.integers(0, len(noise), len(x))]
+        x += rng.integers(-8, 9, (len(x), 1, 1, 1), dtype=np.int16)
+        out[a:a + len(x)] = np.clip(x, 0, 255, out=x)
+    return out, np.asarray(labels).ravel()[rows % m]
+
+
+def one_thread():
+    """BLAS/OpenMP limited to one thread: these matrices are small, and spinning worker threads cost
+    more than they save (measured 3-20x slower PCA and t-SNE on this shared 2-core machine)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
