@@ -181,53 +181,29 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     from toolkit.tta import wrap_with_tta
 
     info = json.loads((ensemble_dir / "ensemble.json").read_text())
-    views = info.get("views", "none")
-    ensemble_file = resolve_model_file(ensemble_dir)
-    models = {"student": (run / "best.keras", views), "ensemble": (ensemble_file, None)}
-    best_member = _best_member(ensemble_dir)
-    if best_member:
-        models["best member"] = (resolve_model_file(best_member), None)
+    heaviest = max(info["components"], key=lambda c: c["weight"])  # the student gets its views
+    views, merge = heaviest["view_list"], heaviest["merge"]
+    ensemble_metrics = json.loads((ensemble_dir / "metrics.json").read_text())
+    models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
+              "best member": (Path(ensemble_metrics["members"][ensemble_metrics["best_member"]]), None)}
     split = T.load_split(recipe, Console(quiet=True))
     rows = {}
     for label, (path, tta) in models.items():
         model = keras.saving.load_model(path, safe_mode=True)
-        if tta and tta != "none":
-            model = wrap_with_tta(model, tta)
+        if tta and len(tta) > 1:
+            model = wrap_with_tta(model, tta, merge)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size,
                        "img_per_s": _img_per_s(model, split.val["val"], n_timing)}
         for name, data in split.val.items():
             probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
             rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
+    views = heaviest["views"]
     result = {"student_run": str(run), "views": views, "rows": rows,
               "size_ratio": rows["ensemble"]["bytes"] / rows["student"]["bytes"],
               "speed_ratio": rows["student"]["img_per_s"] / rows["ensemble"]["img_per_s"]}
     write_json(run / "distill.json", result)
     console.print(_table(rows, list(split.val), views))
     return result
-
-
-def _best_member(ensemble_dir: Path):
-    import json
-
-    metrics = ensemble_dir / "metrics.json"
-    info = json.loads((ensemble_dir / "ensemble.json").read_text())
-    members = [m["path"] if isinstance(m, dict) else m for m in info.get("members", [])]
-    if not members:
-        return None
-    if metrics.exists():
-        scores = json.loads(metrics.read_text()).get("members", {})
-        ranked = sorted(members, key=lambda m: -_first_accuracy(scores.get(m, scores.get(Path(m).name, {}))))
-        return ranked[0]
-    return members[0]
-
-
-def _first_accuracy(entry) -> float:
-    if isinstance(entry, dict):
-        for value in entry.values():
-            if isinstance(value, dict) and "accuracy" in value:
-                return value["accuracy"]
-        return entry.get("accuracy", 0.0)
-    return 0.0
 
 
 def _img_per_s(model, data: Dataset, n: int) -> float:

@@ -1,0 +1,186 @@
+"""Ensemble selection on synthetic predictions, temperature fitting, and the command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_images
+from scipy.special import softmax
+from test_tta import tiny_model
+
+from toolkit.data import save_dataset
+from toolkit.ensemble import (
+    Candidate,
+    _cache_key,
+    _fit,
+    _merged,
+    fit_temperature,
+    greedy_select,
+    load_ensemble,
+    temperature_scale,
+)
+from toolkit.report import nll
+from toolkit.tta import merge
+
+N, C = 600, 8
+
+
+def noisy_member(labels, accuracy, seed, confidence=4.0):
+    """Probabilities right on about `accuracy` of the rows, wrong at random elsewhere."""
+    rng = np.random.default_rng(seed)
+    predicted = np.where(rng.random(len(labels)) < accuracy, labels, rng.integers(0, C, len(labels)))
+    logits = rng.normal(0, 1, (len(labels), C))
+    logits[np.arange(len(labels)), predicted] += confidence
+    return softmax(logits, axis=-1)
+
+
+@pytest.fixture
+def labels():
+    return np.random.default_rng(0).integers(0, C, N)
+
+
+def accuracy(probs, labels):
+    return (probs.argmax(-1) == labels).mean()
+
+
+def test_a_useless_member_gets_no_weight(labels):
+    good = noisy_member(labels, 0.85, seed=1)
+    useless = np.random.default_rng(2).dirichlet(np.ones(C), N)
+    assert accuracy(useless, labels) < 0.2
+    weights = greedy_select([useless, good], labels, rounds=10)
+    np.testing.assert_allclose(weights, [0.0, 1.0])
+
+
+def test_members_with_independent_errors_are_combined_and_beat_the_best(labels):
+    members = np.stack([noisy_member(labels, 0.7, seed=s) for s in range(3)])
+    weights = greedy_select(members, labels, rounds=10)
+    assert weights.sum() == pytest.approx(1) and (weights > 0).sum() >= 2
+    combined = np.tensordot(weights, members, axes=1)
+    assert accuracy(combined, labels) > max(accuracy(m, labels) for m in members) + 0.03
+
+
+def test_selection_never_scores_below_its_best_candidate_and_one_round_picks_it(labels):
+    members = np.stack([noisy_member(labels, a, seed=s) for s, a in enumerate((0.5, 0.8, 0.6))])
+    np.testing.assert_array_equal(greedy_select(members, labels, rounds=1), [0, 1, 0])
+    weights = greedy_select(members, labels, rounds=7)
+    assert accuracy(np.tensordot(weights, members, axes=1), labels) >= accuracy(members[1], labels)
+    assert np.allclose(weights * 7, np.round(weights * 7))  # picks, with replacement, out of 7 at most
+
+
+def test_a_view_that_hurts_is_not_selected(labels):
+    good = noisy_member(labels, 0.8, seed=3)
+    wrong = np.full((N, C), 0.02)
+    wrong[np.arange(N), (labels + 1) % C] = 1 - 0.02 * (C - 1)  # a view under which every cell looks like the next class
+    preds = {("m", "val", "id"): good, ("m", "val", "rot90"): noisy_member(labels, 0.8, seed=4),
+             ("m", "val", "bright-200"): wrong}
+    candidates = [Candidate("m", "none", ("id",), "mean"), Candidate("m", "turns", ("id", "rot90"), "mean"),
+                  Candidate("m", "dark", ("id", "bright-200"), "mean"),
+                  Candidate("m", "dark-geometric", ("id", "rot90", "bright-200"), "geometric")]
+    merged = _merged(preds, candidates, "val")
+    np.testing.assert_allclose(merged[1], merge(np.stack([good, preds["m", "val", "rot90"]])))
+    _, weights, _ = _fit(merged, labels, rounds=10)
+    assert weights[1] > 0 and weights[2] == weights[3] == 0  # good views help; corrupting ones never
+
+
+def test_temperature_softens_overconfident_and_sharpens_underconfident_probabilities(labels):
+    rng = np.random.default_rng(7)
+    true_logits = rng.normal(0, 2, (4000, C))
+    sampled = np.array([rng.choice(C, p=p) for p in softmax(true_logits, axis=-1)])
+    for factor in (3.0, 0.5):
+        probs = softmax(true_logits * factor, axis=-1)
+        t = fit_temperature(probs, sampled)
+        assert t == pytest.approx(factor, rel=0.15)
+        assert nll(sampled, temperature_scale(probs, t)) < nll(sampled, probs) - 0.05
+    assert fit_temperature(true_logits * 3, sampled) == pytest.approx(fit_temperature(
+        softmax(true_logits * 3, axis=-1), sampled), rel=1e-3)  # logits or probabilities alike
+
+
+# ---------------------------------------------------------------- the command end to end
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Two tiny fitted members (different seeds), a clean and a corrupted validation file."""
+    root = tmp_path_factory.mktemp("ens")
+    images, labels = make_images(256, seed=1)
+    for name, seed in (("runA", 0), ("runB", 1)):
+        (root / name).mkdir()
+        tiny_model(seed, images, labels, epochs=8).save(root / name / "best.keras")
+    val_images, val_labels = make_images(48, seed=2)
+    save_dataset(root / "val.npz", val_images, val_labels)
+    noise = np.random.default_rng(3).normal(0, 25, val_images.shape)
+    save_dataset(root / "val_corrupt.npz", np.clip(val_images + noise, 0, 255), val_labels)
+    return root
+
+
+def run_ensemble(root, *extra):
+    from toolkit.cli import main
+
+    args = ["ensemble", str(root / "runA"), str(root / "runB"), "--val", str(root / "val.npz"),
+            "--val", str(root / "val_corrupt.npz"), "--out", str(root / "ens"), "--views", "flips",
+            "--rounds", "5", "--json", *extra]
+    return CliRunner().invoke(main, args)
+
+
+@pytest.fixture(scope="module")
+def built(workspace):
+    result = run_ensemble(workspace)
+    assert result.exit_code == 0, result.output
+    return workspace / "ens", json.loads(result.output.strip().splitlines()[-1])
+
+
+def test_ensemble_command_writes_its_files_and_beats_or_ties_the_best_member(built):
+    out, figures = built
+    for name in ("ensemble.json", "metrics.json", "ensemble.keras", "predictions.npz"):
+        assert (out / name).is_file()
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert sum(spec["weights"]) == pytest.approx(1) and len(spec["temperatures"]) == len(spec["views"])
+    assert set(spec["members"]) <= {"runA", "runB"} and set(spec["views"]) <= {"none", "flips"}
+    assert figures["ensemble_accuracy"] >= figures["best_member_accuracy"]
+    rows = figures["rows"]
+    for row in ("runA as saved", "runA none", "runA flips", "runB flips", "ensemble", "ensemble, 2-fold"):
+        assert row in rows
+    assert set(rows["ensemble"]) >= {figures["steering_data"], str(out.parent / "val.npz")}
+    assert json.loads((out / "metrics.json").read_text())["ensemble_accuracy"] == figures["ensemble_accuracy"]
+
+
+def test_saved_ensemble_reproduces_the_cached_predictions(built):
+    from toolkit.data import load_dataset
+
+    out, _ = built
+    spec = json.loads((out / "ensemble.json").read_text())
+    data = load_dataset(out.parent / "val_corrupt.npz")
+    with np.load(out / "predictions.npz") as cache:
+        expected = sum(c["weight"] * temperature_scale(merge(np.stack([
+            cache[_cache_key(c["member_file"], data.path, v)] for v in c["view_list"]]), c["merge"]),
+            c["temperature"]) for c in spec["components"])
+    got = load_ensemble(out).predict(data.images[:8].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(got, expected[:8], atol=1e-5)
+
+
+def test_ensemble_refuses_to_clobber_and_reuses_its_cache_with_force(built, workspace, monkeypatch):
+    import toolkit.tta
+
+    result = run_ensemble(workspace)
+    assert result.exit_code == 2 and "--force" in result.output
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("cached predictions were recomputed")
+
+    monkeypatch.setattr(toolkit.tta, "predict_views", no_prediction)
+    result = run_ensemble(workspace, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["selected"] == built[1]["selected"]
+
+
+def test_ensemble_rejects_bad_input_in_one_line(workspace, tmp_path):
+    from toolkit.cli import main
+
+    base = ["ensemble", str(workspace / "runA"), "--val", str(workspace / "val.npz")]
+    cases = [(["--out", str(tmp_path / "a"), "--views", "d5"], "d5"),
+             (["--out", str(tmp_path / "b"), "--rounds", "0"], "rounds"),
+             ([str(tmp_path / "nothing"), "--out", str(tmp_path / "c")], "nothing")]
+    for extra, word in cases:
+        result = CliRunner().invoke(main, base + extra)
+        assert result.exit_code == 2 and word in result.output and "Traceback" not in result.output

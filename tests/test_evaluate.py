@@ -1,0 +1,85 @@
+"""`cellfuse evaluate` on model files, with TTA, on ensemble directories, and on bad input."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_images
+from rich.console import Console
+from test_tta import tiny_model
+
+from toolkit.cli import main
+from toolkit.errors import CellfuseError
+from toolkit.evaluate import evaluate_model, load_model
+from toolkit.report import classification_metrics
+from toolkit.tta import merge, predict_views
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    images, labels = make_images(128, seed=1)
+    path = tmp_path_factory.mktemp("models") / "model.keras"
+    tiny_model(0, images, labels, epochs=4).save(path)
+    return path
+
+
+def quiet():
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_evaluate_cli_prints_the_metrics_and_ends_with_json(model_file, tiny_npz):
+    result = CliRunner().invoke(main, ["evaluate", str(model_file), str(tiny_npz), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "macro_f1" in result.output and "eosinophil" in result.output  # metrics and per-class tables
+    metrics = json.loads(result.output.strip().splitlines()[-1])[str(tiny_npz)]
+    images, labels = make_images(64)
+    probs = load_model(model_file).predict(images.astype(np.float32), verbose=0)
+    expected = classification_metrics(labels, probs, [str(i) for i in range(8)])
+    for key in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5)
+    assert set(metrics["per_class"]) == {"basophil", "eosinophil", "erythroblast", "immature granulocyte",
+                                         "lymphocyte", "monocyte", "neutrophil", "platelet"}
+
+
+def test_evaluate_with_tta_scores_the_merged_views(model_file, tiny_npz):
+    results = evaluate_model(model_file, [tiny_npz], tta="d4:geometric", console=quiet())
+    images, labels = make_images(64)
+    probs = merge(predict_views(load_model(model_file), images, "d4"), "geometric")
+    assert results[str(tiny_npz)]["nll"] == pytest.approx(classification_metrics(labels, probs, range(8))["nll"])
+
+
+def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path):
+    from toolkit.ensemble import build_ensemble
+
+    (tmp_path / "run").mkdir()
+    tiny_model(seed=3).save(tmp_path / "run" / "best.keras")
+    figures = build_ensemble([model_file, tmp_path / "run"], [tiny_npz], tmp_path / "ens", views="none",
+                             rounds=3, console=quiet())
+    results = evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())
+    assert results[str(tiny_npz)]["accuracy"] == pytest.approx(figures["ensemble_accuracy"])
+    assert results[str(tiny_npz)]["nll"] == pytest.approx(figures["rows"]["ensemble"][str(tiny_npz)]["nll"],
+                                                          abs=1e-5)
+
+
+def test_evaluate_rejects_bad_input_in_one_line(model_file, tiny_npz, tmp_path):
+    import keras
+
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    inputs = keras.Input((96, 96, 3))
+    five = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inputs)))
+    five.save(tmp_path / "five.keras")
+    cases = [([str(tmp_path / "missing.keras"), str(tiny_npz)], "missing.keras"),
+             ([str(broken), str(tiny_npz)], "cannot load"),
+             ([str(tmp_path / "five.keras"), str(tiny_npz)], "5 classes"),
+             ([str(model_file), str(tiny_npz), "--tta", "d9"], "d9"),
+             ([str(model_file), str(tmp_path / "none.npz")], "none.npz")]
+    for args, words in cases:
+        result = CliRunner().invoke(main, ["evaluate", *args])
+        assert result.exit_code == 2, result.output
+        assert words in result.output and "Traceback" not in result.output
+    with pytest.raises(CellfuseError, match="no model"):
+        load_model(tmp_path)

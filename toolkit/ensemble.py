@@ -1,0 +1,404 @@
+"""`cellfuse ensemble`: temperature-scaled, TTA-averaged soft voting, selected on validation data.
+
+Candidates are (member, view set) pairs: a member's probabilities merged over the views of a set,
+then divided by a temperature fitted on the steering validation set (Guo et al. 2017). Greedy
+forward selection with replacement (Caruana et al. 2004) picks candidates; how often each was
+picked is its weight.
+
+Selection maximises accuracy, the challenge's metric, and breaks ties by NLL: between
+correlated candidates accuracy often ties, and NLL then prefers confidence where the vote is
+right. Minimising NLL alone was tried: on synthetic predictions it kept junk views out better
+(accuracy gave them up to ~40% of the weight) but held-out accuracy was no better, and on small
+CPU members it left the ensemble below its best member on the corrupted set it was chosen on.
+
+Selecting on the same images that are reported flatters the selection, so the table also shows
+a two-fold cross-fitted estimate: temperatures and weights fitted on one half, scored on the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import CellfuseError
+
+CACHE = "predictions.npz"
+OUR_FILES = ("ensemble.json", "metrics.json", "ensemble.keras")
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    member: str  # member name (unique)
+    views: str  # the TTA spec, e.g. "d4" or "d4:geometric"
+    view_list: tuple[str, ...]
+    merge: str
+
+
+# ---------------------------------------------------------------- selection maths (pure numpy)
+
+
+def _log_probs(logits_or_probs) -> np.ndarray:
+    """Log-probabilities from probabilities, or logits unchanged (softmax ignores the offset)."""
+    from toolkit.layers import EPS
+
+    z = np.asarray(logits_or_probs, dtype=np.float64)
+    looks_like_probs = z.min() >= 0 and np.allclose(z.sum(-1), 1.0, atol=1e-3)
+    return np.log(np.maximum(z, EPS)) if looks_like_probs else z
+
+
+def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T), as toolkit.layers.TemperatureScale computes it."""
+    from scipy.special import softmax
+
+    return softmax(_log_probs(probs) / temperature, axis=-1)
+
+
+def fit_temperature(logits_or_probs, labels) -> float:
+    """The T > 0 minimising validation NLL of softmax(z / T) (searched on a log scale)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    z, labels = _log_probs(logits_or_probs), np.asarray(labels)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(z / np.exp(log_t), axis=-1)[rows, labels].mean())
+
+    lo, hi = np.log(TEMPERATURE_BOUNDS)
+    return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded").x))
+
+
+def _score(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """What selection maximises, compared as a tuple: accuracy, then minus the NLL."""
+    from toolkit.report import nll
+
+    return _accuracy(labels, probs), -nll(labels, probs)
+
+
+def _accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float((probs.argmax(-1) == labels).mean())
+
+
+def greedy_select(candidate_probs, labels, rounds: int = 10) -> np.ndarray:
+    """Caruana's greedy forward selection with replacement; returns weights (K,) summing to 1.
+
+    Round 1 takes the best single candidate; each later round adds the candidate (again, if
+    need be) whose addition scores best. The result is the best ensemble seen over all rounds,
+    so on these data it never scores below the best single candidate.
+    """
+    probs = np.asarray(candidate_probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    counts = np.zeros(len(probs), dtype=np.int64)
+    total = np.zeros(probs.shape[1:])
+    best_score, best_counts = None, counts
+    for size in range(1, max(int(rounds), 1) + 1):
+        scores = [_score(labels, (total + p) / size) for p in probs]
+        pick = max(range(len(probs)), key=scores.__getitem__)  # first of equals: stable
+        counts[pick] += 1
+        total += probs[pick]
+        if best_score is None or scores[pick] > best_score:
+            best_score, best_counts = scores[pick], counts.copy()
+    return best_counts / best_counts.sum()
+
+
+def _fit(candidate_probs: np.ndarray, labels: np.ndarray, rounds: int):
+    """Temperatures (one per candidate) and weights fitted on one set of predictions."""
+    temperatures = np.array([fit_temperature(p, labels) for p in candidate_probs])
+    scaled = _scaled(candidate_probs, temperatures)
+    return temperatures, greedy_select(scaled, labels, rounds), scaled
+
+
+def _scaled(candidate_probs: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    return np.stack([temperature_scale(p, t) for p, t in zip(candidate_probs, temperatures, strict=True)])
+
+
+def _cross_fitted(candidate_probs: np.ndarray, labels: np.ndarray, rounds: int, seed: int = 0):
+    """Out-of-fold probabilities of (best single candidate, ensemble), two folds each way."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels)
+    stratify = counts[counts > 0].min() >= 2
+    folds = (StratifiedKFold if stratify else KFold)(2, shuffle=True, random_state=seed)
+    single, ensemble = np.zeros(candidate_probs.shape[1:]), np.zeros(candidate_probs.shape[1:])
+    for fit_rows, score_rows in folds.split(labels, labels):
+        temperatures, weights, scaled = _fit(candidate_probs[:, fit_rows], labels[fit_rows], rounds)
+        best = max(range(len(scaled)), key=lambda k: _score(labels[fit_rows], scaled[k]))
+        held_out = _scaled(candidate_probs[:, score_rows], temperatures)
+        single[score_rows] = held_out[best]
+        ensemble[score_rows] = np.tensordot(weights, held_out, axes=1)
+    return single, ensemble
+
+
+# ---------------------------------------------------------------- members, views, cache
+
+
+def _members(runs) -> dict[str, Path]:
+    """Unique display names -> model files: a run's directory name, else the file's stem."""
+    from toolkit.runs import MODEL_FILES, resolve_model_file
+
+    if not runs:
+        raise CellfuseError("an ensemble needs at least one run or model file")
+    members: dict[str, Path] = {}
+    for run in runs:
+        file = resolve_model_file(run)
+        name = file.parent.name if file.name in MODEL_FILES else file.stem
+        if file.resolve() in {f.resolve() for f in members.values()}:
+            raise CellfuseError(f"{run}: given twice (the selection already weighs repeats)")
+        unique, i = name, 2
+        while unique in members:
+            unique, i = f"{name}-{i}", i + 1
+        members[unique] = file
+    return members
+
+
+def _view_sets(spec: str) -> dict[str, tuple[list[str], str]]:
+    """Comma-separated TTA specs -> {spec: (views, merge)}, always with "none" (no TTA) first."""
+    from toolkit.tta import parse_tta
+
+    specs = ["none"] + [s.strip() for s in str(spec).split(",") if s.strip() and s.strip() != "none"]
+    return {s: parse_tta(s) for s in dict.fromkeys(specs)}
+
+
+def _fingerprint(path: Path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _cache_key(member_file: Path, data_path: str, view: str) -> str:
+    text = json.dumps([_fingerprint(member_file), _fingerprint(Path(data_path)), view])
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception:  # a damaged cache only costs recomputation
+        return {}
+
+
+def _predict_all(members, views, datasets, out: Path, console) -> dict[tuple, np.ndarray]:
+    """{(member, data path, view): (n, C) probabilities}, each computed once and cached in `out`.
+
+    The cache is keyed by the files' paths, sizes and modification times, so a retrained member
+    or an edited data file is predicted afresh while everything unchanged is reused.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from toolkit.data import save_npz
+    from toolkit.evaluate import _check_compatible, load_model
+    from toolkit.tta import predict_views
+
+    cache = _read_cache(out / CACHE)
+    keys = {(m, d.path, v): _cache_key(f, d.path, v) for m, f in members.items() for d in datasets
+            for v in views}
+    missing = [k for k, key in keys.items() if key not in cache]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("member x view predictions", total=len(keys),
+                                 completed=len(keys) - len(missing))
+        for name, file in members.items():
+            todo = {d.path: [v for v in views if (name, d.path, v) in missing] for d in datasets}
+            if not any(todo.values()):
+                continue
+            model = load_model(file)
+            for dataset in datasets:
+                if not todo[dataset.path]:
+                    continue
+                _check_compatible(model, dataset, file)
+                progress.update(task, description=f"{name} on {Path(dataset.path).name}")
+                probs = predict_views(model, dataset.images, todo[dataset.path],
+                                      progress=lambda units: progress.advance(task, units))
+                for view, p in zip(todo[dataset.path], probs, strict=True):
+                    cache[keys[name, dataset.path, view]] = p
+            save_npz(out / CACHE, **cache)  # after each member: an interruption loses one at most
+    return {k: cache[key] for k, key in keys.items()}
+
+
+# ---------------------------------------------------------------- the single-file model
+
+
+def _ensemble_model(selected: list[dict], member_files: dict[str, Path]):
+    """One Keras model: each member on each view it needs once, merged, tempered, weighted."""
+    import keras
+
+    import toolkit.layers as layers
+    from toolkit.evaluate import load_model
+    from toolkit.tta import view_layer
+
+    models = {}
+    for i, name in enumerate(dict.fromkeys(c["member"] for c in selected)):
+        models[name] = load_model(member_files[name])
+        models[name].name = f"member_{i}"  # members may share a name; a Functional model refuses that
+    inputs = keras.Input(next(iter(models.values())).input_shape[1:], name="images")
+    viewed, outputs = {}, {}
+
+    def member_view(member: str, view: str):
+        if view not in viewed:
+            viewed[view] = inputs if view == "id" else view_layer(view)(inputs)
+        if (member, view) not in outputs:
+            outputs[member, view] = models[member](viewed[view])
+        return outputs[member, view]
+
+    votes = []
+    for i, c in enumerate(selected):
+        probs = [member_view(c["member"], v) for v in c["view_list"]]
+        if len(probs) > 1:
+            probs = [layers.MergeViews(c["merge"], name=f"merge_{i}")(probs)]
+        votes.append(layers.TemperatureScale(c["temperature"], name=f"temperature_{i}")(probs[0]))
+    vote = layers.WeightedSum([c["weight"] for c in selected], name="vote")(votes)
+    return keras.Model(inputs, vote, name="cellfuse_ensemble")
+
+
+def load_ensemble(dir):
+    """The single-file ensemble model written by `build_ensemble`."""
+    from toolkit.evaluate import load_model
+
+    file = Path(dir) / "ensemble.keras"
+    if not file.is_file():
+        raise CellfuseError(f"{dir}: no ensemble.keras here (run `cellfuse ensemble ... --out {dir}`)")
+    return load_model(file)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """The output directory; its cached predictions survive --force, earlier results do not."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CellfuseError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        others = [p.name for p in out.iterdir() if p.name != CACHE and not p.name.startswith(".")]
+        if others and not force:
+            raise CellfuseError(f"{out}: already holds {', '.join(sorted(others))}; pass --force to "
+                                "replace the ensemble (its cached predictions are reused)")
+        if force and not set(others) <= set(OUR_FILES):
+            raise CellfuseError(f"{out}: holds files that are not an ensemble's "
+                                f"({', '.join(sorted(set(others) - set(OUR_FILES)))}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, console=None) -> dict:
+    """Predict, calibrate, select, save and report; see the module docstring. Returns the figures."""
+    from rich.console import Console
+
+    from toolkit.data import load_dataset
+    from toolkit.report import classification_metrics
+    from toolkit.runs import write_json
+
+    console = console or Console()
+    if not val_data:
+        raise CellfuseError("give at least one --val data file")
+    if rounds < 1:
+        raise CellfuseError(f"--rounds must be at least 1, got {rounds}")
+    members, view_sets = _members(runs), _view_sets(views)
+    datasets = [load_dataset(p) for p in val_data]
+    if len({Path(d.path).resolve() for d in datasets}) < len(datasets):
+        raise CellfuseError("the same --val file is given twice")
+    out = _prepare_out(out, force)
+    all_views = list(dict.fromkeys(v for vs, _ in view_sets.values() for v in vs))
+    preds = _predict_all(members, all_views, datasets, out, console)
+
+    candidates = [Candidate(m, s, tuple(vs), how) for m in members for s, (vs, how) in view_sets.items()]
+    merged = {d.path: _merged(preds, candidates, d.path) for d in datasets}
+    steer = datasets[-1]
+    temperatures, weights, _ = _fit(merged[steer.path], steer.labels, rounds)
+    scaled = {d.path: _scaled(merged[d.path], temperatures) for d in datasets}
+    ensemble = {d.path: np.tensordot(weights, scaled[d.path], axes=1) for d in datasets}
+    selected = [{**asdict(c), "view_list": list(c.view_list), "member_file": str(members[c.member]),
+                 "temperature": float(temperatures[k]), "weight": float(weights[k])}
+                for k, c in enumerate(candidates) if weights[k] > 0]
+    model_error = _save_model(selected, members, out, steer.images[:16], ensemble[steer.path][:16])
+
+    rows = _rows(candidates, datasets, merged, scaled, temperatures, weights, ensemble)
+    single_cv, ensemble_cv = _cross_fitted(merged[steer.path], steer.labels, rounds)
+    rows["best single, 2-fold"] = {steer.path: _brief(steer.labels, single_cv)}
+    rows["ensemble, 2-fold"] = {steer.path: _brief(steer.labels, ensemble_cv)}
+    best_member = max(members, key=lambda m: rows[f"{m} as saved"][steer.path]["accuracy"])
+    figures = {
+        "out": str(out), "steering_data": steer.path, "members": {m: str(f) for m, f in members.items()},
+        "view_sets": {s: vs for s, (vs, _) in view_sets.items()}, "rounds": rounds, "selected": selected,
+        "best_member": best_member,
+        "best_member_accuracy": rows[f"{best_member} as saved"][steer.path]["accuracy"],
+        "ensemble_accuracy": rows["ensemble"][steer.path]["accuracy"],
+        "cross_fitted": {"best_single_accuracy": rows["best single, 2-fold"][steer.path]["accuracy"],
+                         "ensemble_accuracy": rows["ensemble, 2-fold"][steer.path]["accuracy"]},
+        "model_max_abs_error": model_error, "rows": rows,
+    }
+    write_json(out / "ensemble.json", {
+        "members": [c["member"] for c in selected], "weights": [c["weight"] for c in selected],
+        "temperatures": [c["temperature"] for c in selected], "views": [c["views"] for c in selected],
+        "components": selected, "steering_data": steer.path, "rounds": rounds})
+    write_json(out / "metrics.json", {**figures, "ensemble_metrics": {
+        d.path: classification_metrics(d.labels, ensemble[d.path], d.class_names) for d in datasets}})
+    for dataset in datasets:
+        console.print(_table(rows, dataset, steering=dataset is steer))
+    console.print(f"selected {len(selected)} of {len(candidates)} candidates; "
+                  f"wrote {out / 'ensemble.keras'} and {out / 'ensemble.json'}")
+    return figures
+
+
+def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndarray:
+    """(K, n, C): each candidate's member predictions merged over its views."""
+    from toolkit.tta import merge
+
+    return np.stack([merge(np.stack([preds[c.member, data_path, v] for v in c.view_list]), c.merge)
+                     for c in candidates])
+
+
+def _save_model(selected, members, out: Path, images, expected) -> float:
+    """Write DIR/ensemble.keras; return its largest deviation from the cached-prediction ensemble."""
+    model = _ensemble_model(selected, members)
+    tmp = out / ".ensemble.tmp.keras"  # Keras writes in place: save aside, then rename
+    model.save(tmp)
+    tmp.replace(out / "ensemble.keras")
+    error = float(np.abs(model.predict(images.astype(np.float32), verbose=0) - expected).max())
+    if error > 1e-4:  # the saved model is not what was selected: say so loudly, keep the files to inspect
+        raise CellfuseError(f"{out / 'ensemble.keras'}: differs from the selected ensemble by {error:.1e}")
+    return error
+
+
+def _brief(labels, probs) -> dict:
+    from toolkit.report import expected_calibration_error, nll
+
+    return {"accuracy": _accuracy(labels, probs), "nll": nll(labels, probs),
+            "ece": expected_calibration_error(labels, probs)}
+
+
+def _rows(candidates, datasets, merged, scaled, temperatures, weights, ensemble) -> dict:
+    """Table rows: each member as saved, then per view set (temperature-scaled), then the ensemble."""
+    rows: dict[str, dict] = {}
+    for k, c in enumerate(candidates):
+        if c.views == "none":
+            rows[f"{c.member} as saved"] = {d.path: _brief(d.labels, merged[d.path][k]) for d in datasets}
+        rows[f"{c.member} {c.views}"] = {"temperature": float(temperatures[k]), "weight": float(weights[k]),
+                                         **{d.path: _brief(d.labels, scaled[d.path][k]) for d in datasets}}
+    rows["ensemble"] = {"weight": 1.0, **{d.path: _brief(d.labels, ensemble[d.path]) for d in datasets}}
+    return rows
+
+
+def _table(rows: dict, dataset, steering: bool):
+    from toolkit.report import metrics_table
+
+    name = Path(dataset.path).name
+    title = (f"{name}: members as saved, per TTA view set (temperature-scaled), ensemble"
+             + (" (steers the selection: the 2-fold rows are the fair estimate)" if steering else ""))
+    table_rows = {row: {**figures[dataset.path], "T": figures.get("temperature"),
+                        "weight": figures.get("weight")}
+                  for row, figures in rows.items() if dataset.path in figures}
+    return metrics_table(table_rows, title=title, columns=("accuracy", "nll", "ece", "T", "weight"))

@@ -1,0 +1,63 @@
+"""`cellfuse evaluate`: the same metrics for any model file, run or ensemble directory, on any data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.errors import CellfuseError
+
+
+def load_model(path):
+    """A cellfuse model from a `.keras` file or a run/ensemble directory, loaded with safe_mode."""
+    import keras
+
+    import toolkit.layers  # noqa: F401  (registers the custom layers before loading)
+    from toolkit.runs import resolve_model_file
+
+    file = resolve_model_file(path)
+    try:
+        return keras.saving.load_model(file, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a bad file; the user needs one line
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CellfuseError(f"{file}: cannot load this model ({first_line})") from None
+
+
+def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None) -> dict:
+    """Metrics of `model` on each data file (merged over the `tta` views); {data_path: metrics}."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from toolkit.data import load_dataset
+    from toolkit.report import classification_metrics, metrics_table, per_class_table
+    from toolkit.tta import merge, parse_tta, predict_views
+
+    console = console or Console()
+    views, how = parse_tta(tta)  # a bad spec fails before the slow model load
+    if batch_size < 1:
+        raise CellfuseError(f"batch size must be positive, got {batch_size}")
+    keras_model = load_model(model)
+    datasets = [load_dataset(path) for path in data]
+    results = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("predicting", total=len(datasets) * len(views))
+        for dataset in datasets:
+            _check_compatible(keras_model, dataset, model)
+            probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
+                                        progress=lambda units: progress.advance(task, units)), how)
+            results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
+    title = f"{model} (TTA: {tta})"
+    console.print(metrics_table({Path(p).name: m for p, m in results.items()}, title=title))
+    for path, metrics in results.items():
+        console.print(per_class_table(metrics, title=f"per class on {Path(path).name}"))
+    return results
+
+
+def _check_compatible(keras_model, dataset, model_path) -> None:
+    want = tuple(keras_model.input_shape[1:])
+    if want != tuple(dataset.images.shape[1:]):
+        raise CellfuseError(f"{model_path}: takes images of shape {want}, but {dataset.path} holds "
+                            f"{tuple(dataset.images.shape[1:])}")
+    classes = keras_model.output_shape[-1]
+    if classes != dataset.n_classes:
+        raise CellfuseError(f"{model_path}: predicts {classes} classes, but {dataset.path} has "
+                            f"{dataset.n_classes}")

@@ -1,0 +1,160 @@
+"""Test-time augmentation: named sets of deterministic views, prediction per view, merging.
+
+A view is a name such as `flip_rot90`, `left4`, `zoom1.1` or `gamma0.8` (see `view_params`);
+a spec joins view names and set names with `+` (`d4+shifts`). Blood cells have no
+orientation, so the dihedral group D4 (4 quarter turns, each with and without a flip) is the
+natural set; shifts, scales and photometric views are there to test whether they help.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from toolkit.errors import CellfuseError
+
+D4 = ["id", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270"]
+VIEW_SETS: dict[str, list[str]] = {
+    "none": ["id"],
+    "flips": ["id", "flip", "flip_rot180", "rot180"],  # identity, left-right, up-down, both
+    "d4": D4,
+    "shifts": ["id", "down4", "up4", "right4", "left4"],
+    "scales": ["id", "zoom0.9", "zoom1.1"],
+    "photometric": ["id", "bright-16", "bright16", "contrast0.8", "contrast1.25", "gamma0.8", "gamma1.25"],
+}
+MERGES = ("mean", "geometric", "logits")
+
+_SHIFTS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_TOKENS = [  # (pattern, kwargs of toolkit.layers.ImageView from the match)
+    (r"flip", lambda m: {"flip": True}),
+    (r"rot(90|180|270)", lambda m: {"rot90": int(m[1]) // 90}),
+    (r"(down|up|right|left)(\d+)",
+     lambda m: {"shift": tuple(int(m[2]) * s for s in _SHIFTS[m[1]])}),
+    (rf"zoom{_NUMBER}", lambda m: {"zoom": float(m[1])}),
+    (rf"bright(-?{_NUMBER})", lambda m: {"brightness": float(m[1])}),
+    (rf"contrast{_NUMBER}", lambda m: {"contrast": float(m[1])}),
+    (rf"gamma{_NUMBER}", lambda m: {"gamma": float(m[1])}),
+]
+
+
+def view_params(name: str) -> dict:
+    """ImageView keyword arguments of a view name: `_`-joined tokens, e.g. `flip_rot90_zoom1.1`."""
+    params: dict = {}
+    if name == "id":
+        return params
+    for token in name.split("_"):
+        for pattern, to_params in _TOKENS:
+            match = re.fullmatch(pattern, token)
+            if match:
+                params.update(to_params(match))
+                break
+        else:
+            raise CellfuseError(
+                f"unknown view or view set {name!r}: sets are {', '.join(VIEW_SETS)}; views look like "
+                "rot90, flip_rot270, left4, zoom1.1, bright-16, contrast0.8, gamma1.25 (join with +)")
+    if params.get("zoom", 1.0) <= 0 or params.get("gamma", 1.0) <= 0:
+        raise CellfuseError(f"view {name!r}: zoom and gamma must be positive")
+    return params
+
+
+def parse_views(spec: str) -> list[str]:
+    """Views of a spec such as `d4`, `d4+shifts` or `id+rot90`: set names expand, duplicates drop."""
+    views: list[str] = []
+    tokens = [t.strip() for t in str(spec).split("+")]
+    if not all(tokens):
+        raise CellfuseError(f"view spec {spec!r} has an empty part")
+    for token in tokens:
+        for view in VIEW_SETS.get(token) or [token]:
+            view_params(view)  # validates
+            if view not in views:
+                views.append(view)
+    return views
+
+
+def view_layer(name: str):
+    import toolkit.layers as layers
+
+    return layers.ImageView(**view_params(name), name=f"view_{_safe(name)}")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", lambda m: {"-": "m", ".": "p"}.get(m[0], "_"), name)
+
+
+def _as_views(views) -> list[str]:
+    return parse_views(views if isinstance(views, str) else "+".join(views))
+
+
+def parse_tta(spec: str) -> tuple[list[str], str]:
+    """Views and merge of a TTA spec: `d4` merges by mean, `d4:geometric` by geometric mean."""
+    views, _, how = str(spec).partition(":")
+    how = how.strip() or "mean"
+    if how not in MERGES:
+        raise CellfuseError(f"TTA spec {spec!r}: unknown merge {how!r}; choose one of {', '.join(MERGES)}")
+    return parse_views(views), how
+
+
+def predict_views(model, images: np.ndarray, views, batch_size: int = 256, progress=None) -> np.ndarray:
+    """(V, n, C) probabilities of `model` on each view of raw images.
+
+    All views of a batch go through one graph (one trace per model, not per view); a batch holds
+    about `batch_size` viewed images, so memory does not grow with the number of views.
+    `progress(units)` is called after each batch with the views done, in whole-data-set units.
+    """
+    import keras
+
+    views = _as_views(views)
+    inputs = keras.Input(model.input_shape[1:])
+    viewed = keras.Model(inputs, [model(inputs if v == "id" else view_layer(v)(inputs)) for v in views])
+    step = max(1, batch_size // len(views))
+    chunks = []
+    for start in range(0, len(images), step):
+        batch = np.asarray(images[start:start + step], dtype=np.float32)
+        chunks.append(np.stack([np.asarray(p) for p in _as_list(viewed.predict_on_batch(batch))]))
+        if progress is not None:
+            progress(len(views) * len(batch) / len(images))
+    probs = np.concatenate(chunks, axis=1).astype(np.float32)
+    if probs.ndim != 3:
+        raise CellfuseError(f"model {model.name!r} returned shape {probs.shape[1:]} per view; "
+                            "expected (n, classes)")
+    return probs
+
+
+def _as_list(outputs):
+    return outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def merge(probs: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Merge (V, n, C) view probabilities over axis 0, as toolkit.layers.MergeViews does."""
+    if how not in MERGES:
+        raise CellfuseError(f"unknown merge {how!r}; choose one of {', '.join(MERGES)}")
+    probs = np.asarray(probs, dtype=np.float64)
+    if how == "mean":
+        return probs.mean(0)
+    from scipy.special import softmax
+
+    from toolkit.layers import EPS
+
+    return softmax(np.log(np.maximum(probs, EPS)).mean(0), axis=-1)
+
+
+def wrap_with_tta(model, views, merge: str = "mean"):
+    """One Keras model: raw pixels in, the merged probabilities of `model` on every view out.
+
+    `views` is a list of view names or a spec; a spec's merge (`d4:geometric`) overrides `merge`.
+    """
+    import keras
+
+    import toolkit.layers as layers
+
+    if isinstance(views, str) and ":" in views:  # a full spec such as "d4:geometric"
+        views, merge = parse_tta(views)
+    views = _as_views(views)
+    if merge not in MERGES:
+        raise CellfuseError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+    inputs = keras.Input(model.input_shape[1:], name="images")
+    outputs = [model(inputs) if v == "id" else model(view_layer(v)(inputs)) for v in views]
+    merged = outputs[0] if len(outputs) == 1 else layers.MergeViews(merge, name="merge_views")(outputs)
+    return keras.Model(inputs, merged, name=f"{model.name}_tta")
