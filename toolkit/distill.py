@@ -102,6 +102,7 @@ def _compile_function_matching(teacher):
         distiller = keras.distillation.Distiller(
             teacher=teacher, student=model, distillation_losses=_probability_kl(recipe.distill.temperature),
             student_loss_weight=recipe.distill.alpha)
+        distiller(np.zeros((1, *model.input_shape[1:]), np.float32))  # built, so backups can restore it
         distiller.compile(optimizer=T.make_optimizer(recipe.train, stage, steps),
                           loss=keras.losses.CategoricalCrossentropy(),
                           metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
@@ -176,7 +177,6 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     import keras
 
     import toolkit.layers  # noqa: F401  (registers the ensemble's custom layers)
-    from toolkit.data import load_dataset
     from toolkit.runs import resolve_model_file, write_json
     from toolkit.tta import wrap_with_tta
 

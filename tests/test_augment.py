@@ -1,0 +1,269 @@
+"""Augmentation pipelines: presets and layer lists inside tf.data, mixing, validation, seeds, previews."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import make_images, slow
+
+from toolkit.augment import (
+    KERAS_CV_LAYERS,
+    KERAS_LAYERS,
+    PRESETS,
+    augment_dataset,
+    check_section,
+    make_batch_augmenter,
+    pipeline_throughput,
+    preview_arrays,
+    preview_recipe,
+)
+from toolkit.data import one_hot, save_dataset
+from toolkit.errors import CellfuseError
+
+N_CLASSES = 8
+
+
+@pytest.fixture(scope="module")
+def batch():
+    images, labels = make_images(16, seed=1)
+    return images.astype(np.float32), one_hot(labels, N_CLASSES)
+
+
+def run_in_tf_data(section, images, labels, seed=0, validation=False, batch_size=8):
+    """All batches of (images, labels) through augment_dataset, as training runs it."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    ds = augment_dataset(ds, section, N_CLASSES, seed=seed, validation=validation)
+    out = list(ds.as_numpy_iterator())
+    return np.concatenate([x for x, _ in out]), np.concatenate([y for _, y in out])
+
+
+def assert_valid_batch(images, labels, n):
+    assert images.shape == (n, 96, 96, 3) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 255
+    assert labels.shape == (n, N_CLASSES) and labels.dtype == np.float32
+    np.testing.assert_allclose(labels.sum(1), 1.0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- presets and layer lists
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
+def test_each_preset_runs_in_tf_data_and_keeps_shape_and_range(preset, batch):
+    images, labels = batch
+    out, out_labels = run_in_tf_data(check_section({"preset": preset}, "t"), images, labels)
+    assert_valid_batch(out, out_labels, len(images))
+    assert not np.allclose(out, images), "the pipeline changed nothing"
+
+
+def test_none_preset_leaves_the_data_alone(batch):
+    section = check_section({"preset": "none"}, "t")
+    assert make_batch_augmenter(section, N_CLASSES) is None
+    out, out_labels = run_in_tf_data(section, *batch)
+    np.testing.assert_array_equal(out, batch[0])
+    np.testing.assert_array_equal(out_labels, batch[1])
+
+
+def test_an_explicit_layer_list_replaces_the_preset(batch):
+    images, labels = batch
+    section = check_section({"preset": "heavy", "layers": [{"layer": "keras.RandomInvert", "factor": [1.0, 1.0]}]}, "t")
+    assert section["mixup"] == 0 and section["cutmix"] == 0  # heavy's mixing comes with heavy's layers only
+    out, out_labels = run_in_tf_data(section, images, labels)
+    np.testing.assert_allclose(out, 255 - images, atol=1e-3)
+    np.testing.assert_array_equal(out_labels, labels)
+
+
+def test_random_rot90_turns_each_image_by_a_quarter_multiple(batch):
+    images, labels = batch
+    out, _ = run_in_tf_data(check_section({"layers": [{"layer": "RandomRot90"}]}, "t"), images, labels)
+    turns = [[k for k in range(4) if np.array_equal(np.rot90(a, k), b)] for a, b in zip(images, out, strict=True)]
+    assert all(len(t) >= 1 for t in turns)
+    assert len({t[0] for t in turns}) > 1, "every image got the same turn"
+
+
+def test_p_applies_a_layer_to_a_fraction_of_the_images():
+    images, labels = make_images(64, seed=2)
+    images = images.astype(np.float32)
+    section = check_section({"layers": [{"layer": "keras.RandomInvert", "factor": [1.0, 1.0], "p": 0.5}]}, "t")
+    out, _ = run_in_tf_data(section, images, one_hot(labels, N_CLASSES), batch_size=64)
+    inverted = np.array([np.allclose(o, 255 - x, atol=1e-3) for o, x in zip(out, images, strict=True)])
+    untouched = np.array([np.array_equal(o, x) for o, x in zip(out, images, strict=True)])
+    assert np.all(inverted | untouched)
+    assert 10 < inverted.sum() < 54
+
+
+def test_unit_range_layers_are_rescaled(batch):
+    """tf.image's JPEG works on 0..1: the pipeline must hand back 0..255 all the same."""
+    images, labels = batch
+    section = check_section({"layers": [{"layer": "RandomJpegQuality", "factor": [20, 40]}]}, "t")
+    out, _ = run_in_tf_data(section, images, labels)
+    assert out.max() > 100 and np.abs(out - images).mean() < 20
+
+
+# ----------------------------------------------------------------------------- mixing
+
+def test_mixed_batches_have_soft_labels_summing_to_one(batch):
+    images, labels = batch
+    section = check_section({"preset": "none", "mixup": 0.4, "cutmix": 1.0, "mix_prob": 1.0}, "t")
+    out, out_labels = run_in_tf_data(section, images, labels)
+    assert_valid_batch(out, out_labels, len(images))
+    assert (out_labels.max(1) < 0.999).any(), "no row was mixed"
+    assert not np.allclose(out, images)
+
+
+def test_heavy_preset_mixes_by_default_and_mix_prob_zero_turns_it_off(batch):
+    images, labels = batch
+    heavy = check_section({"preset": "heavy"}, "t")
+    assert heavy["mixup"] > 0 and heavy["cutmix"] > 0 and 0 < heavy["mix_prob"] <= 1
+    _, out_labels = run_in_tf_data(check_section({"preset": "heavy", "mix_prob": 0}, "t"), images, labels)
+    np.testing.assert_array_equal(out_labels, labels)
+
+
+def test_validation_augmenter_uses_val_preset_and_never_mixes(batch):
+    images, labels = batch
+    section = check_section({"preset": "none", "val_preset": "light", "mixup": 1.0, "mix_prob": 1.0}, "t")
+    out, out_labels = run_in_tf_data(section, images, labels, validation=True)
+    np.testing.assert_array_equal(out_labels, labels)
+    assert not np.allclose(out, images)
+    assert make_batch_augmenter(check_section({}, "t"), N_CLASSES, validation=True) is None
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def test_same_seed_gives_the_same_augmentation(batch):
+    """Called batch after batch (eagerly, as in order), a seed fixes every draw, keras-cv's included."""
+    import tensorflow as tf
+
+    images, labels = batch
+    section = check_section({"preset": "heavy", "mix_prob": 1.0}, "t")
+
+    def two_batches(seed):
+        fn = make_batch_augmenter(section, N_CLASSES, seed=seed)
+        return [fn(tf.constant(images[i:i + 8]), tf.constant(labels[i:i + 8])) for i in (0, 8)]
+
+    first, again, other = two_batches(3), two_batches(3), two_batches(4)
+    for (x1, y1), (x2, y2) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+    assert not np.array_equal(first[0][0].numpy(), other[0][0].numpy())
+
+
+# ----------------------------------------------------------------------------- checking sections
+
+def test_check_section_fills_defaults_and_is_idempotent():
+    section = check_section({}, "t")
+    assert section == {"preset": "medium", "layers": [], "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.5,
+                       "val_preset": "none"}
+    heavy = check_section({"preset": "heavy", "mixup": 0}, "t")
+    assert heavy["mixup"] == 0.0 and heavy["cutmix"] > 0
+    assert check_section(heavy, "t") == heavy
+
+
+@pytest.mark.parametrize("section, words", [
+    ({"presets": "light"}, ["recipes/x.toml [augment]", "presets"]),
+    ({"preset": "wild"}, ["preset", "wild"]),
+    ({"val_preset": "heavy!"}, ["val_preset"]),
+    ({"mixup": -1}, ["mixup"]),
+    ({"mix_prob": 2}, ["mix_prob"]),
+    ({"cutmix": "yes"}, ["cutmix"]),
+    ({"layers": "RandAugment"}, ["layers"]),
+    ({"layers": [{"magnitude": 0.3}]}, ["layers[0]", "layer ="]),
+    ({"layers": [{"layer": "RandomSparkle"}]}, ["layers[0]", "RandomSparkle"]),
+    ({"layers": [{"layer": "RandomFlip"}, {"layer": "RandAugment", "magnitude": 3}]}, ["layers[1]", "RandAugment"]),
+    ({"layers": [{"layer": "RandomCutout", "height_factor": 0.2, "width_factor": 0.2, "nonsense": 1}]},
+     ["layers[0]", "nonsense"]),
+    ({"layers": [{"layer": "RandomRot90", "p": 1.5}]}, ["layers[0]", "p"]),
+    ({"layers": [{"layer": "RandomRot90", "k": 2}]}, ["layers[0]", "k"]),
+    ({"layers": [{"layer": "MixUp", "alpha": 0.2}]}, ["layers[0]", "mixup"]),
+    ({"layers": [{"layer": "keras.GridMask"}]}, ["layers[0]", "keras.GridMask"]),
+])
+def test_bad_sections_name_the_place_and_the_key(section, words):
+    with pytest.raises(CellfuseError) as error:
+        check_section(section, "recipes/x.toml [augment]")
+    message = str(error.value)
+    assert message.startswith("recipes/x.toml [augment]") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+# Every layer name the registry accepts, with parameters where it needs them; p exercises the subset path.
+LAYER_EXAMPLES = {
+    "AugMix": {}, "AutoContrast": {}, "ChannelShuffle": {}, "Equalization": {}, "Grayscale": {},
+    "GridMask": {}, "JitteredResize": {}, "Posterization": {"bits": 3}, "RandAugment": {},
+    "RandomBrightness": {"factor": 0.2}, "RandomChannelShift": {"factor": 0.2},
+    "RandomColorDegeneration": {"factor": 0.5},
+    "RandomColorJitter": {"brightness_factor": 0.1, "contrast_factor": 0.1, "saturation_factor": [0.3, 0.7],
+                          "hue_factor": 0.1},
+    "RandomContrast": {"factor": 0.2}, "RandomCutout": {"height_factor": 0.2, "width_factor": 0.2},
+    "RandomFlip": {}, "RandomGaussianBlur": {"kernel_size": 3, "factor": 1.0},
+    "RandomHue": {"factor": 0.3}, "RandomJpegQuality": {"factor": [30, 60]},
+    "RandomRotation": {"factor": 0.2}, "RandomSaturation": {"factor": [0.3, 0.7]},
+    "RandomSharpness": {"factor": 0.5}, "RandomShear": {"x_factor": 0.2},
+    "RandomTranslation": {"height_factor": 0.05, "width_factor": 0.05}, "RandomZoom": {"height_factor": 0.1},
+    "Solarization": {}, "GaussianNoise": {"stddev": 0.05}, "RandomElasticTransform": {},
+    "RandomErasing": {}, "RandomGrayscale": {}, "RandomInvert": {}, "RandomPerspective": {},
+    "RandomPosterization": {"factor": [3, 5]},
+}
+CORE_PARAMS = {"RandomColorDegeneration": {"factor": [0.2, 0.5]}, "RandomSaturation": {"factor": [0.3, 0.7]},
+               "RandomColorJitter": {"brightness_factor": 0.1}, "RandomGaussianBlur": {"factor": 1.0},
+               "RandomRotation": {"factor": 0.1}, "RandomShear": {"x_factor": [0.0, 0.2]},
+               "RandomSharpness": {"factor": [0.2, 0.5]}, "RandomHue": {"factor": [0.2, 0.5]},
+               "RandAugment": {"num_ops": 2, "factor": 0.3}}
+
+
+@slow
+@pytest.mark.parametrize("name", sorted({f"keras_cv.{n}" for n in KERAS_CV_LAYERS}
+                                        | {f"keras.{n}" for n in KERAS_LAYERS}))
+def test_every_known_layer_runs_in_tf_data(name, batch):
+    source, base = name.split(".")
+    params = CORE_PARAMS.get(base, LAYER_EXAMPLES[base]) if source == "keras" else LAYER_EXAMPLES[base]
+    section = check_section({"layers": [{"layer": name, **params, "p": 0.7}]}, "t")
+    out, out_labels = run_in_tf_data(section, *batch)
+    assert_valid_batch(out, out_labels, len(batch[0]))
+
+
+# ----------------------------------------------------------------------------- previews and timing
+
+def test_preview_arrays_draws_one_row_per_image(tmp_path):
+    from PIL import Image
+
+    images, labels = make_images(3, seed=3)
+    section = check_section({"preset": "light", "mixup": 0.5, "mix_prob": 1.0}, "t")
+    small = preview_arrays(images, labels, section, tmp_path / "a.png", n_repeats=2)
+    large = preview_arrays(images, labels, section, tmp_path / "b.png", n_repeats=5)
+    (w2, h2), (w5, h5) = Image.open(small).size, Image.open(large).size
+    assert w5 > 1.5 * w2 and abs(h5 - h2) < 0.2 * h2  # more repeats, more columns; same rows
+
+
+def test_preview_recipe_uses_the_recipe_fields(tmp_path):
+    images, labels = make_images(40, seed=4)
+    data = save_dataset(tmp_path / "train.npz", images, labels)
+    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data), train=SimpleNamespace(seed=1),
+                             augment=check_section({"preset": "light"}, "t"))
+    out = preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
+    assert out.exists() and out.stat().st_size > 1000
+
+
+def test_pipeline_throughput_is_a_positive_rate():
+    images, labels = make_images(32, seed=5)
+    rate = pipeline_throughput(check_section({"preset": "light"}, "t"), images, labels, batch_size=16, n_batches=3)
+    assert 0 < rate < 1e7
+
+
+
+def test_preview_command_end_to_end(tmp_path, tiny_npz):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[augment]\npreset = "medium"\n')
+    out = tmp_path / "grid.png"
+    args = ["preview", str(recipe), "--set", f"data.train={tiny_npz}", "--out", str(out),
+            "--images", "3", "--repeats", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and out.stat().st_size > 1000
+    recipe.write_text('[augment]\npreset = "wild"\n')
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "wild" in result.output

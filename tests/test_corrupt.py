@@ -1,0 +1,116 @@
+"""Corrupted copies of data sets: deterministic, label-preserving, never over the input."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_images
+
+from toolkit.cli import main
+from toolkit.corrupt import FAMILIES, corrupt_file, corrupt_image, corrupt_images
+from toolkit.data import load_dataset, save_dataset
+from toolkit.errors import CellfuseError
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images(12, seed=7)[0]
+
+
+def test_corrupt_images_keeps_shape_and_dtype_and_changes_every_image(images):
+    out = corrupt_images(images, severity=3, seed=0)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert all(not np.array_equal(a, b) for a, b in zip(out, images, strict=True))
+
+
+def test_corrupt_images_is_deterministic_for_a_seed(images):
+    np.testing.assert_array_equal(corrupt_images(images, 3, seed=1), corrupt_images(images, 3, seed=1))
+    assert not np.array_equal(corrupt_images(images, 3, seed=1), corrupt_images(images, 3, seed=2))
+
+
+def test_higher_severity_moves_images_further(images):
+    def distance(severity):
+        return np.mean([np.abs(corrupt_images(images, severity, seed).astype(float) - images).mean()
+                        for seed in range(3)])
+
+    assert distance(1) < distance(3) < distance(5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_returns_a_valid_changed_image(family, images):
+    fn = FAMILIES[family][0]
+    out = fn(images[0].astype(np.float32), 1.0, np.random.default_rng(0))
+    assert out.shape == images[0].shape
+    assert np.abs(np.clip(out, 0, 255) - images[0]).mean() > 0.5
+
+
+def test_corrupt_image_draws_several_families(images, monkeypatch):
+    """A severity-3 image gets 2 to 4 distinct corruptions."""
+    import toolkit.corrupt as corrupt
+
+    calls, counts = [], []
+    families = {name: ((lambda x, s, rng, n=name: calls.append(n) or x), w)
+                for name, (_, w) in corrupt.FAMILIES.items()}
+    monkeypatch.setattr(corrupt, "FAMILIES", families)
+    for seed in range(20):
+        calls.clear()
+        corrupt_image(images[0], 3, np.random.default_rng(seed))
+        assert len(set(calls)) == len(calls)
+        counts.append(len(calls))
+    assert min(counts) >= 2 and max(counts) <= 4 and len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("severity", [0, 6])
+def test_bad_severity_is_refused(images, severity):
+    with pytest.raises(CellfuseError, match="severity"):
+        corrupt_images(images, severity)
+
+
+def test_non_uint8_images_are_refused(images):
+    with pytest.raises(CellfuseError, match="uint8"):
+        corrupt_images(images.astype(np.float32))
+
+
+def test_corrupt_file_keeps_labels_and_index_and_refuses_to_overwrite(tmp_path):
+    images, labels = make_images(10, seed=8)
+    data = save_dataset(tmp_path / "in.npz", images, labels, index=np.arange(100, 110))
+    before = data.read_bytes()
+    out = corrupt_file(data, tmp_path / "out.npz", severity=2, seed=3)
+    shifted = load_dataset(out)
+    np.testing.assert_array_equal(shifted.labels, labels)
+    np.testing.assert_array_equal(shifted.index, np.arange(100, 110))
+    np.testing.assert_array_equal(shifted.images, corrupt_images(images, 2, 3))
+    with pytest.raises(CellfuseError, match="already exists"):
+        corrupt_file(data, out)
+    corrupt_file(data, out, seed=4, force=True)
+    assert not np.array_equal(load_dataset(out).images, shifted.images)
+    with pytest.raises(CellfuseError, match="input data itself"):
+        corrupt_file(data, tmp_path / "." / "in.npz", force=True)
+    assert data.read_bytes() == before
+
+
+def test_corrupt_command_end_to_end(tmp_path, tiny_npz):
+    out = tmp_path / "shifted.npz"
+    args = ["corrupt", str(tiny_npz), "--out", str(out), "--severity", "4", "--seed", "5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    clean, shifted = load_dataset(tiny_npz), load_dataset(out)
+    np.testing.assert_array_equal(shifted.labels, clean.labels)
+    np.testing.assert_array_equal(shifted.images, corrupt_images(clean.images, 4, 5))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = CliRunner().invoke(main, ["corrupt", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x.npz")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_real_shifted_sample_looks_like_severity_three(shared):
+    """Severity 3 matches the sample's share of dark (inverted) images and its colour spread."""
+    sample = load_dataset(shared / "data" / "test_shifted_sample.npz").images
+    train = load_dataset(shared / "data" / "train.npz").images[:1000]
+    cells = train[train[:, :8, :8, 0].mean((1, 2)) > 200][:200]  # skip the planted non-cell pictures
+    ours = corrupt_images(cells, 3, seed=0)
+
+    def dark_share(x):
+        return (x.reshape(len(x), -1).mean(1) < 100).mean()
+
+    assert dark_share(cells) == 0
+    assert abs(dark_share(ours) - dark_share(sample)) < 0.1
