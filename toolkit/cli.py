@@ -25,7 +25,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except CellfuseError as e:
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            from rich.text import Text
+
+            # Text, not markup: messages quote things like "[distill]" that rich would eat.
+            Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(e)))
             sys.exit(2)
 
 

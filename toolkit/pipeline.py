@@ -85,7 +85,7 @@ def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed
 
 
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
-                 student_extra=(), force=False) -> dict:
+                 student_extra=(), force=False, members=None, student=None) -> dict:
     """Everything after the data exists. Returns each stage's main figures."""
     from toolkit.clean import clean_file
     from toolkit.distill import distill_recipe
@@ -107,10 +107,10 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     val_sets = [val, val_corrupt] + ([test] if test else [])
 
     runs = []
-    for name in MEMBER_RECIPES:
-        p.step(f"train {name}")
-        extra = (*member_extra, *shared_weights_override(RECIPES / name))
-        recipe = load_recipe(RECIPES / name, member_overrides(clean_npz, val_corrupt, extra))
+    for path in members or [RECIPES / name for name in MEMBER_RECIPES]:
+        p.step(f"train {Path(path).name}")
+        extra = (*member_extra, *shared_weights_override(Path(path)))
+        recipe = load_recipe(path, member_overrides(clean_npz, val_corrupt, extra))
         summary = train_recipe(recipe, force=force, console=console, runs_root=out / "runs")
         figures[f"train {recipe.name}"] = summary
         runs.append(Path(summary["run"]))
@@ -121,17 +121,17 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p.done("selected members, views, temperatures", out / "ensemble" / "ensemble.json")
 
     p.step("distill")
-    figures["distill"] = distill_recipe(out / "ensemble", RECIPES / STUDENT_RECIPE,
+    student = Path(student or RECIPES / STUDENT_RECIPE)
+    figures["distill"] = distill_recipe(out / "ensemble", student,
                                         member_overrides(clean_npz, val_corrupt,
-                                                         (*student_extra,
-                                                          *shared_weights_override(RECIPES / STUDENT_RECIPE))),
+                                                         (*student_extra, *shared_weights_override(student))),
                                         force=force, console=console, runs_root=out / "runs")
-    student = Path(figures["distill"]["student_run"])
+    student_run = Path(figures["distill"]["student_run"])
     p.done(f"{figures['distill']['size_ratio']:.1f}x smaller, {figures['distill']['speed_ratio']:.1f}x faster",
-           student)
+           student_run)
 
     p.step("export")
-    figures["export"] = export_submission(student, out / "submission.zip", force=True, console=console)
+    figures["export"] = export_submission(student_run, out / "submission.zip", force=True, console=console)
     p.done(f"{figures['export']['bytes'] / 1e6:.2f} MB zip", out / "submission.zip")
 
     p.step("grade")
