@@ -36,3 +36,21 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch):
     text = console.export_text()
     for stage in ("clean", "train a.toml", "ensemble", "distill", "export", "grade"):
         assert stage in text
+
+
+def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.data import load_dataset, stratified_split
+
+    result = CliRunner().invoke(main, ["split", str(tiny_npz), "--out", str(tmp_path / "v"), "--val-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    full = load_dataset(tiny_npz)
+    _, rows = stratified_split(full.labels, 0.25, 0)
+    val, corrupt = load_dataset(tmp_path / "v" / "val.npz"), load_dataset(tmp_path / "v" / "val_corrupt.npz")
+    np.testing.assert_array_equal(val.index, rows)
+    np.testing.assert_array_equal(val.images, full.images[rows])
+    np.testing.assert_array_equal(corrupt.labels, val.labels)
+    assert np.abs(corrupt.images.astype(int) - val.images).mean() > 5

@@ -84,6 +84,20 @@ def corrupt(data, out, severity, seed, force):
 
 
 @main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"), show_default=True)
+@click.option("--val-fraction", default=0.15, show_default=True, help="As the recipes' data.val_fraction.")
+@click.option("--seed", default=0, show_default=True, help="As the recipes' data.split_seed.")
+@click.option("--severity", default=3, show_default=True, type=click.IntRange(1, 5))
+def split(data, out, val_fraction, seed, severity):
+    """Write the validation split training will hold out, clean and corrupted (val.npz, val_corrupt.npz)."""
+    from toolkit.pipeline import write_val_files
+
+    for path in write_val_files(data, out, val_fraction, seed, severity):
+        console.print(f"wrote {path}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/preview.png"),
               show_default=True)
