@@ -370,6 +370,7 @@ class NaNGuard(_callback_base()):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        self.trained = time.time()  # img/s counts training steps only, not the validation pass
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
             self.where = f"epoch {self.offset + self.epoch + 1}, step {batch + 1}"
@@ -415,6 +416,7 @@ class EpochLog(_callback_base()):
         self.progress.start()
 
     def on_train_batch_end(self, batch, logs=None):
+        self.trained = time.time()  # img/s counts training steps only, not the validation pass
         loss = (logs or {}).get("loss")
         self.progress.update(self.task, completed=batch + 1, loss=f"loss {loss:.4f}" if loss is not None else "")
 
@@ -422,7 +424,7 @@ class EpochLog(_callback_base()):
         self.progress.stop()
         seconds = time.time() - self.started
         row = {"epoch": self.offset + epoch + 1, "seconds": round(seconds, 2),
-               "img_per_s": round(self.steps * self.batch_size / seconds, 1),
+               "img_per_s": round(self.steps * self.batch_size / (self.trained - self.started), 1),
                "lr": float(np.asarray(self.model.optimizer.learning_rate)),
                **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}}
         self._append(row)
