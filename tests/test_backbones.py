@@ -45,12 +45,11 @@ def test_local_h5_weights_load_by_name(tmp_path):
     import keras
 
     donor = keras.applications.MobileNet(input_shape=(128, 128, 3), alpha=0.25, weights=None, include_top=True)
-    donor.save_weights(tmp_path / "unused.weights.h5")
     legacy = tmp_path / "legacy.h5"
-    from keras.src.legacy.saving import legacy_h5_format
-
-    legacy_h5_format.save_weights_to_hdf5_group  # the format keras-applications checkpoints use
     import h5py
+    from keras.src.legacy.saving import (
+        legacy_h5_format,  # the format keras-applications checkpoints use
+    )
 
     with h5py.File(legacy, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, donor)

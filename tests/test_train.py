@@ -43,8 +43,9 @@ def test_train_cli_writes_a_complete_run(tiny_npz, tmp_path, monkeypatch):
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and history[0].startswith("epoch,")  # header + 2 epochs over 2 stages
     # best.keras: raw pixels in, probabilities out, no optimizer state, loads in safe mode
-    import keras
     import zipfile
+
+    import keras
 
     assert not any("optimizer" in n for n in zipfile.ZipFile(run / "best.keras").namelist())
     model = keras.saving.load_model(run / "best.keras", safe_mode=True)

@@ -6,9 +6,9 @@ resizing and each backbone's own normalisation are layers inside the model (desi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from toolkit.errors import CellfuseError
 

@@ -104,7 +104,6 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p.step("validation files")
     val, val_corrupt = write_val_files(clean_npz, out / "clean")
     p.done("clean + corrupted validation split", val_corrupt)
-    val_sets = [val, val_corrupt] + ([test] if test else [])
 
     runs = []
     for path in members or [RECIPES / name for name in MEMBER_RECIPES]:

@@ -7,10 +7,11 @@ so a recipe file only names what it changes. Unknown keys are errors, never sile
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from toolkit.errors import CellfuseError
 

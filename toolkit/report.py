@@ -20,7 +20,12 @@ def _pyplot():
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
     """Accuracy, macro-F1, one-vs-rest AUC, NLL, ECE and per-class precision/recall/F1."""
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     n_classes = len(class_names)
     labels = np.asarray(labels).astype(int)
@@ -55,7 +60,7 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     conf, pred = probs.max(1), probs.argmax(1)
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=False):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
             ece += inside.mean() * abs((pred[inside] == labels[inside]).mean() - conf[inside].mean())
@@ -91,7 +96,7 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
               "accuracy / AUC": [k for k in keys if not k.endswith("loss")]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [row["epoch"] for row in history]
-    for ax, (title, cols) in zip(axes, groups.items()):
+    for ax, (title, cols) in zip(axes, groups.items(), strict=False):
         for col in cols:
             ax.plot(epochs, [row[col] for row in history], marker=".", label=col)
         ax.set_title(title)
@@ -113,7 +118,7 @@ def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, nco
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.25)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
         ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
         ax.set_title(title, fontsize=6)
     if suptitle:

@@ -112,9 +112,9 @@ def check_data(split: Split, recipe: Recipe, console: Console) -> None:
     """Class balance and train/validation leakage through duplicates: reported loudly."""
     counts = np.bincount(split.train.labels, minlength=split.train.n_classes)
     console.print("train class counts: " + ", ".join(
-        f"{name} {c}" for name, c in zip(split.train.class_names, counts)))
+        f"{name} {c}" for name, c in zip(split.train.class_names, counts, strict=False)))
     if counts.min() == 0:
-        _warn(console, f"class(es) {[n for n, c in zip(split.train.class_names, counts) if c == 0]} "
+        _warn(console, f"class(es) {[n for n, c in zip(split.train.class_names, counts, strict=False) if c == 0]} "
                        "have no training images")
     elif counts.max() / counts.min() > 10:
         _warn(console, f"classes are imbalanced {counts.max() / counts.min():.0f}:1; "
@@ -332,7 +332,7 @@ def _class_weight(recipe: Recipe, train: Dataset):
 
     present = np.unique(train.labels)
     weights = compute_class_weight("balanced", classes=present, y=train.labels)
-    return {int(c): float(w) for c, w in zip(present, weights)}
+    return {int(c): float(w) for c, w in zip(present, weights, strict=False)}
 
 
 def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source):
@@ -406,7 +406,13 @@ class EpochLog(_callback_base()):
         self.progress = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.started = time.time()
         self.progress = Progress(TextColumn(f"epoch {self.offset + epoch + 1}"), BarColumn(),
