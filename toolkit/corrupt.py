@@ -211,12 +211,12 @@ def corrupt_file(data, out, *, severity: int = 3, seed: int = 0, force: bool = F
     from rich.progress import Progress
 
     from toolkit.data import load_dataset, save_dataset
+    from toolkit.runs import check_new_file
 
     data, out = Path(data), Path(out)
     if out.exists() and data.exists() and out.resolve() == data.resolve():
         raise CellfuseError(f"{out}: is the input data itself; choose another --out")
-    if out.exists() and not force:
-        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+    check_new_file(out, None, force)
     dataset = load_dataset(data)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"corrupting {data.name} (severity {severity})", total=len(dataset))

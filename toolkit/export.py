@@ -24,7 +24,7 @@ from rich.console import Console
 
 from toolkit.data import IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
-from toolkit.runs import atomic_write_bytes, resolve_model_file
+from toolkit.runs import atomic_write_bytes, check_new_file, resolve_model_file
 
 WEIGHTS = "model.keras"  # the weights file model.py loads from its own folder
 LAYERS_SOURCE = Path(__file__).with_name("layers.py")  # inlined into model.py
@@ -113,7 +113,7 @@ def export_submission(run, out, *, tta="none", precision="float32", force=False,
     """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters."""
     console = console or Console()
     out = Path(out)
-    _check_destination(out, force)
+    check_new_file(out, ".zip", force)
     if precision not in PRECISIONS:
         raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if tta != "none":
@@ -152,15 +152,6 @@ def _imported_modules(source: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             names.add("." if node.level else node.module.partition(".")[0])
     return names - {"__future__"}
-
-
-def _check_destination(out: Path, force: bool) -> None:
-    if out.suffix != ".zip":
-        raise CellfuseError(f"{out}: a submission is a .zip file; name it e.g. submission.zip")
-    if out.is_dir():
-        raise CellfuseError(f"{out}: is a directory")
-    if out.exists() and not force:
-        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
 
 
 def _load_for_export(path: Path, tta: str):

@@ -85,6 +85,18 @@ def fresh_dir(path: str | Path, force: bool = False) -> Path:
     return path
 
 
+def check_new_file(out: Path, suffix: str | None, force: bool) -> Path:
+    """An output file path: the right suffix, not a folder, and no existing file replaced without force."""
+    out = Path(out)
+    if suffix and out.suffix != suffix:
+        raise CellfuseError(f"{out}: expected a {suffix} file name")
+    if out.is_dir():
+        raise CellfuseError(f"{out}: is a directory")
+    if out.exists() and not force:
+        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+    return out
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

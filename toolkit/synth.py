@@ -23,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 
 from toolkit.data import CLASS_NAMES, save_dataset
 from toolkit.errors import CellfuseError
-from toolkit.runs import write_json
+from toolkit.runs import check_new_file, write_json
 
 SIZE = 96
 # Class shares of the real training file, so per-class metrics behave as they would on it.
@@ -438,12 +438,7 @@ def write_synthetic(out, *, n: int = 2000, seed: int = 0, force: bool = False, c
 
     out = Path(out)
     console = console or Console()
-    if out.suffix != ".npz":
-        raise CellfuseError(f"{out}: the synthetic data set is written as .npz; give a path ending in .npz")
-    if out.is_dir():
-        raise CellfuseError(f"{out}: is a folder; give the .npz file to write")
-    if out.exists() and not force:
-        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+    check_new_file(out, ".npz", force)
     start = time.perf_counter()
     with Progress(TextColumn("drawing cells"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:

@@ -119,21 +119,27 @@ def check_data(split: Split, recipe: Recipe, console: Console) -> None:
     elif counts.max() / counts.min() > 10:
         _warn(console, f"classes are imbalanced {counts.max() / counts.min():.0f}:1; "
                        "consider train.class_weights = \"balanced\"")
+    train_hashes = _phash(split.train.images)
     for name, val in split.val.items():
-        shared = leaked_rows(split.train.images, val.images)
+        shared = leaked_rows(train_hashes, _phash(val.images))
         if shared:
             _warn(console, f"{shared} of {len(val)} '{name}' images duplicate a training image "
                            "(exactly or perceptually): validation scores will be optimistic. "
                            "Run `cellfuse clean` on the training file first.")
 
 
-def leaked_rows(train: np.ndarray, val: np.ndarray) -> int:
-    """How many validation images have a near-identical (phash) twin in training."""
-    from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
+def _phash(images: np.ndarray) -> np.ndarray:
+    from toolkit.clean import phash_bits
 
-    quiet = Console(quiet=True)
-    groups = hash_groups(np.concatenate([phash_bits(train, quiet), phash_bits(val, quiet)]), DEFAULT_THRESHOLD)
-    return int(np.isin(groups[len(train):], groups[:len(train)]).sum())
+    return phash_bits(images, Console(quiet=True))
+
+
+def leaked_rows(train_hashes: np.ndarray, val_hashes: np.ndarray) -> int:
+    """How many validation images have a near-identical (phash) twin in training."""
+    from toolkit.clean import DEFAULT_THRESHOLD, hash_groups
+
+    groups = hash_groups(np.concatenate([train_hashes, val_hashes]), DEFAULT_THRESHOLD)
+    return int(np.isin(groups[len(train_hashes):], groups[:len(train_hashes)]).sum())
 
 
 def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False, targets=None):
@@ -261,7 +267,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     ckpt.mkdir(exist_ok=True)
     train_ds = train_ds or make_dataset(split.train, recipe, training=True)
     check_batch(next(iter(train_ds))[0], console)
-    val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False)
+    val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False, validation_augment=True)
     compile_fn = compile_fn or compile_model
     steps = steps_per_epoch(recipe, len(split.train))
     offset = 0
