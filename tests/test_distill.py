@@ -6,12 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from tests.conftest import make_images
 from tests.test_tta import tiny_model
 from toolkit.cli import main
+from toolkit.corrupt import corrupt_images
 from toolkit.data import save_dataset
 from toolkit.distill import distillation_loss
+from toolkit.errors import CellfuseError
+from toolkit.layers import EPS, ImageView
 
 ROOT = Path(__file__).parents[1]
 
@@ -38,45 +42,122 @@ def test_loss_matches_hand_computation():
     np.testing.assert_allclose(same, 0.0, atol=1e-5)
 
 
+def cellfuse_member(images, labels, epochs: int = 4):
+    """A fitted classifier built the way `cellfuse train` builds one (tiny-cnn backbone, seed head)."""
+    import keras
+
+    from toolkit.backbones import build_classifier
+    from toolkit.recipe import ModelConfig
+
+    keras.utils.set_random_seed(3)
+    model = build_classifier(ModelConfig(backbone="tiny-cnn", weights="none", head="seed"), 8)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(images, labels, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_ensemble(tmp_path_factory):
-    """Two small fitted members combined by `cellfuse ensemble` on toy data."""
+    """Two small fitted members (one a cellfuse classifier) combined by `cellfuse ensemble` on toy data."""
     tmp = tmp_path_factory.mktemp("distill")
     images, labels = make_images(160, seed=5)
     data = save_dataset(tmp / "toy.npz", images, labels)
     val_images, val_labels = make_images(48, seed=6)
     val = save_dataset(tmp / "val.npz", val_images, val_labels)
-    for seed in (0, 1):
-        (tmp / f"m{seed}").mkdir()
-        tiny_model(seed, images.astype("float32"), labels, epochs=8).save(tmp / f"m{seed}" / "best.keras")
+    save_dataset(tmp / "val_corrupt.npz", corrupt_images(val_images, severity=3, seed=0), val_labels)
+    for name in ("m0", "m1"):
+        (tmp / name).mkdir()
+    cellfuse_member(images.astype("float32"), labels).save(tmp / "m0" / "best.keras")
+    tiny_model(1, images.astype("float32"), labels, epochs=8).save(tmp / "m1" / "best.keras")
     result = CliRunner().invoke(main, ["ensemble", str(tmp / "m0"), str(tmp / "m1"), "--val", str(val),
-                                       "--out", str(tmp / "ens"), "--views", "none,flips"])
+                                       "--out", str(tmp / "ens"), "--views", "none,flips", "--rounds", "4"])
     assert result.exit_code == 0, result.output
     return tmp, data
+
+
+def _student_recipe(tmp: Path, mode: str, extra: str = "") -> Path:
+    recipe = tmp / f"student-{mode}.toml"
+    recipe.write_text((ROOT / "recipes" / "tiny.toml").read_text() + f'\n[distill]\nmode = "{mode}"\n'
+                      f"temperature = 3.0\nalpha = 0.2\n{extra}")
+    return recipe
 
 
 @pytest.mark.parametrize("mode", ["cached", "function-matching"])
 def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     tmp, data = tiny_ensemble
     monkeypatch.chdir(tmp)
-    recipe = tmp / "student.toml"
-    recipe.write_text((ROOT / "recipes" / "tiny.toml").read_text() + f'\n[distill]\nmode = "{mode}"\n'
-                      "temperature = 3.0\nalpha = 0.2\n")
-    result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(recipe), "--json",
-                                       "--set", f'data.train="{data}"', "--set", f'name="student-{mode}"',
-                                       "--set", "augment.mixup=0.2" if mode == "function-matching" else "name=\"student-cached\""])
+    recipe = _student_recipe(tmp, mode, 'init = "m0"\n' if mode == "function-matching" else "")
+    args = ["distill", str(tmp / "ens"), str(recipe), "--json", "--set", f'data.train="{data}"',
+            "--set", f'data.extra_val=["{tmp / "val_corrupt.npz"}"]', "--set", f'name="student-{mode}"']
+    if mode == "function-matching":
+        args += ["--set", "augment.mixup=0.2"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
+    said = " ".join(result.output.split())  # rich wraps long lines
     run = tmp / "outputs" / "runs" / f"student-{mode}"
-    assert (run / "best.keras").exists() and (run / "distill.json").exists()
+    assert (run / "best.keras").exists() and (run / "distill.json").exists() and (run / "distill.csv").exists()
     rows = summary["rows"]
     assert set(rows) == {"student", "ensemble", "best member"}
-    assert all(0 <= r["acc_val"] <= 1 and r["img_per_s"] > 0 for r in rows.values())
+    assert all(0 <= r["acc_val"] <= 1 and 0 <= r["acc_val_corrupt"] <= 1 and r["img_per_s"] > 0 for r in rows.values())
     assert rows["ensemble"]["params"] >= rows["best member"]["params"]  # the selection holds the best member
+    for name in ("val", "val_corrupt"):  # the gap is ensemble minus student, per validation set
+        assert summary["gap"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"] - rows["student"][f"acc_{name}"])
+    assert summary["size_ratio"] == pytest.approx(rows["ensemble"]["bytes"] / rows["student"]["bytes"])
     if mode == "cached":  # the teacher's targets are computed once and kept with the run
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))
+        assert "teacher with its TTA views" in said
     else:
         assert not list((run / "checkpoint").glob("teacher_train_*.npz"))
+        assert "teacher without its TTA views" in said
+        assert "student backbone starts from member m0" in said
+
+
+def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
+    """What function matching runs each step: every member on the input alone, tempered and weighted."""
+    from scipy.special import softmax
+
+    from tests.test_tta import lopsided_image
+    from toolkit.ensemble import ensemble_components, load_ensemble
+    from toolkit.evaluate import load_model
+
+    tmp, _ = tiny_ensemble
+    images = np.stack([lopsided_image(), *make_images(7, seed=9)[0].astype("float32")])
+    expected = np.zeros((len(images), 8))
+    for c in ensemble_components(tmp / "ens"):
+        probs = load_model(c["member_file"]).predict(images, verbose=0)
+        expected += c["weight"] * softmax(np.log(np.maximum(probs, EPS)) / c["temperature"], axis=-1)
+    teacher = load_ensemble(tmp / "ens", views=False)
+    np.testing.assert_allclose(teacher.predict(images, verbose=0), expected, atol=1e-5)
+    assert not [layer for layer in teacher.layers if isinstance(layer, ImageView)]
+
+
+def test_student_starts_from_a_member_backbone(tiny_ensemble):
+    import keras
+
+    from toolkit.backbones import build_classifier
+    from toolkit.distill import init_from_member
+    from toolkit.evaluate import load_model
+    from toolkit.recipe import ModelConfig
+
+    tmp, _ = tiny_ensemble
+    keras.utils.set_random_seed(0)
+    student = build_classifier(ModelConfig(backbone="tiny-cnn", weights="none", head="linear", input_size=64), 8)
+    head_before = student.get_layer("logits").get_weights()
+    init_from_member(student, tmp / "ens", "m0", Console(quiet=True))
+    member = load_model(tmp / "m0")
+    for got, want in zip(student.get_layer("backbone").get_weights(), member.get_layer("backbone").get_weights(),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)  # every weight, BatchNorm statistics included
+    for got, before in zip(student.get_layer("logits").get_weights(), head_before, strict=True):
+        np.testing.assert_array_equal(got, before)  # the head is the student's own
+    with pytest.raises(CellfuseError, match="no member named 'm9'"):
+        init_from_member(student, tmp / "ens", "m9", Console(quiet=True))
+    with pytest.raises(CellfuseError, match="not a cellfuse classifier"):
+        init_from_member(student, tmp / "ens", "m1", Console(quiet=True))
+    other = build_classifier(ModelConfig(backbone="mobilenet-0.25", weights="none", head="linear"), 8)
+    with pytest.raises(CellfuseError, match="not the student's"):
+        init_from_member(other, tmp / "ens", "m0", Console(quiet=True))
 
 
 def test_student_recipe_needs_distill_section(tiny_ensemble):

@@ -5,10 +5,16 @@ where x_T = softmax(log(x) / T). Models output probabilities, and log-probabilit
 (softmax(log p) = p), so the loss is exact without exposing logits.
 
 Two teacher modes:
-- cached: the teacher's (TTA-averaged) probabilities on the un-augmented training images, computed
+- cached: the teacher's TTA-averaged probabilities on the un-augmented training images, computed
   once; the student then trains on augmented images against those fixed targets. Cheap.
 - function-matching (Beyer et al. 2022): teacher and student see the same augmented (and mixed)
-  view every step; the teacher runs on the fly through Keras' `keras.distillation.Distiller`.
+  view every step; the teacher runs on the fly through Keras' `keras.distillation.Distiller`. By
+  default the teacher is the ensemble's members, temperatures and weights on that one view: its TTA
+  views would multiply the per-step cost by their number (`[distill] teacher_tta = true` adds them).
+
+`[distill] init` starts the student's backbone from a trained member's (e.g. the pretrained network
+each member fine-tuned, already adapted to cells and to the augmentation), so distillation spends its
+epochs on matching the ensemble rather than on relearning the domain.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         raise CellfuseError(f"{recipe_path}: a student recipe needs a [distill] section")
     from toolkit.ensemble import load_ensemble
 
-    teacher = load_ensemble(ensemble_dir)
+    cfg = recipe.distill
+    teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
     run = T.prepare_run_dir(recipe, Path(runs_root or T.RUNS), resume, force)
     if (run / "metrics.json").exists():
         console.print(f"[green]{run}[/] is already complete.")
@@ -134,10 +141,13 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     T._set_precision(recipe.train, console)
     with strategy.scope():
         student = T.build_model(recipe, split.train.n_classes)
+        if cfg.init:
+            init_from_member(student, Path(ensemble_dir), cfg.init, console)
     T.check_initial_loss(student, split.val["val"], recipe, console)
-    console.print(f"distillation: {recipe.distill.mode}, T = {recipe.distill.temperature}, "
-                  f"alpha = {recipe.distill.alpha}; student {student.count_params():,} parameters")
-    if recipe.distill.mode == "cached":
+    console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
+                  f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
+                  f"student {student.count_params():,} parameters")
+    if cfg.mode == "cached":
         n = split.train.n_classes
         targets = {name: teacher_probs(teacher, data, run, Path(ensemble_dir), name, console)
                    for name, data in [("train", split.train), ("val", split.val["val"])]}
@@ -151,6 +161,21 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         T.fit_stages(student, recipe, split, run, strategy, console, compile_fn=_compile_function_matching(teacher))
     T.finish_run(recipe, split, run, started, console)
     return compare(recipe, run, Path(ensemble_dir), console)
+
+
+def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
+    """The student's backbone starts where a trained member's ended (its head starts fresh)."""
+    from toolkit.backbones import copy_backbone
+    from toolkit.ensemble import member_file
+    from toolkit.evaluate import load_model
+
+    file = member_file(ensemble_dir, name)
+    member = load_model(file)
+    if "backbone" not in {layer.name for layer in member.layers}:
+        raise CellfuseError(f"{file}: has no layer named 'backbone' (not a cellfuse classifier); "
+                            "the student cannot start from it")
+    n = copy_backbone(member, student, file)
+    console.print(f"student backbone starts from member {name} ({file}, {n} layers)")
 
 
 def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:
@@ -171,47 +196,55 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 # ---------------------------------------------------------------- the comparison table
 
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 512) -> dict:
-    """Student vs ensemble vs best member: accuracy per validation set, size, parameters, speed."""
-    import json
-
+    """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
+    set, parameters, file size, img/s on this machine."""
     import keras
 
     import toolkit.layers  # noqa: F401  (registers the ensemble's custom layers)
-    from toolkit.runs import resolve_model_file, write_json
+    from toolkit.ensemble import ensemble_components, member_file
+    from toolkit.runs import resolve_model_file, write_csv, write_json
     from toolkit.tta import wrap_with_tta
 
-    info = json.loads((ensemble_dir / "ensemble.json").read_text())
-    heaviest = max(info["components"], key=lambda c: c["weight"])  # the student gets its views
+    heaviest = ensemble_components(ensemble_dir)[0]  # the student and the best member get its views
     views, merge = heaviest["view_list"], heaviest["merge"]
-    ensemble_metrics = json.loads((ensemble_dir / "metrics.json").read_text())
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
-              "best member": (Path(ensemble_metrics["members"][ensemble_metrics["best_member"]]), None)}
+              "best member": (member_file(ensemble_dir, "best-member"), views)}
     split = T.load_split(recipe, Console(quiet=True))
     rows = {}
     for label, (path, tta) in models.items():
         model = keras.saving.load_model(path, safe_mode=True)
+        params = int(model.count_params())
         if tta and len(tta) > 1:
             model = wrap_with_tta(model, tta, merge)
-        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size,
+        rows[label] = {"params": params, "bytes": path.stat().st_size,
                        "img_per_s": _img_per_s(model, split.val["val"], n_timing)}
         for name, data in split.val.items():
             probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
             rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
-    views = heaviest["views"]
-    result = {"student_run": str(run), "views": views, "rows": rows,
-              "size_ratio": rows["ensemble"]["bytes"] / rows["student"]["bytes"],
-              "speed_ratio": rows["student"]["img_per_s"] / rows["ensemble"]["img_per_s"]}
+    student, ensemble = rows["student"], rows["ensemble"]
+    result = {"student_run": str(run), "mode": recipe.distill.mode, "init": recipe.distill.init,
+              "views": heaviest["views"], "rows": rows,
+              "size_ratio": ensemble["bytes"] / student["bytes"],
+              "speed_ratio": student["img_per_s"] / ensemble["img_per_s"],
+              "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val}}
     write_json(run / "distill.json", result)
-    console.print(_table(rows, list(split.val), views))
+    write_csv(run / "distill.csv", [{"model": label, **r} for label, r in rows.items()])
+    console.print(_table(rows, list(split.val), heaviest["views"]))
+    console.print(f"student: {result['size_ratio']:.1f}x smaller, {result['speed_ratio']:.1f}x faster; "
+                  + ", ".join(f"{100 * g:+.1f} points behind on {n}" for n, g in result["gap"].items()))
     return result
 
 
-def _img_per_s(model, data: Dataset, n: int) -> float:
+def _img_per_s(model, data: Dataset, n: int, repeats: int = 3) -> float:
+    """Best of `repeats` timed passes: other work on the machine only ever slows a pass down."""
     x = data.images[np.arange(n) % len(data)].astype(np.float32)
     model.predict(x[:64], batch_size=64, verbose=0)  # warm-up: tracing is not throughput
-    started = time.perf_counter()
-    model.predict(x, batch_size=128, verbose=0)
-    return n / (time.perf_counter() - started)
+    best = np.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(x, batch_size=128, verbose=0)
+        best = min(best, time.perf_counter() - started)
+    return n / best
 
 
 def _table(rows: dict, val_names: list[str], views: str) -> Table:

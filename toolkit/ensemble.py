@@ -263,14 +263,44 @@ def _ensemble_model(selected: list[dict], member_files: dict[str, Path]):
     return keras.Model(inputs, vote, name="cellfuse_ensemble")
 
 
-def load_ensemble(dir):
-    """The single-file ensemble model written by `build_ensemble`."""
+def load_ensemble(dir, *, views: bool = True):
+    """The single-file ensemble model written by `build_ensemble`.
+
+    `views=False` rebuilds it from ensemble.json with every member on the input alone: the same members,
+    temperatures and weights at a fraction of the cost (a function-matching teacher runs every step).
+    """
     from toolkit.evaluate import load_model
 
     file = Path(dir) / "ensemble.keras"
     if not file.is_file():
         raise CellfuseError(f"{dir}: no ensemble.keras here (run `cellfuse ensemble ... --out {dir}`)")
-    return load_model(file)
+    if views:
+        return load_model(file)
+    components = ensemble_components(dir)
+    return _ensemble_model([{**c, "view_list": ["id"]} for c in components],
+                           {c["member"]: Path(c["member_file"]) for c in components})
+
+
+def ensemble_components(dir) -> list[dict]:
+    """The selected (member, views) components of ensemble.json, heaviest first."""
+    file = Path(dir) / "ensemble.json"
+    try:
+        components = json.loads(file.read_text())["components"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CellfuseError(f"{file}: cannot read the ensemble's description ({e})") from None
+    return sorted(components, key=lambda c: -c["weight"])
+
+
+def member_file(dir, name: str) -> Path:
+    """A member's model file: by name, or "best-member" (most accurate alone on the steering data)."""
+    info = json.loads((Path(dir) / "metrics.json").read_text())
+    members = info["members"]
+    if name == "best-member":
+        name = info["best_member"]
+    if name not in members:
+        raise CellfuseError(f"{dir}: no member named {name!r}; members are {', '.join(members)} "
+                            "(or say \"best-member\")")
+    return Path(members[name])
 
 
 # ---------------------------------------------------------------- the command

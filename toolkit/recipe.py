@@ -72,7 +72,13 @@ class DistillConfig:
     mode: str = "cached"  # cached (teacher probabilities computed once) | function-matching (teacher on the fly)
     temperature: float = 4.0
     alpha: float = 0.1  # weight of cross-entropy on true labels; 1 - alpha on the teacher's KL
-    # The teacher is the ensemble as saved, with its selected TTA views; mixing comes from [augment].
+    # "": the backbone starts from [model] weights; "best-member" or a member's name: from that trained
+    # member's backbone (same backbone, any input size). The head always starts fresh.
+    init: str = ""
+    # function-matching only: the teacher also averages its TTA views on every step (x views its cost).
+    # Off, it runs its members on the student's own view; cached mode always uses the views.
+    teacher_tta: bool = False
+    # Mixing (MixUp/CutMix) comes from [augment], and applies to the teacher's view too.
 
 
 @dataclass(frozen=True)
