@@ -293,8 +293,12 @@ def ensemble_components(dir) -> list[dict]:
 
 def member_file(dir, name: str) -> Path:
     """A member's model file: by name, or "best-member" (most accurate alone on the steering data)."""
-    info = json.loads((Path(dir) / "metrics.json").read_text())
-    members = info["members"]
+    file = Path(dir) / "metrics.json"
+    try:
+        info = json.loads(file.read_text())
+        members = info["members"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CellfuseError(f"{file}: cannot read the ensemble's members ({e})") from None
     if name == "best-member":
         name = info["best_member"]
     if name not in members:

@@ -19,7 +19,7 @@ from toolkit.runs import fresh_dir, shared_dir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # Three resolutions of the one pretrained CPU backbone: diverse members, and an ensemble several
-# times the 96 px student's cost, as a GPU ensemble of large backbones would be.
+# times the student's cost, as a GPU ensemble of large backbones would be.
 MEMBER_RECIPES = ("cpu-mobilenet.toml", "cpu-mobilenet-160.toml", "cpu-mobilenet-112.toml")
 STUDENT_RECIPE = "student-cpu.toml"
 
