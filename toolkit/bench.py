@@ -157,8 +157,8 @@ def bench_pipeline(train: Path, test: Path, out: Path, quick: bool, console: Con
     extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=1, lr=1e-3, unfreeze=1.0}]",
              "data.limit=2000") if quick else ()
     figures = run_pipeline(train, out / "pipeline", test, console, member_extra=extra,
-                           student_extra=extra[1:] + (("train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]",)
-                                                      if quick else ()), force=True)
+                           student_extra=extra[1:] + (("train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]",
+                                                       "train.ema=false") if quick else ()), force=True)
     runs = {k[len("train "):]: v["run"] for k, v in figures.items() if k.startswith("train ")}
     models = {**runs, "ensemble": str(out / "pipeline" / "ensemble"),
               "student": figures["distill"]["student_run"]}
