@@ -197,7 +197,7 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 512) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
-    set, parameters, file size, img/s on this machine."""
+    set, parameters, file size, img/s on this machine (taking turns)."""
     import keras
 
     import toolkit.layers  # noqa: F401  (registers the ensemble's custom layers)
@@ -210,17 +210,16 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
               "best member": (member_file(ensemble_dir, "best-member"), views)}
     split = T.load_split(recipe, Console(quiet=True))
-    rows = {}
+    rows, loaded = {}, {}
     for label, (path, tta) in models.items():
         model = keras.saving.load_model(path, safe_mode=True)
-        params = int(model.count_params())
-        if tta and len(tta) > 1:
-            model = wrap_with_tta(model, tta, merge)
-        rows[label] = {"params": params, "bytes": path.stat().st_size,
-                       "img_per_s": _img_per_s(model, split.val["val"], n_timing)}
+        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size}
+        loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
         for name, data in split.val.items():
-            probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+            probs = loaded[label].predict(data.images.astype(np.float32), batch_size=256, verbose=0)
             rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
+    for label, speed in _img_per_s(loaded, split.val["val"], n_timing).items():
+        rows[label]["img_per_s"] = speed
     student, ensemble = rows["student"], rows["ensemble"]
     result = {"student_run": str(run), "mode": recipe.distill.mode, "init": recipe.distill.init,
               "views": heaviest["views"], "rows": rows,
@@ -235,16 +234,19 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     return result
 
 
-def _img_per_s(model, data: Dataset, n: int, repeats: int = 3) -> float:
-    """Best of `repeats` timed passes: other work on the machine only ever slows a pass down."""
+def _img_per_s(models: dict, data: Dataset, n: int, rounds: int = 5) -> dict[str, float]:
+    """Each model's best pass over `n` images, the models taking turns round by round: a shared
+    machine's speed drifts (here by up to 2x), so only passes made side by side compare fairly."""
     x = data.images[np.arange(n) % len(data)].astype(np.float32)
-    model.predict(x[:64], batch_size=64, verbose=0)  # warm-up: tracing is not throughput
-    best = np.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.predict(x, batch_size=128, verbose=0)
-        best = min(best, time.perf_counter() - started)
-    return n / best
+    for model in models.values():
+        model.predict(x[:256], batch_size=128, verbose=0)  # warm-up: tracing is not throughput
+    best = dict.fromkeys(models, 0.0)
+    for _ in range(rounds):
+        for label, model in models.items():
+            started = time.perf_counter()
+            model.predict(x, batch_size=128, verbose=0)
+            best[label] = max(best[label], n / (time.perf_counter() - started))
+    return best
 
 
 def _table(rows: dict, val_names: list[str], views: str) -> Table:
