@@ -91,7 +91,7 @@ def plot_confusion(confusion, class_names, path: str | Path, title: str = "") ->
 def plot_curves(history: list[dict], path: str | Path) -> Path:
     """Loss and every accuracy/AUC column per epoch, training beside validation."""
     plt = _pyplot()
-    keys = [k for k in history[0] if k not in ("epoch", "stage", "lr", "seconds")]
+    keys = [k for k in history[0] if k not in ("epoch", "stage", "lr", "seconds", "img_per_s")]  # not 0..1
     groups = {"loss": [k for k in keys if k.endswith("loss")],
               "accuracy / AUC": [k for k in keys if not k.endswith("loss")]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
