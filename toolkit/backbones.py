@@ -193,26 +193,6 @@ def _assign_by_name(model, group, path: Path) -> int:
         weight_names = decode(group[layer_name].attrs["weight_names"])
         if weight_names:
             stored[layer_name] = [group[layer_name][w][()] for w in weight_names]
-    return _assign(model, stored, path)
-
-
-def copy_backbone(source, target, where) -> int:
-    """Start `target`'s backbone from a trained classifier's: the same builder makes the same weighted
-    layers in the same order (names may differ), and no weight depends on the input size."""
-    pairs = [[layer for layer in model.get_layer("backbone")._flatten_layers(include_self=False)
-              if layer.weights and not layer._layers] for model in (source, target)]
-    shapes = [[tuple(w.shape) for layer in side for w in layer.weights] for side in pairs]
-    kinds = [[type(layer).__name__ for layer in side] for side in pairs]
-    if shapes[0] != shapes[1] or kinds[0] != kinds[1]:
-        raise CellfuseError(f"{where}: its backbone is not the student's ({len(pairs[0])} vs {len(pairs[1])} "
-                            "weighted layers, or other shapes); start from a member with the same backbone")
-    for src, dst in zip(*pairs, strict=True):
-        dst.set_weights(src.get_weights())
-    return len(pairs[1])
-
-
-def _assign(model, stored: dict, path) -> int:
-    """Set each weighted layer of `model` from `stored[layer name]`; all must be there, shapes equal."""
     loaded = 0
     for layer in model.layers:
         values = stored.get(layer.name)
@@ -229,6 +209,21 @@ def _assign(model, stored: dict, path) -> int:
     if loaded < wanted:
         raise CellfuseError(f"{path}: only {loaded} of {wanted} weighted layers of {model.name} found in the file")
     return loaded
+
+
+def copy_backbone(source, target, where) -> int:
+    """Start `target`'s backbone from a trained classifier's: the same builder makes the same weighted
+    layers in the same order (names may differ), and no weight depends on the input size."""
+    pairs = [[layer for layer in model.get_layer("backbone")._flatten_layers(include_self=False)
+              if layer.weights and not layer._layers] for model in (source, target)]
+    shapes = [[tuple(w.shape) for layer in side for w in layer.weights] for side in pairs]
+    kinds = [[type(layer).__name__ for layer in side] for side in pairs]
+    if shapes[0] != shapes[1] or kinds[0] != kinds[1]:
+        raise CellfuseError(f"{where}: its backbone is not the student's ({len(pairs[0])} vs {len(pairs[1])} "
+                            "weighted layers, or other shapes); start from a member with the same backbone")
+    for src, dst in zip(*pairs, strict=True):
+        dst.set_weights(src.get_weights())
+    return len(pairs[1])
 
 
 def build_classifier(config, n_classes: int, image_size: int = IMAGE_SIZE):
