@@ -6,7 +6,17 @@ from click.testing import CliRunner
 from conftest import make_images
 
 from toolkit.cli import main
-from toolkit.corrupt import FAMILIES, corrupt_file, corrupt_image, corrupt_images
+from toolkit.corrupt import (
+    CORRUPTIONS,
+    FAMILIES,
+    HELD_OUT,
+    contents,
+    corrupt_file,
+    corrupt_image,
+    corrupt_images,
+    layer_families,
+    parse_families,
+)
 from toolkit.data import load_dataset, save_dataset
 from toolkit.errors import CellfuseError
 
@@ -114,3 +124,73 @@ def test_real_shifted_sample_looks_like_severity_three(shared):
 
     assert dark_share(cells) == 0
     assert abs(dark_share(ours) - dark_share(sample)) < 0.1
+
+
+# ----------------------------------------------------------------------------- named families, held out
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_each_registered_corruption_is_deterministic_per_seed_and_changes_the_image(name, images):
+    first = corrupt_images(images[:3], 4, seed=2, families=name)
+    assert first.dtype == np.uint8 and first.shape == images[:3].shape
+    np.testing.assert_array_equal(first, corrupt_images(images[:3], 4, seed=2, families=name))
+    assert np.abs(first.astype(float) - images[:3]).mean() > 0.5
+    deterministic = {"zoom_blur"}  # a fixed zoom sequence: nothing to draw
+    if name not in deterministic:
+        assert not np.array_equal(first, corrupt_images(images[:3], 4, seed=3, families=name))
+
+
+def test_default_and_cellfuse_are_todays_mix(images):
+    mixed = corrupt_images(images, 3, seed=5)
+    np.testing.assert_array_equal(mixed, corrupt_images(images, 3, seed=5, families="cellfuse"))
+    rngs = [np.random.default_rng([5, i]) for i in range(len(images))]
+    np.testing.assert_array_equal(mixed, np.stack([corrupt_image(x, 3, r) for x, r in zip(images, rngs, strict=True)]))
+
+
+def test_a_family_list_gives_each_image_one_of_them_drawn_by_its_own_generator(images):
+    names = ("fog", "occlusion")
+    both = corrupt_images(images, 3, seed=1, families=",".join(names))
+    picks = []
+    for i, image in enumerate(images):
+        rng = np.random.default_rng([1, i])
+        picks.append(names[rng.integers(2)])
+        expected = np.clip(np.round(CORRUPTIONS[picks[-1]](image.astype(np.float32), 3, rng)), 0, 255)
+        np.testing.assert_array_equal(both[i], expected.astype(np.uint8))
+    assert set(picks) == set(names)
+    assert parse_families("held-out") == tuple(HELD_OUT)
+    assert parse_families("own,fog,blur") == (*FAMILIES, "fog")
+    with pytest.raises(CellfuseError, match="unknown corruption family 'frost'"):
+        corrupt_images(images, 3, families="fog,frost")
+
+
+def test_held_out_families_are_in_no_preset_and_not_in_cellfuses_own_mix():
+    """Adding a layer that imitates a held-out family to a preset fails here; so does a new layer
+    missing from LAYER_FAMILIES (the table must say what every preset layer imitates)."""
+    from toolkit.augment import PRESETS
+
+    preset_families = {name: set().union(*[layer_families(spec["layer"]) for spec in specs]) if specs else set()
+                       for name, specs in PRESETS.items()}
+    for preset, families in preset_families.items():
+        assert not families & set(HELD_OUT), f"preset {preset!r} trains on held-out {families & set(HELD_OUT)}"
+    assert not contents("cellfuse") & set(HELD_OUT)
+    assert "gaussian_blur" in preset_families["heavy"] and "occlusion" in preset_families["medium"]
+
+
+def test_layer_table_covers_every_layer_augment_knows_and_refuses_unknown_ones():
+    from toolkit.augment import KERAS_CV_LAYERS, KERAS_LAYERS, OWN_LAYERS
+
+    for layer in {*KERAS_CV_LAYERS, *KERAS_LAYERS, *OWN_LAYERS}:
+        assert layer_families(layer), layer
+    assert layer_families("keras.GaussianNoise") == {"gaussian_noise"}
+    with pytest.raises(CellfuseError, match="LAYER_FAMILIES"):
+        layer_families("RandomFrost")
+
+
+def test_corrupt_command_writes_held_out_families(tmp_path, tiny_npz):
+    out = tmp_path / "held_out.npz"
+    result = CliRunner().invoke(main, ["corrupt", str(tiny_npz), "--out", str(out), "--families", "held-out"])
+    assert result.exit_code == 0, result.output
+    clean = load_dataset(tiny_npz)
+    np.testing.assert_array_equal(load_dataset(out).images, corrupt_images(clean.images, 3, 0, families="held-out"))
+    bad = CliRunner().invoke(main, ["corrupt", str(tiny_npz), "--out", str(tmp_path / "x.npz"), "--families", "smog"])
+    assert bad.exit_code == 2 and "smog" in bad.output

@@ -75,12 +75,16 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Corrupted npz to write.")
 @click.option("--severity", default=3, show_default=True, type=click.IntRange(1, 5))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--families", default="cellfuse", show_default=True,
+              help="Comma list of corruptions, one drawn per image: cellfuse (the 2-4 family mix), own "
+                   "(its six families), held-out (ImageNet-C families no preset trains on), all, or names "
+                   "such as fog,snow (README lists them).")
 @force_option
-def corrupt(data, out, severity, seed, force):
+def corrupt(data, out, severity, seed, families, force):
     """Write a corrupted copy of DATA (same labels), to validate robustness."""
     from toolkit.corrupt import corrupt_file
 
-    corrupt_file(data, out, severity=severity, seed=seed, force=force, console=console)
+    corrupt_file(data, out, severity=severity, seed=seed, families=families, force=force, console=console)
 
 
 @main.command()
