@@ -1,35 +1,153 @@
 """The `cellfuse` command. Each command parses its options, calls one function, prints a summary.
 
 Heavy modules (TensorFlow) are imported inside commands so `cellfuse --help` stays instant.
+
+One surface for every command, checked over the command tree by tests/test_cli.py: every option has
+a help line and shows its default; a command that writes has --out and --force (--force replaces
+only what cellfuse wrote); every command has --json (one JSON line, printed last); every docstring
+ends with a "\\b" line and an "Example:" paragraph that runs as written from the checkout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 from toolkit import __version__
-from toolkit.errors import CellfuseError
+from toolkit.errors import ERROR_PREFIX, EXIT_INTERNAL, EXIT_USER, CellfuseError
 
 console = Console(stderr=False)
+# Commands that write nothing, so need no --out/--force. Every other command writes.
+READ_ONLY = {"evaluate", "grade"}
+# toolkit.tta's view-set and merge names, listed here so --help needs no numpy (a test keeps them equal).
+VIEW_SETS = ("none", "flips", "d4", "shifts", "scales", "photometric")
+MERGES = ("mean", "geometric", "logits")
 
 
 class Group(click.Group):
-    """Turns CellfuseError into one red line and exit status 2: no traceback for bad input."""
+    """Ends every failure with one "Error: " line: status 2 for bad input (no traceback), 1 for a bug."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CellfuseError as e:
-            from rich.text import Text
+            fail(str(e), EXIT_USER)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # anything else is a bug: its traceback goes into the report
+            traceback.print_exc()
+            fail(f"internal failure ({type(e).__name__}: {e}); please report it with the traceback above",
+                 EXIT_INTERNAL)
 
-            # Text, not markup: messages quote things like "[distill]" that rich would eat.
-            Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(e)))
-            sys.exit(2)
+
+def fail(message: str, status: int):
+    from rich.text import Text
+
+    # Text, not markup: messages quote things like "[distill]" that rich would eat.
+    Console(stderr=True, soft_wrap=True).print(Text.assemble((ERROR_PREFIX, "bold red"), message))
+    sys.exit(status)
+
+
+# ---------------------------------------------------------------- TensorFlow's start-up noise
+
+def quiet_tensorflow(verbose: bool) -> None:
+    """Hide TensorFlow's C++ log lines (oneDNN, CUDA stubs, a cuInit "error" on every CPU-only
+    machine): they read like failures. Not with -v, nor when the user set TF_CPP_MIN_LOG_LEVEL."""
+    if verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # must be set before TensorFlow is imported
+    if "tensorflow" not in sys.modules and _stderr_is_fd2():
+        sys.meta_path.insert(0, _SilentImport("tensorflow"))
+
+
+def _stderr_is_fd2() -> bool:
+    try:
+        return sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test runner's stream: nothing to silence
+        return False
+
+
+class _SilentImport(importlib.abc.MetaPathFinder):
+    """The first import of `name` runs with file descriptor 2 on /dev/null: TensorFlow's libraries log
+    before absl's logging is set up, where TF_CPP_MIN_LOG_LEVEL does not reach."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilentLoader(spec.loader)
+        return spec
+
+
+class _SilentLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, attr):
+        return getattr(self.loader, attr)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _fd2_to_devnull():
+            self.loader.exec_module(module)
+        module.__spec__.loader = module.__loader__ = self.loader
+
+
+@contextlib.contextmanager
+def _fd2_to_devnull():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# ---------------------------------------------------------------- shared options
+
+class ViewSpec(click.ParamType):
+    """A TTA spec (`d4`, `d4+shifts`, `d4:geometric`), or several comma-separated; checked when parsed."""
+
+    name = "views"
+
+    def __init__(self, several: bool = False):
+        self.several = several
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"[{'|'.join(VIEW_SETS)}][+...][:{'|'.join(MERGES)}]" + (",..." if self.several else "")
+
+    def convert(self, value, param, ctx):
+        from toolkit.tta import parse_tta
+
+        for spec in str(value).split(",") if self.several else [value]:
+            try:
+                parse_tta(spec.strip())
+            except CellfuseError as e:
+                self.fail(str(e), param, ctx)
+        return value
+
+
+VIEWS_HELP = ("Test-time views: a set, or views joined with + (d4+shifts); :geometric or :logits "
+              "merges them otherwise than by the mean.")
 
 
 def print_json(obj) -> None:
@@ -41,27 +159,54 @@ def print_json(obj) -> None:
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="End with one JSON line holding the figures.")
-force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
+force_option = click.option("--force", is_flag=True,
+                            help="Replace an existing output (only what cellfuse itself wrote there).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override a recipe key (repeatable), e.g. --set train.batch_size=32; "
+                               "--set train.epochs=N sets the last stage's epochs.")
+resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+runs_out_option = click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/runs"),
+                               help="Folder that receives the run folder <recipe name>/.")
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="cellfuse")
-def main():
-    """cellfuse: clean -> train -> ensemble -> distill -> export, for 96x96 cell images."""
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="cellfuse", help="Show the version and exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's own C++ log lines too.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and --json output (for scripts).")
+def main(verbose, quiet):
+    """cellfuse: clean -> split -> train -> ensemble -> distill -> export -> grade, for 96x96 cell images.
+
+    Exit status: 0 done; 2 a problem with what you gave (command line, data file, recipe, an output
+    that exists), explained on one "Error:" line; 1 an internal failure, after its traceback.
+
+    \b
+    Example:
+      cellfuse clean ../shared/data/train.npz --out outputs/clean
+    """
+    if verbose and quiet:
+        raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")
+    console.quiet = quiet
+    quiet_tensorflow(verbose)
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--threshold", default=None, type=int,
-              help="Max phash Hamming distance for near duplicates (default: clean.DEFAULT_THRESHOLD).")
-@click.option("--contamination", default=None, type=float,
-              help="Expected fraction of odd single pictures for the outlier detector.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: clean.npz, report.json, removed.png, tsne.png.")
+@click.option("--threshold", default=4, type=click.IntRange(0, 64),
+              help="Max perceptual-hash Hamming distance (bits) between near duplicates.")
+@click.option("--contamination", default=0.01, type=float,
+              help="Cap on the share of distinct pictures the outlier detector may remove.")
 @click.option("--no-tsne", is_flag=True, help="Skip the t-SNE plot (the slowest part).")
 @force_option
 @json_option
 def clean(data, out, threshold, contamination, no_tsne, force, as_json):
-    """Remove duplicates, label conflicts and non-cell pictures from DATA; write DIR/clean.npz."""
+    """Remove duplicates, label conflicts and non-cell pictures from DATA; write DIR/clean.npz.
+
+    \b
+    Example:
+      cellfuse clean ../shared/data/train.npz --out outputs/clean
+    """
     from toolkit.clean import clean_file
 
     summary = clean_file(data, out, threshold=threshold, contamination=contamination,
@@ -73,76 +218,152 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Corrupted npz to write.")
-@click.option("--severity", default=3, show_default=True, type=click.IntRange(1, 5))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--severity", default=3, type=click.IntRange(1, 5),
+              help="How strong the corruptions are, 1 (mild) to 5; 3 resembles the challenge's test.")
+@click.option("--seed", default=0, type=int, help="Seed of the corruptions drawn (same seed, same file).")
 @click.option("--families", default="cellfuse", show_default=True,
               help="Comma list of corruptions, one drawn per image: cellfuse (the 2-4 family mix), own "
                    "(its six families), held-out (ImageNet-C families no preset trains on), all, or names "
                    "such as fog,snow (README lists them).")
 @force_option
-def corrupt(data, out, severity, seed, families, force):
-    """Write a corrupted copy of DATA (same labels), to validate robustness."""
+@json_option
+def corrupt(data, out, severity, seed, families, force, as_json):
+    """Write a corrupted copy of DATA (same labels), to validate robustness.
+
+    \b
+    Example:
+      cellfuse corrupt outputs/clean/clean.npz --out outputs/clean/corrupt.npz --severity 3
+    """
     from toolkit.corrupt import corrupt_file
 
-    corrupt_file(data, out, severity=severity, seed=seed, families=families, force=force, console=console)
+    path = corrupt_file(data, out, severity=severity, seed=seed, families=families, force=force,
+                        console=console)
+    if as_json:
+        print_json({"data": data, "out": path, "severity": severity, "seed": seed, "families": families})
 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"), show_default=True)
-@click.option("--val-fraction", default=0.15, show_default=True, help="As the recipes' data.val_fraction.")
-@click.option("--seed", default=0, show_default=True, help="As the recipes' data.split_seed.")
-@click.option("--severity", default=3, show_default=True, type=click.IntRange(1, 5))
-def split(data, out, val_fraction, seed, severity):
-    """Write the validation split training will hold out, clean and corrupted (val.npz, val_corrupt.npz)."""
-    from toolkit.pipeline import write_val_files
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"),
+              help="Folder that receives val.npz and val_corrupt.npz.")
+@click.option("--val-fraction", default=0.15, help="As the recipes' data.val_fraction.")
+@click.option("--seed", default=0, help="As the recipes' data.split_seed.")
+@click.option("--severity", default=3, type=click.IntRange(1, 5),
+              help="Corruption strength of val_corrupt.npz, as in `cellfuse corrupt`.")
+@force_option
+@json_option
+def split(data, out, val_fraction, seed, severity, force, as_json):
+    """Write the validation split training will hold out, clean and corrupted (val.npz, val_corrupt.npz).
 
-    for path in write_val_files(data, out, val_fraction, seed, severity):
-        console.print(f"wrote {path}")
+    \b
+    Example:
+      cellfuse split outputs/clean/clean.npz --out outputs/clean
+    """
+    from toolkit.data import write_val_files
+
+    val, val_corrupt = write_val_files(data, out, val_fraction, seed, severity, force=force)
+    console.print(f"wrote {val} and {val_corrupt}")
+    if as_json:
+        print_json({"val": val, "val_corrupt": val_corrupt})
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/preview.png"),
-              show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
-@click.option("--images", default=6, show_default=True, help="Distinct training images.")
-@click.option("--repeats", default=6, show_default=True, help="Augmented copies of each.")
-def preview(recipe, out, overrides, images, repeats):
-    """Plot training images through RECIPE's augmentation, so cells stay recognisable."""
+              help="PNG to write.")
+@set_option
+@click.option("--images", default=6, help="Distinct training images.")
+@click.option("--repeats", default=6, help="Augmented copies of each.")
+@force_option
+@json_option
+def preview(recipe, out, overrides, images, repeats, force, as_json):
+    """Plot training images through RECIPE's augmentation, so cells stay recognisable.
+
+    \b
+    Example:
+      cellfuse preview recipes/cpu-mobilenet.toml --set augment.preset=heavy --out outputs/preview-heavy.png
+    """
     from toolkit.augment import preview_recipe
     from toolkit.recipe import load_recipe
+    from toolkit.runs import check_new_file
 
-    path = preview_recipe(load_recipe(recipe, overrides), out, n_images=images, n_repeats=repeats)
+    loaded = load_recipe(recipe, overrides)
+    check_new_file(out, ".png", force)
+    path = preview_recipe(loaded, out, n_images=images, n_repeats=repeats)
     console.print(f"wrote {path}")
+    if as_json:
+        print_json({"out": path, "images": images, "repeats": repeats})
 
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override a recipe key, e.g. --set train.epochs=3 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
-@click.option("--force", is_flag=True, help="Start over, replacing an existing run directory.")
-@click.option("--parallel", default=1, show_default=True, help="Recipes trained at once.")
+@set_option
+@runs_out_option
+@resume_option
+@click.option("--force", is_flag=True, help="Start over, replacing a run folder cellfuse wrote.")
+@click.option("--parallel", default=1, help="Recipes trained at once, each in its own process.")
 @json_option
-def train(recipes, overrides, resume, force, parallel, as_json):
-    """Fine-tune one backbone per RECIPE; write outputs/runs/<name>/."""
+def train(recipes, overrides, out, resume, force, parallel, as_json):
+    """Fine-tune one backbone per RECIPE; write OUT/<recipe name>/.
+
+    \b
+    Example:
+      cellfuse train recipes/cpu-mobilenet.toml --set train.epochs=3 --set train.batch_size=32
+    """
     from toolkit.train import train_many
 
     results = train_many(recipes, overrides, resume=resume, force=force, parallel=parallel,
-                         console=console)
+                         console=console, runs_root=out)
     if as_json:
         print_json(results)
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--space", "space", type=click.Path(path_type=Path), required=True,
+              help="Search-space TOML: recipe keys with a range, log range or choice (see README).")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(1),
+              help="Trials in the whole sweep; a resumed sweep counts those already run.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
+              help="Trials trained at once, each in its own process (and on its own GPU when there are GPUs).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe key for every trial, as in train (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              show_default="outputs/sweeps/<recipe name>", help="Sweep directory.")
+@click.option("--resume", is_flag=True, help="Continue a killed sweep; finished trials are never re-run.")
+@click.option("--force", is_flag=True, help="Start over, replacing a sweep directory cellfuse wrote.")
+@json_option
+def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_json):
+    """Search RECIPE's hyper-parameters over SPACE with Optuna (TPE, Hyperband pruning).
+
+    Every trial is an ordinary run directory under OUT/trials/; OUT gets sweep.csv, sweep.png and
+    best.toml (the best trial's recipe, ready for `cellfuse train`).
+
+    \b
+    Example:
+    cellfuse sweep recipes/tiny.toml --space recipes/tiny.space.toml --trials 4 --set data.train=outputs/demo/synth.npz
+    """
+    from toolkit.sweep import run_sweep
+
+    result = run_sweep(recipe, space, overrides=overrides, out=out, trials=trials, parallel=parallel,
+                       resume=resume, force=force, console=console)
+    if as_json:
+        print_json(result)
+
+
+@main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--tta", default="none", show_default=True, help="Test-time views (see README).")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--tta", default="none", type=ViewSpec(), help=VIEWS_HELP)
+@click.option("--batch-size", default=256, help="Images predicted at once.")
 @json_option
 def evaluate(model, data, tta, batch_size, as_json):
-    """Metrics of MODEL (a .keras file, run or ensemble directory) on each DATA file."""
+    """Metrics of MODEL (a .keras file, run or ensemble directory) on each DATA file.
+
+    \b
+    Example:
+      cellfuse evaluate outputs/runs/cpu-mobilenet ../shared/data/test_shifted_sample.npz --tta d4
+    """
     from toolkit.evaluate import evaluate_model
 
     results = evaluate_model(model, data, tta=tta, batch_size=batch_size, console=console)
@@ -151,18 +372,71 @@ def evaluate(model, data, tta, batch_size, as_json):
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="MODEL_OR_RUN... DATA")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for report.html, inspect.json and the figures.")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(1), help="Worst images shown.")
+@click.option("--per-class", default=4, show_default=True, type=click.IntRange(0),
+              help="Correctly classified examples shown per class.")
+@click.option("--families", default="cellfuse,own,held-out", show_default=True,
+              help="Robustness rows: corruptions as for `cellfuse corrupt --families`, each its own row; "
+                   "empty skips the robustness grid.")
+@click.option("--severities", default="1,2,3,4,5", show_default=True, help="Robustness columns (1..5).")
+@click.option("--limit", default=400, show_default=True, type=click.IntRange(0),
+              help="Images in the robustness grid, drawn at random (0 = all).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the corruptions and the drawn images.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Prediction batch.")
+@force_option
+@json_option
+def inspect(paths, out, top, per_class, families, severities, limit, seed, batch_size, force, as_json):
+    """Top losses with Grad-CAM, confusions, calibration and robustness of each model on DATA.
+
+    Several models are compared side by side, in the order given.
+
+    \b
+    Example:
+      cellfuse inspect outputs/runs/cpu-mobilenet outputs/clean/val.npz --out outputs/inspect
+    """
+    from toolkit.interpret import inspect_models
+
+    if len(paths) < 2:
+        raise CellfuseError("give at least one model (file, run or ensemble directory) and then the DATA file")
+    try:
+        levels = [int(s) for s in severities.split(",") if s.strip()]
+    except ValueError:
+        raise CellfuseError(f"--severities takes a comma list of 1..5, got {severities!r}") from None
+    figures = inspect_models(paths[:-1], paths[-1], out, top=top, per_class=per_class, families=families,
+                             severities=levels, limit=limit, seed=seed, batch_size=batch_size, force=force,
+                             console=console)
+    if as_json:
+        print_json(figures)
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--val", "val_data", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Validation data (repeatable); the last one steers the selection.")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--views", default="d4", show_default=True, help="Candidate TTA view sets, comma-separated.")
-@click.option("--rounds", default=10, show_default=True, help="Greedy selection rounds.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Ensemble folder: ensemble.keras, ensemble.json, metrics.json, predictions.npz.")
+@click.option("--views", default="d4", type=ViewSpec(several=True),
+              help="Candidate view specs, comma-separated; no views (none) is always a candidate.")
+@click.option("--rounds", default=10, help="Greedy selection rounds.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1),
+              help="A sweep directory among RUNS stands for its TOP best complete trials.")
 @force_option
 @json_option
-def ensemble(runs, val_data, out, views, rounds, force, as_json):
-    """Combine trained RUNS by TTA-averaged soft voting, selected on validation data."""
-    from toolkit.ensemble import build_ensemble
+def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
+    """Combine trained RUNS by TTA-averaged soft voting, selected on validation data.
 
+    \b
+    Example:
+      cellfuse ensemble outputs/runs/cpu-mobilenet outputs/runs/cpu-mobilenet-160 --val outputs/clean/val.npz --val outputs/clean/val_corrupt.npz --out outputs/ensembles/cpu
+    """
+    from toolkit.ensemble import build_ensemble
+    from toolkit.sweep import expand_sweeps
+
+    runs = expand_sweeps(runs, top)
     result = build_ensemble(runs, val_data, out, views=views, rounds=rounds, force=force,
                             console=console)
     if as_json:
@@ -172,16 +446,22 @@ def ensemble(runs, val_data, out, views, rounds, force, as_json):
 @main.command()
 @click.argument("ensemble_dir", type=click.Path(path_type=Path))
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
-@click.option("--resume", is_flag=True)
-@click.option("--force", is_flag=True)
+@set_option
+@runs_out_option
+@resume_option
+@click.option("--force", is_flag=True, help="Start over, replacing a run folder cellfuse wrote.")
 @json_option
-def distill(ensemble_dir, recipe, overrides, resume, force, as_json):
-    """Distill ENSEMBLE_DIR into the compact student described by RECIPE."""
+def distill(ensemble_dir, recipe, overrides, out, resume, force, as_json):
+    """Distill ENSEMBLE_DIR into the compact student described by RECIPE; write OUT/<recipe name>/.
+
+    \b
+    Example:
+      cellfuse distill outputs/ensembles/cpu recipes/student-cpu.toml
+    """
     from toolkit.distill import distill_recipe
 
     result = distill_recipe(ensemble_dir, recipe, overrides, resume=resume, force=force,
-                            console=console)
+                            console=console, runs_root=out)
     if as_json:
         print_json(result)
 
@@ -189,13 +469,18 @@ def distill(ensemble_dir, recipe, overrides, resume, force, as_json):
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission zip.")
-@click.option("--tta", default="none", show_default=True, help="Views model.py averages.")
+@click.option("--tta", default="none", type=ViewSpec(), help="Views the exported model averages. " + VIEWS_HELP)
 @click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Weights stored in this precision.")
 @force_option
 @json_option
 def export(run, out, tta, precision, force, as_json):
-    """Package RUN's model as a challenge submission zip."""
+    """Package RUN's model as a challenge submission zip.
+
+    \b
+    Example:
+      cellfuse export outputs/runs/student-cpu --out outputs/submission.zip --tta d4
+    """
     from toolkit.export import export_submission
 
     result = export_submission(run, out, tta=tta, precision=precision, force=force, console=console)
@@ -206,10 +491,15 @@ def export(run, out, tta, precision, force, as_json):
 @main.command()
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--timeout", default=600, show_default=True, help="Seconds before giving up.")
+@click.option("--timeout", default=600, help="Seconds before giving up.")
 @json_option
 def grade(submission, data, timeout, as_json):
-    """Grade SUBMISSION.zip on DATA as the challenge grader would, in a clean subprocess."""
+    """Grade SUBMISSION.zip on DATA as the challenge grader would, in a clean subprocess.
+
+    \b
+    Example:
+      cellfuse grade outputs/submission.zip ../shared/data/test_shifted_sample.npz
+    """
     from toolkit.export import grade_submission
 
     result = grade_submission(submission, data, timeout=timeout, console=console)
@@ -219,36 +509,66 @@ def grade(submission, data, timeout, as_json):
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="npz to write.")
-@click.option("--n", default=2000, show_default=True, help="Real (non-planted) images.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--n", default=2000, help="Real (non-planted) images.")
+@click.option("--seed", default=0, help="Seed of the drawing (same seed, same file).")
 @force_option
-def synth(out, n, seed, force):
-    """Draw a synthetic blood-smear data set, contaminated like the challenge's."""
+@json_option
+def synth(out, n, seed, force, as_json):
+    """Draw a synthetic blood-smear data set, contaminated like the challenge's.
+
+    \b
+    Example:
+      cellfuse synth --out outputs/synth.npz --n 2000 --seed 0
+    """
     from toolkit.synth import write_synthetic
 
-    write_synthetic(out, n=n, seed=seed, force=force, console=console)
+    path = write_synthetic(out, n=n, seed=seed, force=force, console=console)
+    if as_json:
+        print_json({"out": path, "planted": path.with_suffix(".planted.json"), "n": n, "seed": seed})
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/demo"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/demo"),
+              help="Folder that receives every stage's output.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Run on this file instead of synthetic data.")
+              help="Run on this file, with the recipes' full schedules, instead of synthetic data.")
 @force_option
-def demo(out, data, force):
-    """The whole pipeline end to end: synth -> clean -> train x2 -> ensemble -> distill -> export -> grade."""
+@json_option
+def demo(out, data, force, as_json):
+    """The whole pipeline end to end on CPU: synth -> clean -> split -> train three members -> ensemble
+    -> distill -> export -> grade.
+
+    On synthetic data (2,000 images) the three members (recipes/cpu-mobilenet*.toml: MobileNet 0.25 at
+    128, 160 and 112 px) and the student (recipes/student-cpu.toml) train 4 epochs each (1 head-only,
+    3 all layers): about 15 minutes on 2 cores. With --data the recipes run their full schedules
+    (10 epochs per member, 40 for the student): over an hour on 2 cores.
+
+    \b
+    Example:
+      cellfuse demo --out outputs/demo
+    """
     from toolkit.pipeline import run_demo
 
-    run_demo(out, data=data, force=force, console=console)
+    figures = run_demo(out, data=data, force=force, console=console)
+    if as_json:
+        print_json(figures)
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/bench"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/bench"),
+              help="Folder for the benchmark's runs and bench.json.")
 @click.option("--quick", is_flag=True, help="Smaller sizes, for a smoke test.")
+@force_option
 @json_option
-def bench(out, quick, as_json):
-    """Measure clean, augmentation, training, prediction and quality; print each figure's command."""
+def bench(out, quick, force, as_json):
+    """Measure clean, augmentation, training, prediction and quality; print each figure's command.
+
+    \b
+    Example:
+      cellfuse bench --quick --out outputs/bench-quick
+    """
     from toolkit.bench import run_bench
 
-    figures = run_bench(out, quick=quick, console=console)
+    figures = run_bench(out, quick=quick, force=force, console=console)
     if as_json:
         print_json(figures)

@@ -1,0 +1,180 @@
+"""`cellfuse sweep` on tiny data: outputs, a reproducible best recipe, resume after a kill, pruning
+of a diverging trial, one-line errors for bad spaces, and sweeps as ensemble members."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_images
+
+from toolkit.cli import main
+from toolkit.data import save_dataset
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "recipes" / "tiny.toml"
+# One stage of two one-step epochs: the cheapest recipe with per-epoch reports to prune on.
+ONE_STAGE = "train.stages=[{epochs=2, lr=3e-3, unfreeze=1.0}]"
+SPACE = """
+objective = "val.auc_ovr"
+[space]
+"train.stages[0].lr" = { log = [1e-3, 3e-2] }
+"augment.preset" = { choice = ["none", "light"] }
+"""
+
+
+def sweep_args(data, space, out, *extra):
+    return ["sweep", str(TINY), "--space", str(space), "--out", str(out), "--set", f'data.train="{data}"',
+            "--set", ONE_STAGE, "--set", "train.steps_per_epoch=1", *extra]
+
+
+def read_rows(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "sweep.csv").open()))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """A finished 4-trial sweep over lr and preset: (data, sweep dir, its --json summary)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    images, labels = make_images(64)
+    data = save_dataset(tmp / "tiny.npz", images, labels)
+    (tmp / "space.toml").write_text(SPACE)
+    out = tmp / "sweep"
+    result = CliRunner().invoke(main, sweep_args(data, tmp / "space.toml", out, "--trials", "4", "--json"))
+    assert result.exit_code == 0, result.output
+    return data, out, json.loads(result.output.strip().splitlines()[-1])
+
+
+def test_sweep_writes_every_output(tiny_sweep):
+    data, out, summary = tiny_sweep
+    for name in ("sweep.json", "study.journal", "sweep.csv", "sweep.png", "best.toml"):
+        assert (out / name).exists(), name
+    rows = read_rows(out)
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
+    assert {r["state"] for r in rows} <= {"complete", "pruned"} and rows[0]["state"] == "complete"
+    for r in rows:
+        assert 1e-3 <= float(r["train.stages[0].lr"]) <= 3e-2 and r["augment.preset"] in ("none", "light")
+        run = out / "trials" / r["run"]
+        assert (run / "recipe.toml").exists() and (run / "history.csv").exists()
+        if r["state"] == "complete":  # an ordinary run directory, the trial's values in its recipe
+            assert (run / "best.keras").exists() and r["epochs"] == "2"
+            recipe = (run / "recipe.toml").read_text()
+            assert f'preset = "{r["augment.preset"]}"' in recipe and repr(float(r["train.stages[0].lr"])) in recipe
+        else:
+            assert json.loads((run / "stopped.json").read_text())["state"] == "pruned"
+    best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["objective"]))
+    assert summary["best"]["trial"] == int(best["trial"]) and summary["trials"] == 4
+    assert (out / "best.toml").read_text().startswith(f"# cellfuse train {out / 'best.toml'}")
+
+
+def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
+    """Training best.toml again (same seed) gives the best trial's metrics back."""
+    from toolkit.recipe import load_recipe
+    from toolkit.train import train_recipe
+
+    data, out, summary = tiny_sweep
+    recipe = load_recipe(out / "best.toml")
+    again = train_recipe(recipe, runs_root=tmp_path)
+    trial = json.loads((Path(summary["best"]["run"]) / "metrics.json").read_text())["val"]
+    assert again["metrics"]["val"]["auc_ovr"] == pytest.approx(summary["best"]["value"], abs=1e-6)
+    assert again["metrics"]["val"]["nll"] == pytest.approx(trial["nll"], abs=1e-5)
+
+
+def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
+    from toolkit.sweep import expand_sweeps
+
+    data, out, summary = tiny_sweep
+    other = tmp_path / "some-run"
+    top = expand_sweeps([out, other], top=2)
+    assert top[0] == Path(summary["best"]["run"]) and len(top) == 3 and top[2] == other
+    result = CliRunner().invoke(main, ["ensemble", str(out), "--top", "2", "--val", str(data), "--views", "none",
+                                       "--rounds", "2", "--out", str(tmp_path / "ens"), "--json"])
+    assert result.exit_code == 0, result.output
+    members = json.loads(result.output.strip().splitlines()[-1])["members"]
+    assert len(members) >= 1 and set(members) <= {p.name for p in top[:2]}
+
+
+def test_killed_sweep_resumes_without_rerunning(tmp_path):
+    images, labels = make_images(64)
+    data = save_dataset(tmp_path / "tiny.npz", images, labels)
+    (tmp_path / "space.toml").write_text(SPACE)
+    out = tmp_path / "sweep"
+    args = sweep_args(data, tmp_path / "space.toml", out, "--trials", "2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "sweep.csv").exists() and any(r["state"] == "complete" for r in read_rows(out))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = out / "trials" / "tiny-t000" / "summary.json"
+    assert first.exists(), "the sweep never finished its first trial"
+    stamp = first.stat().st_mtime_ns
+    done = CliRunner().invoke(main, args + ["--resume", "--json"])
+    assert done.exit_code == 0, done.output
+    assert first.stat().st_mtime_ns == stamp  # trial 0 was not trained again
+    rows = read_rows(out)
+    assert [r["trial"] for r in rows] == ["0", "1"] and all(r["state"] == "complete" for r in rows)
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["tiny-t000", "tiny-t001"]
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_diverging_trial_is_stopped(tiny_npz, tmp_path):
+    (tmp_path / "space.toml").write_text('[space]\n"train.stages[0].lr" = { log = [1e20, 1e30] }\n')
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, [
+        "sweep", str(TINY), "--space", str(tmp_path / "space.toml"), "--out", str(out), "--trials", "1",
+        "--set", f'data.train="{tiny_npz}"', "--set", "train.stages=[{epochs=3, lr=1e-3, unfreeze=1.0}]",
+        "--set", 'train.optimizer="sgd"', "--set", "train.steps_per_epoch=2", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = read_rows(out)
+    assert row["state"] == "diverged" and row["epochs"] == "1" and row["epochs_planned"] == "3"
+    run = out / "trials" / row["run"]
+    stopped = json.loads((run / "stopped.json").read_text())
+    assert stopped["state"] == "diverged" and stopped["epoch"] == 1
+    assert not (run / "best.keras").exists() and not (out / "best.toml").exists()
+    assert json.loads(result.output.strip().splitlines()[-1])["best"] is None
+
+
+@pytest.mark.parametrize("space, message", [
+    ('"train.nope" = { range = [0.0, 1.0] }', "\"train.nope\": unknown key 'nope' in [train]"),
+    ('"train.batch_size" = { range = [0.5, 4.5] }', "train.batch_size must be int"),
+    ('"augment.preset" = { choice = ["light", "wild"] }', "'wild' is not a preset"),
+    ('"train.label_smoothing" = { range = [0.2, 0.1] }', "empty range"),
+    ('"train.stages[4].lr" = { log = [1e-4, 1e-2] }', "train.stages has 2 entries"),
+    ('"train.stages[1].lr" = { log = [0.0, 1e-2] }', "log range must be above 0"),
+    ('"data.val_fraction" = { range = [0.1, 0.3] }', "may not change [data]"),
+    ('"data.split_seed" = { choice = [0, 1] }', "may not change [data]"),
+    ('"train.seed" = { between = [0, 3] }', "must be one of"),
+])
+def test_bad_spaces_are_one_line_errors(tmp_path, space, message):
+    path = tmp_path / "space.toml"
+    path.write_text(f"[space]\n{space}\n")
+    result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(path), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.lower().startswith("error: ") and line[len("error: "):].startswith(f"{path}:") and message in line
+    assert not (tmp_path / "s").exists()  # nothing written before the space is valid
+
+
+def test_objective_and_force_checks(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('objective = "val_corrupt.accuracy"\n[space]\n"train.seed" = { choice = [0, 1] }\n')
+    result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(space)])
+    assert result.exit_code == 2 and "expected <set>.<metric> with set one of ['val']" in result.output
+    space.write_text('[space]\n"train.seed" = { choice = [0, 1] }\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(space), "--out", str(tmp_path / "mine"),
+                                       "--force"])
+    assert result.exit_code == 2 and "not a sweep directory" in result.output
+    assert (tmp_path / "mine" / "notes.txt").exists()
