@@ -414,6 +414,48 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="MODEL_OR_RUN... DATA")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for report.html, inspect.json and the figures.")
+@click.option("--top", default=16, show_default=True, type=click.IntRange(1), help="Worst images shown.")
+@click.option("--per-class", default=4, show_default=True, type=click.IntRange(0),
+              help="Correctly classified examples shown per class.")
+@click.option("--families", default="cellfuse,own,held-out", show_default=True,
+              help="Robustness rows: corruptions as for `cellfuse corrupt --families`, each its own row; "
+                   "empty skips the robustness grid.")
+@click.option("--severities", default="1,2,3,4,5", show_default=True, help="Robustness columns (1..5).")
+@click.option("--limit", default=400, show_default=True, type=click.IntRange(0),
+              help="Images in the robustness grid, drawn at random (0 = all).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the corruptions and the drawn images.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Prediction batch.")
+@force_option
+@json_option
+def inspect(paths, out, top, per_class, families, severities, limit, seed, batch_size, force, as_json):
+    """Top losses with Grad-CAM, confusions, calibration and robustness of each model on DATA.
+
+    Several models are compared side by side, in the order given.
+
+    \b
+    Example:
+      cellfuse inspect outputs/runs/cpu-mobilenet outputs/clean/val.npz --out outputs/inspect
+    """
+    from toolkit.interpret import inspect_models
+
+    if len(paths) < 2:
+        raise CellfuseError("give at least one model (file, run or ensemble directory) and then the DATA file")
+    try:
+        levels = [int(s) for s in severities.split(",") if s.strip()]
+    except ValueError:
+        raise CellfuseError(f"--severities takes a comma list of 1..5, got {severities!r}") from None
+    figures = inspect_models(paths[:-1], paths[-1], out, top=top, per_class=per_class, families=families,
+                             severities=levels, limit=limit, seed=seed, batch_size=batch_size, force=force,
+                             console=console)
+    if as_json:
+        print_json(figures)
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--val", "val_data", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Validation data (repeatable); the last one steers the selection.")
