@@ -165,18 +165,28 @@ def test_near_duplicate_threshold_is_an_option():
         clean.clean_arrays(images, labels, contamination=0.7)
 
 
-def test_tile_perturbed_makes_near_not_exact_copies():
-    images, labels = cells(10)
-    big, big_labels = clean.tile_perturbed(images, labels, 35, seed=0)
-    assert big.shape == (35, 96, 96, 3) and big.dtype == np.uint8
-    assert np.array_equal(big[:10], images)
-    assert big_labels.tolist() == [labels[i % 10] for i in range(35)]
-    copies = big[10:]
-    sources = images[np.arange(10, 35) % 10]
-    assert not any(np.array_equal(c, s) or np.array_equal(c, s[:, ::-1])
-                   for c, s in zip(copies, sources, strict=True))
-    unflipped = np.abs(copies.astype(int) - sources).mean((1, 2, 3)) < 15
-    assert unflipped.any() and (~unflipped).any()
+def test_a_clean_file_loses_no_picture_as_odd():
+    """Oddness is decided by score: ordinary cells stay, however many there are (the fraction only caps)."""
+    images, _ = cells(400, seed=7)
+    odd = clean.find_outliers(clean.image_features(images), contamination=0.05)
+    assert not odd.flags.any() and odd.lof.max() < clean.MIN_LOF
+    images = np.concatenate([images, gradient()[None]])
+    odd = clean.find_outliers(clean.image_features(images), contamination=0.05)
+    assert np.flatnonzero(odd.flags).tolist() == [400]
+
+
+def test_real_cells_are_not_removed_as_odd(shared):
+    """On the cleaned real file every picture is a cell: none reaches the oddness threshold."""
+    from toolkit.data import load_dataset
+
+    data = load_dataset(shared / "data" / "train.npz")
+    result = clean.clean_arrays(data.images[:1500], data.labels[:1500])
+    outliers = [r for r in result.removed if r["reason"] == "outlier"]
+    assert outliers, "the first 1,500 rows hold planted non-cell crops"
+    assert all(r["lof"] >= clean.MIN_LOF and "LocalOutlierFactor" in r["why"] for r in outliers)
+    kept = result.keep
+    again = clean.clean_arrays(data.images[kept], data.labels[kept])
+    assert again.counts()["outlier"] == 0
 
 
 # ---------------------------------------------------------------- the command
@@ -206,18 +216,24 @@ def test_command_end_to_end(planted_npz, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_command_refuses_to_overwrite_without_force(planted_npz, tmp_path):
+def test_force_replaces_only_what_cellfuse_wrote(planted_npz, tmp_path):
     out = tmp_path / "cleaned"
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")
     args = ["clean", str(planted_npz), "--out", str(out), "--no-tsne"]
+    for flags in ([], ["--force"]):  # a folder cellfuse did not write is never emptied
+        result = CliRunner().invoke(main, [*args, *flags])
+        assert result.exit_code != 0 and "cleaned" in result.output
+        assert (out / "keep.txt").read_text() == "earlier work"
+    (out / "keep.txt").unlink()
+    assert CliRunner().invoke(main, args).exit_code == 0
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "--force" in result.output
-    assert (out / "keep.txt").read_text() == "earlier work"
+    assert result.exit_code != 0 and "--force" in result.output  # its own output, but no --force
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0  # its own output: replaced
+    (out / "mine.npz").write_bytes(b"a file the user put there later")
     result = CliRunner().invoke(main, [*args, "--force"])
-    assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "clean.npz").exists()
-    assert not (out / "tsne.png").exists()
+    assert result.exit_code != 0 and "mine.npz" in result.output and (out / "mine.npz").exists()
+    assert (out / "clean.npz").exists() and not (out / "tsne.png").exists()
 
 
 def test_command_refuses_an_output_dir_holding_its_input(planted_npz):

@@ -118,15 +118,17 @@ def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
     from scipy.special import softmax
 
     from tests.test_tta import lopsided_image
-    from toolkit.ensemble import ensemble_components, load_ensemble
+    from toolkit.ensemble import ensemble_components, load_ensemble, resolve_member
     from toolkit.evaluate import load_model
 
     tmp, _ = tiny_ensemble
     images = np.stack([lopsided_image(), *make_images(7, seed=9)[0].astype("float32")])
     expected = np.zeros((len(images), 8))
+    # each member with the temperature fitted to its single-view predictions, not to its TTA average
+    single = json.loads((tmp / "ens" / "ensemble.json").read_text())["single_view_temperatures"]
     for c in ensemble_components(tmp / "ens"):
-        probs = load_model(c["member_file"]).predict(images, verbose=0)
-        expected += c["weight"] * softmax(np.log(np.maximum(probs, EPS)) / c["temperature"], axis=-1)
+        probs = load_model(resolve_member(tmp / "ens", c["member_file"])).predict(images, verbose=0)
+        expected += c["weight"] * softmax(np.log(np.maximum(probs, EPS)) / single[c["member"]], axis=-1)
     teacher = load_ensemble(tmp / "ens", views=False)
     np.testing.assert_allclose(teacher.predict(images, verbose=0), expected, atol=1e-5)
     assert not [layer for layer in teacher.layers if isinstance(layer, ImageView)]
@@ -164,3 +166,19 @@ def test_student_recipe_needs_distill_section(tiny_ensemble):
     tmp, _ = tiny_ensemble
     result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(ROOT / "recipes" / "tiny.toml")])
     assert result.exit_code == 2 and "[distill] section" in result.output
+
+
+def test_a_student_holding_out_other_rows_than_its_teacher_is_refused(tmp_path):
+    from toolkit.data import Dataset
+    from toolkit.distill import check_student_split
+    from toolkit.train import Split
+
+    images, labels = make_images(8)
+
+    def split_of(rows):
+        return Split(None, {"val": Dataset(images, labels, "x.npz", np.asarray(rows))})
+
+    (tmp_path / "ensemble.json").write_text(json.dumps({"components": [], "val_index": list(range(8))}))
+    check_student_split(split_of(range(8)), tmp_path, "s.toml")  # the same rows: fine
+    with pytest.raises(CellfuseError, match="3 of their 8 validation rows"):
+        check_student_split(split_of(range(3, 11)), tmp_path, "s.toml")

@@ -18,6 +18,7 @@ from toolkit.ensemble import (
     fit_temperature,
     greedy_select,
     load_ensemble,
+    resolve_member,
     temperature_scale,
 )
 from toolkit.report import nll
@@ -153,7 +154,7 @@ def test_saved_ensemble_reproduces_the_cached_predictions(built):
     data = load_dataset(out.parent / "val_corrupt.npz")
     with np.load(out / "predictions.npz") as cache:
         expected = sum(c["weight"] * temperature_scale(merge(np.stack([
-            cache[_cache_key(c["member_file"], data.path, v)] for v in c["view_list"]]), c["merge"]),
+            cache[_cache_key(resolve_member(out, c["member_file"]), data.path, v)] for v in c["view_list"]]), c["merge"]),
             c["temperature"]) for c in spec["components"])
     got = load_ensemble(out).predict(data.images[:8].astype(np.float32), verbose=0)
     np.testing.assert_allclose(got, expected[:8], atol=1e-5)
@@ -184,3 +185,55 @@ def test_ensemble_rejects_bad_input_in_one_line(workspace, tmp_path):
     for extra, word in cases:
         result = CliRunner().invoke(main, base + extra)
         assert result.exit_code == 2 and word in result.output and "Traceback" not in result.output
+
+
+def _with_split(run, index):
+    np.savez(run / "probs_val.npz", probs=np.full((len(index), 8), 1 / 8), labels=np.zeros(len(index)),
+             index=np.asarray(index))
+
+
+def test_members_with_different_validation_splits_are_refused(workspace, tmp_path):
+    """A member that trained on another member's validation rows would flatter every figure."""
+    import shutil
+
+    from toolkit.cli import main
+
+    for name in ("runA", "runB"):
+        shutil.copytree(workspace / name, tmp_path / name)
+    _with_split(tmp_path / "runA", range(0, 48))
+    _with_split(tmp_path / "runB", range(10, 58))
+    args = ["ensemble", str(tmp_path / "runA"), str(tmp_path / "runB"), "--val", str(workspace / "val.npz"),
+            "--views", "none", "--rounds", "2"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "e1")])
+    assert result.exit_code != 0 and "different validation splits" in result.output
+    assert "10 of runA's 48" in " ".join(result.output.split())
+    # the same split, but a --val file whose rows (its `index`) were training rows for the members
+    _with_split(tmp_path / "runB", range(0, 48))
+    images, labels = make_images(48, seed=2)
+    save_dataset(tmp_path / "val_other.npz", images, labels, index=np.arange(100, 148))
+    result = CliRunner().invoke(main, [*args[:3], "--val", str(tmp_path / "val_other.npz"), *args[5:],
+                                       "--out", str(tmp_path / "e2")])
+    assert result.exit_code != 0 and "were training rows" in " ".join(result.output.split())
+    save_dataset(tmp_path / "val_same.npz", images, labels, index=np.arange(48))
+    result = CliRunner().invoke(main, [*args[:3], "--val", str(tmp_path / "val_same.npz"), *args[5:],
+                                       "--out", str(tmp_path / "e3")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e3" / "ensemble.json").read_text())["val_index"] == list(range(48))
+
+
+def test_runs_and_ensemble_moved_together_still_work(built, tmp_path):
+    """Run folders trained elsewhere combine: ensemble.json names members relative to itself."""
+    import shutil
+
+    from toolkit.ensemble import member_file
+
+    out, _ = built
+    root = tmp_path / "elsewhere"
+    for name in ("runA", "runB", "ens"):
+        shutil.copytree(out.parent / name, root / name)
+    spec = json.loads((root / "ens" / "ensemble.json").read_text())
+    assert all(not c["member_file"].startswith("/") for c in spec["components"])
+    images = make_images(4, seed=8)[0].astype(np.float32)
+    teacher = load_ensemble(root / "ens", views=False)  # rebuilt from the moved members
+    assert teacher.predict(images, verbose=0).shape == (4, 8)
+    assert member_file(root / "ens", "best-member").resolve().parent.parent == root.resolve()

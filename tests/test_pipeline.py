@@ -32,7 +32,17 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch):
                  "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student/distill.json",
                  "submission.zip"):
         assert (out / path).exists(), path
-    assert 0 <= figures["grade"]["accuracy"] <= 1 and figures["grade"]["n"] > 0
+    # the graded zip predicts exactly what the student run does on the graded (corrupted validation) file
+    import numpy as np
+
+    from toolkit.evaluate import evaluate_model
+
+    graded_file = out / "clean" / "val_corrupt.npz"
+    student_metrics = evaluate_model(out / "runs" / "student", [graded_file], console=Console(quiet=True))
+    assert figures["grade"]["accuracy"] == student_metrics[str(graded_file)]["accuracy"]
+    # the split files hold the rows every member held out (tiny.toml's 25%, not split's default 15%)
+    ensemble = json.loads((out / "ensemble" / "ensemble.json").read_text())
+    assert ensemble["val_index"] == sorted(np.load(out / "clean" / "val.npz")["index"].tolist())
     text = console.export_text()
     for stage in ("clean", "train a.toml", "ensemble", "distill", "export", "grade"):
         assert stage in text
@@ -54,3 +64,36 @@ def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):
     np.testing.assert_array_equal(val.images, full.images[rows])
     np.testing.assert_array_equal(corrupt.labels, val.labels)
     assert np.abs(corrupt.images.astype(int) - val.images).mean() > 5
+
+
+def test_split_never_overwrites_without_force_and_never_its_input(tiny_npz, tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    out = tmp_path / "v"
+    args = ["split", str(tiny_npz), "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = (out / "val.npz").read_bytes()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "--force" in result.output and (out / "val.npz").read_bytes() == before
+    # its own input is never an output, whatever the flags
+    own_input = out / "val.npz"
+    result = CliRunner().invoke(main, ["split", str(own_input), "--out", str(out), "--force", "--val-fraction", "0.5"])
+    assert result.exit_code != 0 and "input" in result.output and own_input.read_bytes() == before
+
+
+def test_demo_refuses_data_inside_its_output_folder(tmp_path):
+    """`cellfuse demo --out DIR --data DIR/mydata.npz --force` once deleted the user's data."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    data = out / "mydata.npz"
+    data.write_bytes(b"the user's only copy")
+    (out / "other.txt").write_text("also theirs")
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--data", str(data), "--force"])
+    assert result.exit_code != 0 and "mydata.npz" in result.output
+    assert data.read_bytes() == b"the user's only copy" and (out / "other.txt").exists()

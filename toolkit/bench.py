@@ -23,13 +23,13 @@ from toolkit.runs import fresh_dir, shared_dir, write_json
 CPU_RECIPE = "cpu-mobilenetv3s.toml"
 
 
-def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> dict:
+def run_bench(out: Path, *, quick: bool = False, force: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     data_dir = shared_dir() / "data"
     train, test = data_dir / "train.npz", data_dir / "test_shifted_sample.npz"
     if not train.exists():
         raise CellfuseError(f"{train}: the benchmark needs the real data (set CELLFUSE_SHARED)")
-    out = fresh_dir(out, force=True)
+    out = fresh_dir(out, force, inputs=[train, test])
     figures = {"machine": machine()}
     figures["clean"] = bench_clean(train, out, quick, console)
     figures["train_step"] = bench_train_step(out / "clean" / "clean.npz", out, quick, console)
@@ -61,7 +61,7 @@ def _show(console: Console, title: str, rows: list[tuple], command: str, columns
 # ---------------------------------------------------------------- clean at two sizes
 
 def bench_clean(train: Path, out: Path, quick: bool, console: Console) -> dict:
-    from toolkit.clean import clean_arrays, clean_file, tile_perturbed
+    from toolkit.clean import clean_arrays, clean_file
     from toolkit.data import load_dataset
 
     started = time.perf_counter()
@@ -173,3 +173,27 @@ def bench_pipeline(train: Path, test: Path, out: Path, quick: bool, console: Con
           ("model", "accuracy", "macro-F1", "NLL"))
     distill = figures["distill"]
     return {"quality": quality, "distill": distill, "grade": figures["grade"], "stages": figures["stages"]}
+
+
+# ---------------------------------------------------------------- benchmark data
+
+def tile_perturbed(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0,
+                   chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images by tiling the set (the benchmark's larger set). Every copy after the first tile
+    gets a brightness shift, pixel noise and, half of them, a horizontal flip: copies are near
+    duplicates or (flipped) new pictures, not byte-identical."""
+    rng = np.random.default_rng(seed)
+    m = len(images)
+    source = np.concatenate([images, images[:, :, ::-1]])  # rows m.. are the mirror images
+    flip = rng.random(n) < 0.5
+    flip[:m] = False
+    rows = np.arange(n) % m + m * flip
+    noise = rng.integers(-3, 4, (256, *images.shape[1:]), dtype=np.int16)  # a bank: cheaper than fresh
+    out = np.empty((n, *images.shape[1:]), np.uint8)
+    out[:m] = images[:n]
+    for a in range(m, n, chunk):
+        x = source[rows[a:a + chunk]].astype(np.int16)
+        x += noise[rng.integers(0, len(noise), len(x))]
+        x += rng.integers(-8, 9, (len(x), 1, 1, 1), dtype=np.int16)
+        out[a:a + len(x)] = np.clip(x, 0, 255, out=x)
+    return out, np.asarray(labels).ravel()[rows % m]

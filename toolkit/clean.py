@@ -35,10 +35,11 @@ from toolkit.runs import atomic_save_figure, fresh_dir, write_json
 # < 8 on 24x24 thumbnails) is within 2 bits. 4 sits in that empty gap: a copy may drift one more
 # bit pair than any seen and still match, while the nearest different cells (6) stay apart.
 DEFAULT_THRESHOLD = 4
-# Fraction of distinct pictures the outlier detector removes. On train.npz 22 of ~6,020 distinct
-# pictures (0.37%) are not cells; LocalOutlierFactor ranks all 22 first, so 0.004 (24 pictures)
-# catches them; the other 2 flagged are real cells (LOF 2.4 against 4.5+ for the non-cells).
-DEFAULT_CONTAMINATION = 0.004
+# A picture is odd when its LocalOutlierFactor reaches MIN_LOF: on train.npz the 22 non-cell pictures
+# score 4.5 and more, the oddest real cells 2.4 and less (typical pictures ~1). A clean file loses
+# nothing. The contamination fraction only caps how many go (a guard against a bad threshold).
+MIN_LOF = 3.0
+DEFAULT_CONTAMINATION = 0.01
 # A near-duplicate group this large, spanning this many labels (or whose picture is an outlier),
 # is a pasted non-cell picture rather than a cell photographed twice.
 NONCELL_MIN_COPIES = 5
@@ -46,7 +47,7 @@ NONCELL_MIN_LABELS = 3
 REASONS = ("repeated_noncell", "outlier", "label_conflict", "exact_duplicate", "near_duplicate")
 EXPLAIN = {
     "repeated_noncell": "one picture pasted many times across labels: every copy removed",
-    "outlier": "a lone picture unlike the rest (LocalOutlierFactor on colour features)",
+    "outlier": f"a lone picture unlike the rest: LocalOutlierFactor on colour features >= {MIN_LOF}",
     "label_conflict": "near duplicates whose labels disagree: the whole group removed",
     "exact_duplicate": "byte-identical to an earlier row (duplicate_of)",
     "near_duplicate": "perceptual hash within the threshold of the group's kept row",
@@ -173,10 +174,12 @@ class Oddness:
     lof: np.ndarray  # LocalOutlierFactor score, higher = odder (~1 for typical points)
     mean_distance: np.ndarray  # the seed method: distance of the thumbnail from the mean thumbnail
     seed_rank: np.ndarray  # 1 = farthest from the mean
+    min_lof: float = MIN_LOF
 
 
-def find_outliers(features: np.ndarray, contamination: float) -> Oddness:
-    """Flag the `contamination` fraction most odd pictures by LocalOutlierFactor.
+def find_outliers(features: np.ndarray, contamination: float, min_lof: float = MIN_LOF) -> Oddness:
+    """Flag the pictures whose LocalOutlierFactor is at least `min_lof`, at most the `contamination`
+    fraction of them (the oddest first).
 
     LOF on the standardised features reduced to 8 PCA dimensions compares each picture with its
     50 nearest neighbours, so odd pictures stand out even where the seed's global mean is pulled
@@ -192,14 +195,15 @@ def find_outliers(features: np.ndarray, contamination: float) -> Oddness:
     seed_rank = np.empty(n, np.int64)
     seed_rank[np.argsort(-mean_distance, kind="stable")] = np.arange(1, n + 1)
     if n < 3:
-        return Oddness(np.zeros(n, bool), np.ones(n), mean_distance, seed_rank)
+        return Oddness(np.zeros(n, bool), np.ones(n), mean_distance, seed_rank, min_lof)
     with one_thread():
         z = StandardScaler().fit_transform(features)
         z = PCA(min(LOF_DIMS, n, z.shape[1]), random_state=0).fit_transform(z)
         lof = -LocalOutlierFactor(n_neighbors=min(LOF_NEIGHBOURS, n - 1)).fit(z).negative_outlier_factor_
     flags = np.zeros(n, bool)
-    flags[np.argsort(-lof, kind="stable")[: int(round(contamination * n))]] = True
-    return Oddness(flags, lof, mean_distance, seed_rank)
+    oddest = np.argsort(-lof, kind="stable")[: int(round(contamination * n))]
+    flags[oddest[lof[oddest] >= min_lof]] = True
+    return Oddness(flags, lof, mean_distance, seed_rank, min_lof)
 
 
 def find_repeated_noncells(groups: list[np.ndarray], labels: np.ndarray,
@@ -235,7 +239,7 @@ class Cleaning:
 
 
 def clean_arrays(images: np.ndarray, labels: np.ndarray, *, threshold: int | None = None,
-                 contamination: float | None = None, console=None) -> Cleaning:
+                 contamination: float | None = None, min_lof: float = MIN_LOF, console=None) -> Cleaning:
     """Decide, for every row, keep or remove, and why. Needs no files."""
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     contamination = DEFAULT_CONTAMINATION if contamination is None else contamination
@@ -255,7 +259,7 @@ def clean_arrays(images: np.ndarray, labels: np.ndarray, *, threshold: int | Non
         for g in groups:
             in_group[g[1:]] = True
         reps = np.flatnonzero(~in_group)  # one picture per group (its lowest row) and every single
-        odd = find_outliers(image_features(images[reps]), contamination)
+        odd = find_outliers(image_features(images[reps]), contamination, min_lof)
     with timed(seconds, "decide"):
         odd_row = np.zeros(len(images), bool)
         odd_row[reps] = odd.flags
@@ -297,6 +301,8 @@ def _removal_records(labels, reason, twin, groups, reps, odd: Oddness) -> list[d
         if r in rep_pos:  # scored pictures carry both oddness scores
             k = rep_pos[r]
             record.update(lof=round(float(odd.lof[k]), 3), seed_rank=int(odd.seed_rank[k]))
+            if reason[r] == "outlier":
+                record["why"] = f"LocalOutlierFactor {odd.lof[k]:.2f} >= {odd.min_lof}"
         records.append(record)
     return records
 
@@ -344,7 +350,7 @@ def clean_file(data, out, *, threshold=None, contamination=None, tsne=True, forc
     seconds = {}
     with timed(seconds, "load"):
         ds = load_dataset(data)
-    out = fresh_dir(out, force)
+    out = fresh_dir(out, force, inputs=[data])
     result = clean_arrays(ds.images, ds.labels, threshold=threshold, contamination=contamination,
                           console=console)
     seconds.update(result.seconds)
@@ -529,30 +535,6 @@ def plot_tsne(images: np.ndarray, labels: np.ndarray, removed: list[dict], path,
     out = atomic_save_figure(fig, path)
     plt.close(fig)
     return out
-
-
-# ---------------------------------------------------------------- benchmark data
-
-def tile_perturbed(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0,
-                   chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """`n` images by tiling the set (the benchmark's larger set). Every copy after the first tile
-    gets a brightness shift, pixel noise and, half of them, a horizontal flip: copies are near
-    duplicates or (flipped) new pictures, not byte-identical."""
-    rng = np.random.default_rng(seed)
-    m = len(images)
-    source = np.concatenate([images, images[:, :, ::-1]])  # rows m.. are the mirror images
-    flip = rng.random(n) < 0.5
-    flip[:m] = False
-    rows = np.arange(n) % m + m * flip
-    noise = rng.integers(-3, 4, (256, *images.shape[1:]), dtype=np.int16)  # a bank: cheaper than fresh
-    out = np.empty((n, *images.shape[1:]), np.uint8)
-    out[:m] = images[:n]
-    for a in range(m, n, chunk):
-        x = source[rows[a:a + chunk]].astype(np.int16)
-        x += noise[rng.integers(0, len(noise), len(x))]
-        x += rng.integers(-8, 9, (len(x), 1, 1, 1), dtype=np.int16)
-        out[a:a + len(x)] = np.clip(x, 0, 255, out=x)
-    return out, np.asarray(labels).ravel()[rows % m]
 
 
 def one_thread():

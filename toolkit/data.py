@@ -30,6 +30,7 @@ class Dataset:
     path: str
     index: np.ndarray  # (N,) int64: each row's row in the original file (identity unless cleaned)
     class_names: tuple[str, ...] = CLASS_NAMES
+    has_index: bool = False  # the file carried `index` (a cleaned or split file), not just row numbers
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,7 +41,7 @@ class Dataset:
 
     def subset(self, rows: np.ndarray) -> Dataset:
         return Dataset(self.images[rows], self.labels[rows], self.path, self.index[rows],
-                       self.class_names)
+                       self.class_names, self.has_index)
 
 
 def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
@@ -57,11 +58,11 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
     images = _check_images(path, arrays["images"], image_shape)
     labels = _check_labels(path, arrays["labels"], len(images), n_classes)
     index = arrays.get("index")
-    index = np.arange(len(labels), dtype=np.int64) if index is None else _check_index(
-        path, index, len(labels))
+    has_index = index is not None
+    index = _check_index(path, index, len(labels)) if has_index else np.arange(len(labels), dtype=np.int64)
     names = CLASS_NAMES if n_classes == len(CLASS_NAMES) else tuple(
         f"class {i}" for i in range(n_classes))
-    return Dataset(images, labels, str(path), index, names)
+    return Dataset(images, labels, str(path), index, names, has_index)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -200,3 +201,22 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
+
+
+def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed: int = 0,
+                    severity: int = 3, *, force: bool = False) -> tuple[Path, Path]:
+    """The validation split training holds out (same function, fraction and seed as the recipes), clean
+    and corrupted: ensemble selection is steered by the corrupted one, as the challenge's best teams did.
+    The files keep `index`, so ensemble and distill can check that every model held out these rows."""
+    from toolkit.corrupt import corrupt_images
+    from toolkit.runs import check_new_file
+
+    clean_npz, out = Path(clean_npz), Path(out)
+    targets = [check_new_file(out / name, ".npz", force, inputs=[clean_npz])
+               for name in ("val.npz", "val_corrupt.npz")]
+    data = load_dataset(clean_npz)
+    _, val_rows = stratified_split(data.labels, val_fraction, seed)
+    val = data.subset(val_rows)
+    clean_path = save_dataset(targets[0], val.images, val.labels, val.index)
+    corrupt = corrupt_images(val.images, severity=severity, seed=seed + 1)
+    return clean_path, save_dataset(targets[1], corrupt, val.labels, val.index)

@@ -136,6 +136,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     started = time.time()
     T._seed_everything(recipe.train.seed)
     split = T.load_split(recipe, console)
+    check_student_split(split, Path(ensemble_dir), recipe_path)
     T.check_data(split, recipe, console)
     strategy = T.choose_strategy(recipe.train, console)
     T._set_precision(recipe.train, console)
@@ -163,11 +164,28 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     return compare(recipe, run, Path(ensemble_dir), console)
 
 
+def check_student_split(split, ensemble_dir: Path, recipe_path) -> None:
+    """The student must hold out the rows its teacher's members held out: otherwise it trains on the
+    validation images the comparison is scored on."""
+    from toolkit.ensemble import ensemble_split
+
+    teacher_rows = ensemble_split(ensemble_dir)
+    if teacher_rows is None:
+        return
+    student_rows = np.sort(split.val["val"].index)
+    if not np.array_equal(student_rows, teacher_rows):
+        leaked = len(np.setdiff1d(teacher_rows, student_rows))
+        raise CellfuseError(f"{recipe_path}: the student's validation split differs from its ensemble's "
+                            f"members' ({leaked} of their {len(teacher_rows)} validation rows would be "
+                            "student training rows); use the members' data.train, data.val_fraction and "
+                            "data.split_seed")
+
+
 def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
     """The student's backbone starts where a trained member's ended (its head starts fresh)."""
     from toolkit.backbones import copy_backbone
     from toolkit.ensemble import member_file
-    from toolkit.evaluate import load_model
+    from toolkit.runs import load_model
 
     file = member_file(ensemble_dir, name)
     member = load_model(file)
@@ -198,11 +216,8 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 512) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
     set, parameters, file size, img/s on this machine (taking turns)."""
-    import keras
-
-    import toolkit.layers  # noqa: F401  (registers the ensemble's custom layers)
     from toolkit.ensemble import ensemble_components, member_file
-    from toolkit.runs import resolve_model_file, write_csv, write_json
+    from toolkit.runs import load_model, resolve_model_file, write_csv, write_json
     from toolkit.tta import wrap_with_tta
 
     heaviest = ensemble_components(ensemble_dir)[0]  # the student and the best member get its views
@@ -212,7 +227,7 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     split = T.load_split(recipe, Console(quiet=True))
     rows, loaded = {}, {}
     for label, (path, tta) in models.items():
-        model = keras.saving.load_model(path, safe_mode=True)
+        model = load_model(path)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size}
         loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
         for name, data in split.val.items():

@@ -27,7 +27,6 @@ import numpy as np
 from toolkit.errors import CellfuseError
 
 CACHE = "predictions.npz"
-OUR_FILES = ("ensemble.json", "metrics.json", "ensemble.keras")
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
@@ -199,7 +198,8 @@ def _predict_all(members, views, datasets, out: Path, console) -> dict[tuple, np
     )
 
     from toolkit.data import save_npz
-    from toolkit.evaluate import _check_compatible, load_model
+    from toolkit.evaluate import _check_compatible
+    from toolkit.runs import load_model
     from toolkit.tta import predict_views
 
     cache = _read_cache(out / CACHE)
@@ -236,7 +236,7 @@ def _ensemble_model(selected: list[dict], member_files: dict[str, Path]):
     import keras
 
     import toolkit.layers as layers
-    from toolkit.evaluate import load_model
+    from toolkit.runs import load_model
     from toolkit.tta import view_layer
 
     models = {}
@@ -266,29 +266,44 @@ def _ensemble_model(selected: list[dict], member_files: dict[str, Path]):
 def load_ensemble(dir, *, views: bool = True):
     """The single-file ensemble model written by `build_ensemble`.
 
-    `views=False` rebuilds it from ensemble.json with every member on the input alone: the same members,
-    temperatures and weights at a fraction of the cost (a function-matching teacher runs every step).
+    `views=False` rebuilds it from ensemble.json with every member on the input alone: the same members
+    and weights at a fraction of the cost (a function-matching teacher runs every step), each member with
+    the temperature fitted to its single-view predictions (the TTA-averaged ones are fitted to sharper or
+    softer inputs).
     """
-    from toolkit.evaluate import load_model
+    from toolkit.runs import load_model
 
     file = Path(dir) / "ensemble.keras"
     if not file.is_file():
         raise CellfuseError(f"{dir}: no ensemble.keras here (run `cellfuse ensemble ... --out {dir}`)")
     if views:
         return load_model(file)
-    components = ensemble_components(dir)
-    return _ensemble_model([{**c, "view_list": ["id"]} for c in components],
-                           {c["member"]: Path(c["member_file"]) for c in components})
+    single = _read_ensemble_json(dir).get("single_view_temperatures", {})
+    components = [{**c, "view_list": ["id"], "temperature": single.get(c["member"], c["temperature"])}
+                  for c in ensemble_components(dir)]
+    return _ensemble_model(components, {c["member"]: resolve_member(dir, c["member_file"]) for c in components})
+
+
+def _read_ensemble_json(dir) -> dict:
+    file = Path(dir) / "ensemble.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CellfuseError(f"{file}: cannot read the ensemble's description ({e})") from None
 
 
 def ensemble_components(dir) -> list[dict]:
     """The selected (member, views) components of ensemble.json, heaviest first."""
-    file = Path(dir) / "ensemble.json"
-    try:
-        components = json.loads(file.read_text())["components"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CellfuseError(f"{file}: cannot read the ensemble's description ({e})") from None
-    return sorted(components, key=lambda c: -c["weight"])
+    info = _read_ensemble_json(dir)
+    if "components" not in info:
+        raise CellfuseError(f"{Path(dir) / 'ensemble.json'}: no components (not an ensemble's description)")
+    return sorted(info["components"], key=lambda c: -c["weight"])
+
+
+def ensemble_split(dir) -> np.ndarray | None:
+    """The validation rows every member held out (None for ensembles of files without run folders)."""
+    rows = _read_ensemble_json(dir).get("val_index")
+    return None if rows is None else np.asarray(rows, dtype=np.int64)
 
 
 def member_file(dir, name: str) -> Path:
@@ -304,27 +319,69 @@ def member_file(dir, name: str) -> Path:
     if name not in members:
         raise CellfuseError(f"{dir}: no member named {name!r}; members are {', '.join(members)} "
                             "(or say \"best-member\")")
-    return Path(members[name])
+    return resolve_member(dir, members[name])
 
 
 # ---------------------------------------------------------------- the command
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """The output directory; its cached predictions survive --force, earlier results do not."""
+def _prepare_out(out: Path, force: bool, inputs) -> Path:
+    """The output directory; its cached predictions survive --force, earlier results do not.
+    Only a folder cellfuse wrote is ever written into (runs.check_only_own)."""
+    from toolkit.runs import check_only_own, fresh_dir, refuse_inputs_inside
+
     out = Path(out)
+    refuse_inputs_inside(out, inputs)
     if out.exists() and not out.is_dir():
         raise CellfuseError(f"{out}: exists and is not a directory")
-    if out.is_dir():
-        others = [p.name for p in out.iterdir() if p.name != CACHE and not p.name.startswith(".")]
-        if others and not force:
-            raise CellfuseError(f"{out}: already holds {', '.join(sorted(others))}; pass --force to "
-                                "replace the ensemble (its cached predictions are reused)")
-        if force and not set(others) <= set(OUR_FILES):
-            raise CellfuseError(f"{out}: holds files that are not an ensemble's "
-                                f"({', '.join(sorted(set(others) - set(OUR_FILES)))}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return fresh_dir(out)
+    others = [p.name for p in out.iterdir() if p.name != CACHE and not p.name.startswith(".")]
+    if others and not force:
+        raise CellfuseError(f"{out}: already holds {', '.join(sorted(others))}; pass --force to "
+                        "replace the ensemble (its cached predictions are reused)")
+    check_only_own(out, keep=(CACHE,))
     return out
+
+
+# ---------------------------------------------------------------- one validation split for all
+
+
+def member_split(file: Path) -> np.ndarray | None:
+    """The original row indices a member held out for validation (its run's probs_val.npz), if known."""
+    probs = Path(file).parent / "probs_val.npz"
+    if not probs.is_file():
+        return None
+    try:
+        with np.load(probs, allow_pickle=False) as npz:
+            return np.sort(npz["index"]) if "index" in npz.files else None
+    except (OSError, ValueError) as e:
+        raise CellfuseError(f"{probs}: cannot read the member's validation split ({e})") from None
+
+
+def check_same_split(members: dict[str, Path], datasets) -> np.ndarray | None:
+    """Every member held out the same rows, and every --val file that carries original indices lies
+    inside them: otherwise a member trained on "validation" images and every figure is flattered."""
+    splits = {name: member_split(file) for name, file in members.items()}
+    known = {name: rows for name, rows in splits.items() if rows is not None}
+    if not known:
+        return None
+    first, rows = next(iter(known.items()))
+    for name, other in known.items():
+        if not np.array_equal(other, rows):
+            leaked = len(np.setdiff1d(rows, other))
+            raise CellfuseError(f"members {first} and {name} used different validation splits ({leaked} of "
+                                f"{first}'s {len(rows)} validation rows were training rows for {name}); "
+                                "train every member with the same data.train, data.val_fraction and "
+                                "data.split_seed")
+    for dataset in datasets:
+        if dataset.has_index:
+            outside = np.setdiff1d(dataset.index, rows)
+            if len(outside):
+                raise CellfuseError(f"{dataset.path}: {len(outside)} of its {len(dataset)} rows were training "
+                                    f"rows for the members ({first}, ...), so it cannot validate them; write "
+                                    "it with `cellfuse split` using the members' val_fraction and split_seed")
+    return rows
 
 
 def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, console=None) -> dict:
@@ -344,7 +401,8 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     datasets = [load_dataset(p) for p in val_data]
     if len({Path(d.path).resolve() for d in datasets}) < len(datasets):
         raise CellfuseError("the same --val file is given twice")
-    out = _prepare_out(out, force)
+    out = _prepare_out(out, force, [*[members[m] for m in members], *val_data])
+    split_rows = check_same_split(members, datasets)
     all_views = list(dict.fromkeys(v for vs, _ in view_sets.values() for v in vs))
     preds = _predict_all(members, all_views, datasets, out, console)
 
@@ -354,7 +412,7 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     temperatures, weights, _ = _fit(merged[steer.path], steer.labels, rounds)
     scaled = {d.path: _scaled(merged[d.path], temperatures) for d in datasets}
     ensemble = {d.path: np.tensordot(weights, scaled[d.path], axes=1) for d in datasets}
-    selected = [{**asdict(c), "view_list": list(c.view_list), "member_file": str(members[c.member]),
+    selected = [{**asdict(c), "view_list": list(c.view_list), "member_file": _relative(members[c.member], out),
                  "temperature": float(temperatures[k]), "weight": float(weights[k])}
                 for k, c in enumerate(candidates) if weights[k] > 0]
     model_error = _save_model(selected, members, out, steer.images[:16], ensemble[steer.path][:16])
@@ -365,7 +423,7 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     rows["ensemble, 2-fold"] = {steer.path: _brief(steer.labels, ensemble_cv)}
     best_member = max(members, key=lambda m: rows[f"{m} as saved"][steer.path]["accuracy"])
     figures = {
-        "out": str(out), "steering_data": steer.path, "members": {m: str(f) for m, f in members.items()},
+        "out": str(out), "steering_data": steer.path, "members": {m: _relative(f, out) for m, f in members.items()},
         "view_sets": {s: vs for s, (vs, _) in view_sets.items()}, "rounds": rounds, "selected": selected,
         "best_member": best_member,
         "best_member_accuracy": rows[f"{best_member} as saved"][steer.path]["accuracy"],
@@ -377,7 +435,11 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     write_json(out / "ensemble.json", {
         "members": [c["member"] for c in selected], "weights": [c["weight"] for c in selected],
         "temperatures": [c["temperature"] for c in selected], "views": [c["views"] for c in selected],
-        "components": selected, "steering_data": steer.path, "rounds": rounds})
+        "components": selected, "steering_data": steer.path, "rounds": rounds,
+        # the view-free teacher (distill) runs members on one view: their single-view temperatures
+        "single_view_temperatures": {c.member: float(temperatures[k]) for k, c in enumerate(candidates)
+                                     if c.views == "none"},
+        "val_index": None if split_rows is None else split_rows.tolist()})
     write_json(out / "metrics.json", {**figures, "ensemble_metrics": {
         d.path: classification_metrics(d.labels, ensemble[d.path], d.class_names) for d in datasets}})
     for dataset in datasets:
@@ -396,15 +458,33 @@ def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndar
 
 
 def _save_model(selected, members, out: Path, images, expected) -> float:
-    """Write DIR/ensemble.keras; return its largest deviation from the cached-prediction ensemble."""
-    model = _ensemble_model(selected, members)
-    tmp = out / ".ensemble.tmp.keras"  # Keras writes in place: save aside, then rename
-    model.save(tmp)
-    tmp.replace(out / "ensemble.keras")
-    error = float(np.abs(model.predict(images.astype(np.float32), verbose=0) - expected).max())
+    """Write DIR/ensemble.keras and reload it as every later stage will (safe mode): return its largest
+    deviation from the cached-prediction ensemble."""
+    from toolkit.runs import load_model, save_model_atomic
+
+    save_model_atomic(_ensemble_model(selected, members), out / "ensemble.keras")
+    reloaded = load_model(out / "ensemble.keras")
+    error = float(np.abs(reloaded.predict(images.astype(np.float32), verbose=0) - expected).max())
     if error > 1e-4:  # the saved model is not what was selected: say so loudly, keep the files to inspect
         raise CellfuseError(f"{out / 'ensemble.keras'}: differs from the selected ensemble by {error:.1e}")
     return error
+
+
+def _relative(file: Path, out: Path) -> str:
+    """Member paths relative to the ensemble folder: run folders copied elsewhere together still resolve."""
+    import os
+
+    return os.path.relpath(Path(file).resolve(), Path(out).resolve())
+
+
+def resolve_member(dir, recorded: str) -> Path:
+    """A member file named in ensemble.json: relative to the ensemble folder (or absolute, older files)."""
+    path = Path(recorded)
+    path = path if path.is_absolute() else Path(dir) / path
+    if not path.is_file():
+        raise CellfuseError(f"{Path(dir) / 'ensemble.json'}: member file {recorded} not found (looked at "
+                            f"{path}); keep run folders where they were relative to the ensemble")
+    return path
 
 
 def _brief(labels, probs) -> dict:

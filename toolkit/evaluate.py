@@ -5,21 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.errors import CellfuseError
-
-
-def load_model(path):
-    """A cellfuse model from a `.keras` file or a run/ensemble directory, loaded with safe_mode."""
-    import keras
-
-    import toolkit.layers  # noqa: F401  (registers the custom layers before loading)
-    from toolkit.runs import resolve_model_file
-
-    file = resolve_model_file(path)
-    try:
-        return keras.saving.load_model(file, safe_mode=True)
-    except Exception as e:  # Keras raises many types for a bad file; the user needs one line
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CellfuseError(f"{file}: cannot load this model ({first_line})") from None
+from toolkit.runs import load_model  # noqa: F401  (re-exported: evaluate.load_model is public)
 
 
 def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None) -> dict:

@@ -156,15 +156,9 @@ def _imported_modules(source: str) -> set[str]:
 
 def _load_for_export(path: Path, tta: str):
     """The model as the submission will run it: no optimizer (compile=False), TTA inside if asked."""
-    import keras
+    from toolkit.runs import load_model
 
-    import toolkit.layers  # noqa: F401  (registers the custom layers before loading)
-
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as e:  # Keras raises many kinds for a bad file; the user needs one line
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise CellfuseError(f"{path}: cannot load this model ({type(e).__name__}: {first_line})") from None
+    model = load_model(path, compile=False)
     _check_contract(path, model)
     if tta != "none":
         from toolkit.tta import wrap_with_tta
@@ -294,7 +288,7 @@ def _run_grader(submission: Path, folder: Path, images: np.ndarray, tmp: Path, t
     np.save(tmp / "images.npy", images)
     command = [sys.executable, "-I", "-c", GRADER, str(tmp / "images.npy"), str(tmp / "predictions.npy"),
                str(tmp / "result.json"), PROJECT_PACKAGE]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = grader_env(tmp)
     start = time.perf_counter()
     try:
         child = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
@@ -305,6 +299,22 @@ def _run_grader(submission: Path, folder: Path, images: np.ndarray, tmp: Path, t
         raise CellfuseError(f"{submission}: model.py failed: {_last_error_line(child)}")
     timings = json.loads((tmp / "result.json").read_text())
     return np.load(tmp / "predictions.npy", allow_pickle=False), {"seconds": seconds, **timings}
+
+
+# What the grader's child keeps of the user's environment: enough to find Python's libraries and the
+# GPU, nothing credential-like. Not a sandbox: model.py still runs as the user (README says so).
+KEPT_ENV = {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "SYSTEMROOT", "TMPDIR"}
+KEPT_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OPENBLAS_", "OMP_", "MKL_", "XLA_", "TF_")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
+
+
+def grader_env(tmp: Path) -> dict[str, str]:
+    """A minimal environment for model.py: allow-listed variables, a temporary HOME."""
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if (k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)) and not any(w in k.upper() for w in SECRET_WORDS)}
+    return {**env, "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 
 def _last_error_line(child: subprocess.CompletedProcess) -> str:

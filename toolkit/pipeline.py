@@ -71,25 +71,21 @@ def shared_weights_override(recipe_file: Path) -> list[str]:
     return [f'model.weights="{path}"'] if path.exists() else ['model.weights="none"']
 
 
-def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed: int = 0,
-                    severity: int = 3) -> tuple[Path, Path]:
-    """The validation split every member uses (same function and seed as training), clean and corrupted:
-    ensemble selection is steered by the corrupted one, as the challenge's best teams did."""
-    from toolkit.corrupt import corrupt_images
-    from toolkit.data import load_dataset, save_dataset, stratified_split
-
-    data = load_dataset(clean_npz)
-    _, val_rows = stratified_split(data.labels, val_fraction, seed)
-    val = data.subset(val_rows)
-    clean_path = save_dataset(out / "val.npz", val.images, val.labels, val.index)
-    corrupt = corrupt_images(val.images, severity=severity, seed=seed + 1)
-    return clean_path, save_dataset(out / "val_corrupt.npz", corrupt, val.labels, val.index)
+def common_split(recipes) -> tuple[float, int]:
+    """The validation fraction and seed every member shares (the split files are written with them)."""
+    splits = {(r.data.val_fraction, r.data.split_seed) for r in recipes}
+    if len(splits) > 1:
+        raise CellfuseError("the member recipes hold out different validation splits "
+                            f"({', '.join(f'{r.name}: {r.data.val_fraction}/{r.data.split_seed}' for r in recipes)}); "
+                            "an ensemble needs one data.val_fraction and data.split_seed")
+    return splits.pop()
 
 
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
                  student_extra=(), force=False, members=None, student=None) -> dict:
     """Everything after the data exists. Returns each stage's main figures."""
     from toolkit.clean import clean_file
+    from toolkit.data import write_val_files
     from toolkit.distill import distill_recipe
     from toolkit.ensemble import build_ensemble
     from toolkit.export import export_submission, grade_submission
@@ -103,15 +99,20 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p.done(f"{figures['clean'].get('kept', '?')} images kept", out / "clean" / "clean.npz")
     clean_npz = out / "clean" / "clean.npz"
 
+    member_paths = [Path(path) for path in members or [RECIPES / name for name in MEMBER_RECIPES]]
+    val, val_corrupt = out / "clean" / "val.npz", out / "clean" / "val_corrupt.npz"
+    recipes = [load_recipe(path, member_overrides(clean_npz, val_corrupt,
+                                                  (*member_extra, *shared_weights_override(path))))
+               for path in member_paths]
+    fraction, seed = common_split(recipes)
+
     p.step("validation files")
-    val, val_corrupt = write_val_files(clean_npz, out / "clean")
-    p.done("clean + corrupted validation split", val_corrupt)
+    write_val_files(clean_npz, out / "clean", fraction, seed, force=force)
+    p.done(f"clean + corrupted validation split ({fraction:.0%}, seed {seed})", val_corrupt)
 
     runs = []
-    for path in members or [RECIPES / name for name in MEMBER_RECIPES]:
-        p.step(f"train {Path(path).name}")
-        extra = (*member_extra, *shared_weights_override(Path(path)))
-        recipe = load_recipe(path, member_overrides(clean_npz, val_corrupt, extra))
+    for path, recipe in zip(member_paths, recipes, strict=True):
+        p.step(f"train {path.name}")
         summary = train_recipe(recipe, force=force, console=console, runs_root=out / "runs")
         figures[f"train {recipe.name}"] = summary
         runs.append(Path(summary["run"]))
@@ -151,7 +152,9 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
     from toolkit.synth import write_synthetic
 
     console = console or Console()
-    out = fresh_dir(out, force)
+    if data is not None and not Path(data).exists():
+        raise CellfuseError(f"{data}: no such file")
+    out = fresh_dir(out, force, inputs=[data])  # the user's data is never inside what --force replaces
     started = time.time()
     if data is None:
         console.print(Rule("[bold]synthesise"))
@@ -166,8 +169,6 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
                          "train.ema=false")
     else:
         data, test, member_extra, student_extra = Path(data), None, (), ()
-        if not data.exists():
-            raise CellfuseError(f"{data}: no such file")
     figures = run_pipeline(data, out, test, console, member_extra=member_extra,
                            student_extra=student_extra, force=True)
     console.print(f"demo finished in {time.time() - started:.0f} s; everything is under {out}")

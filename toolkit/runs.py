@@ -18,9 +18,16 @@ OUTPUTS = Path("outputs")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    The file is recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_replacing(path, data)
+    record_own(path)
+    return path
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -30,7 +37,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -74,27 +80,115 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def fresh_dir(path: str | Path, force: bool = False) -> Path:
-    """An empty output directory. Existing work is never overwritten without `force`."""
+# ---------------------------------------------------------------- what cellfuse wrote
+# Every folder cellfuse writes into holds MANIFEST: the names it wrote there. --force replaces only
+# those; a folder with anything else in it, or an input inside it, is refused whatever the flags.
+
+MANIFEST = ".cellfuse.json"
+
+
+def _manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_own(path: str | Path) -> None:
+    """Remember that cellfuse wrote `path` (a file, or a folder its libraries fill, e.g. TensorBoard's)."""
     path = Path(path)
+    manifest = _manifest(path.parent)
+    names = set(manifest.get("own", []))
+    if path.name not in names:
+        manifest["own"] = sorted(names | {path.name})
+        _write_replacing(path.parent / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def is_own(path: str | Path) -> bool:
+    """Did cellfuse write this file or folder? Folders made by fresh_dir carry their own manifest."""
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return True
+    return path.name in _manifest(path.parent).get("own", [])
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def refuse_inputs_inside(out: Path, inputs) -> None:
+    """An input under an output folder would be deleted or overwritten with it: refused, whatever the flags."""
+    for item in inputs:
+        if item is not None and _inside(Path(item), out):
+            raise CellfuseError(f"{item}: is an input, and it lies inside the output {out}; "
+                                "choose an --out that holds none of the inputs")
+
+
+def fresh_dir(path: str | Path, force: bool = False, inputs=()) -> Path:
+    """An empty output folder. With `force`, an existing one is replaced only when everything in it
+    is cellfuse's own (recorded in its manifest); user files and inputs inside it are refused."""
+    path = Path(path)
+    refuse_inputs_inside(path, inputs)
+    if path.exists() and not path.is_dir():
+        raise CellfuseError(f"{path}: exists and is not a directory")
     if path.exists() and any(path.iterdir()):
         if not force:
             raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
+        check_only_own(path)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    _write_replacing(path / MANIFEST, json.dumps({"own": []}).encode())
     return path
 
 
-def check_new_file(out: Path, suffix: str | None, force: bool) -> Path:
-    """An output file path: the right suffix, not a folder, and no existing file replaced without force."""
+def check_only_own(folder: Path, keep=()) -> None:
+    """Refuse to replace a folder holding anything cellfuse did not write there (except `keep`)."""
+    if not (folder / MANIFEST).is_file():
+        raise CellfuseError(f"{folder}: was not written by cellfuse (no {MANIFEST} in it), so --force "
+                            "will not delete it; choose another --out or remove it yourself")
+    own = set(_manifest(folder).get("own", [])) | {MANIFEST, *keep}
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name not in own and not (p.is_dir() and (p / MANIFEST).is_file())
+                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:
+        raise CellfuseError(f"{folder}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                            "which cellfuse did not write; --force replaces only cellfuse's own files. "
+                            "Move them, or choose another --out")
+
+
+def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Path:
+    """An output file path: the right suffix, not a folder, not an input, and no existing file replaced
+    unless --force is given and cellfuse wrote it."""
     out = Path(out)
     if suffix and out.suffix != suffix:
         raise CellfuseError(f"{out}: expected a {suffix} file name")
     if out.is_dir():
         raise CellfuseError(f"{out}: is a directory")
-    if out.exists() and not force:
-        raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+    for item in inputs:
+        if item is not None and Path(item).exists() and out.exists() and Path(item).resolve() == out.resolve():
+            raise CellfuseError(f"{out}: is also an input; write the output elsewhere")
+    if out.exists():
+        if not force:
+            raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+        if not is_own(out):
+            raise CellfuseError(f"{out}: was not written by cellfuse, so --force will not replace it; "
+                                "choose another name or remove it yourself")
     return out
+
+
+def save_model_atomic(model, path: str | Path) -> Path:
+    """model.save through a temporary name, then rename: the one way cellfuse writes .keras files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    record_own(path)
+    return path
 
 
 def git_commit() -> str | None:
@@ -136,6 +230,21 @@ def shared_dir() -> Path:
 
 
 MODEL_FILES = ("best.keras", "student.keras", "ensemble.keras", "model.keras")
+
+
+def load_model(path, *, compile: bool = True):
+    """The one way cellfuse loads a model: a `.keras` file or a run/ensemble/student directory holding
+    one, in safe mode (no arbitrary code), with cellfuse's layers registered; one line on failure."""
+    import keras
+
+    import toolkit.layers  # noqa: F401  (registers the custom layers before loading)
+
+    file = resolve_model_file(path)
+    try:
+        return keras.saving.load_model(file, safe_mode=True, compile=compile)
+    except Exception as e:  # Keras raises many types for a bad file; the user needs one line
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CellfuseError(f"{file}: cannot load this model ({type(e).__name__}: {first_line})") from None
 
 
 def resolve_model_file(path: str | Path) -> Path:
