@@ -73,3 +73,34 @@ def test_snapshot_round_trips(tmp_path):
     recipe = load_recipe(RECIPES[0])
     again = load_recipe(write(tmp_path, recipe.to_toml()))
     assert again.to_toml() == recipe.to_toml()
+
+
+def test_epochs_shortcut_sets_the_last_stage_only(tmp_path):
+    two_stages = write(tmp_path, "[train]\nstages = [{epochs = 1, lr = 1e-3, unfreeze = 0}, {epochs = 9}]\n")
+    recipe = load_recipe(two_stages, ["train.epochs=3"])
+    assert recipe.train.stages == (Stage(1, 1e-3, 0.0), Stage(3))
+    assert load_recipe(write(tmp_path, ""), ["train.epochs=4"]).train.stages == (Stage(4),)
+    # later overrides win, in order, like every other --set
+    stages = load_recipe(two_stages, ["train.epochs=3", "train.stages=[{epochs = 2}]"]).train.stages
+    assert stages == (Stage(2),)
+    for bad in ("train.epochs=0", "train.epochs=2.5", "train.epochs=many"):
+        with pytest.raises(CellfuseError, match="whole number of epochs"):
+            load_recipe(two_stages, [bad])
+
+
+def test_epochs_in_a_recipe_file_points_at_stages(tmp_path):
+    with pytest.raises(CellfuseError, match=r"unknown key\(s\) \['epochs'\].*--set train.epochs=N"):
+        load_recipe(write(tmp_path, "[train]\nepochs = 3\n"))
+
+
+@pytest.mark.parametrize("value", ["False", "TRUE", "yes", "1"])
+def test_bool_override_asks_for_true_or_false(tmp_path, value):
+    with pytest.raises(CellfuseError, match=rf"train.ema must be true or false .*got '?{value}'?"):
+        load_recipe(write(tmp_path, ""), [f"train.ema={value}"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_name_weights_that_work_from_any_folder(path):
+    weights = load_recipe(path).model.weights
+    assert weights in ("imagenet", "none") or weights.startswith("shared:"), \
+        f"{path.name}: weights {weights!r} is a path relative to wherever cellfuse runs; use shared:<path>"

@@ -341,7 +341,7 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
 
     \b
     Example:
-    cellfuse sweep recipes/tiny.toml --space recipes/tiny.space.toml --trials 4 --set data.train=outputs/demo/synth.npz
+    cellfuse sweep recipes/tiny.toml --space recipes/spaces/tiny.toml --trials 4 --set data.train=outputs/demo/synth.npz
     """
     from toolkit.sweep import run_sweep
 
@@ -369,48 +369,6 @@ def evaluate(model, data, tta, batch_size, as_json):
     results = evaluate_model(model, data, tta=tta, batch_size=batch_size, console=console)
     if as_json:
         print_json(results)
-
-
-@main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
-                metavar="MODEL_OR_RUN... DATA")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for report.html, inspect.json and the figures.")
-@click.option("--top", default=16, show_default=True, type=click.IntRange(1), help="Worst images shown.")
-@click.option("--per-class", default=4, show_default=True, type=click.IntRange(0),
-              help="Correctly classified examples shown per class.")
-@click.option("--families", default="cellfuse,own,held-out", show_default=True,
-              help="Robustness rows: corruptions as for `cellfuse corrupt --families`, each its own row; "
-                   "empty skips the robustness grid.")
-@click.option("--severities", default="1,2,3,4,5", show_default=True, help="Robustness columns (1..5).")
-@click.option("--limit", default=400, show_default=True, type=click.IntRange(0),
-              help="Images in the robustness grid, drawn at random (0 = all).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the corruptions and the drawn images.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Prediction batch.")
-@force_option
-@json_option
-def inspect(paths, out, top, per_class, families, severities, limit, seed, batch_size, force, as_json):
-    """Top losses with Grad-CAM, confusions, calibration and robustness of each model on DATA.
-
-    Several models are compared side by side, in the order given.
-
-    \b
-    Example:
-      cellfuse inspect outputs/runs/cpu-mobilenet outputs/clean/val.npz --out outputs/inspect
-    """
-    from toolkit.interpret import inspect_models
-
-    if len(paths) < 2:
-        raise CellfuseError("give at least one model (file, run or ensemble directory) and then the DATA file")
-    try:
-        levels = [int(s) for s in severities.split(",") if s.strip()]
-    except ValueError:
-        raise CellfuseError(f"--severities takes a comma list of 1..5, got {severities!r}") from None
-    figures = inspect_models(paths[:-1], paths[-1], out, top=top, per_class=per_class, families=families,
-                             severities=levels, limit=limit, seed=seed, batch_size=batch_size, force=force,
-                             console=console)
-    if as_json:
-        print_json(figures)
 
 
 @main.command()

@@ -2,6 +2,9 @@
 
 A recipe fully describes a run. Every key has a default here, with a comment saying what it does,
 so a recipe file only names what it changes. Unknown keys are errors, never silently ignored.
+
+One override is a shortcut rather than a key: `--set train.epochs=N` sets the last stage's epochs
+(earlier stages, such as a head-only warm-up, keep theirs).
 """
 
 from __future__ import annotations
@@ -143,8 +146,10 @@ def _section(cls, values, path: Path, key: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
+        hint = "; epochs are per stage (train.stages), and --set train.epochs=N sets the last stage's" \
+            if key == "train" and "epochs" in unknown else ""
         raise CellfuseError(f"{path}: unknown key(s) {sorted(unknown)} in [{key}]; "
-                            f"known: {', '.join(fields)}")
+                            f"known: {', '.join(fields)}{hint}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{path}: {key}.{k}") for k, v in values.items()}
     for k, v in kwargs.items():
@@ -159,6 +164,8 @@ def _coerce(value, hint, where: str):
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is bool and type(value) is not bool:
+        raise CellfuseError(f"{where} must be true or false (lower case, as TOML writes them), got {value!r}")
     if hint in (int, str, bool, float):
         if type(value) is not hint:
             raise CellfuseError(f"{where} must be {hint.__name__}, got {value!r}")
@@ -185,11 +192,25 @@ def apply_override(raw: dict, item: str, path: Path) -> None:
     if key == "name":
         raw["name"] = str(value)
         return
+    if key == "train.epochs":
+        set_last_stage_epochs(raw, value, path)
+        return
     section, _, name = key.partition(".")
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise CellfuseError(f"{path}: cannot override {key}: [{section}] is not a table")
     target[name] = value
+
+
+def set_last_stage_epochs(raw: dict, epochs, path: Path) -> None:
+    """`--set train.epochs=N`: the last stage trains N epochs; earlier stages (a head warm-up) stay."""
+    if type(epochs) is not int or epochs < 1:
+        raise CellfuseError(f"--set train.epochs={epochs!r}: expected a whole number of epochs, at least 1")
+    train = raw.setdefault("train", {})
+    stages = train.get("stages", [{}]) if isinstance(train, dict) else None
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise CellfuseError(f"{path}: cannot set train.epochs: train.stages is not a list of tables")
+    train["stages"] = [*stages[:-1], {**stages[-1], "epochs": epochs}]
 
 
 def as_dict(recipe: Recipe) -> dict:

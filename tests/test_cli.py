@@ -1,0 +1,242 @@
+"""The command surface: every example runs as written, and every command follows the same rules.
+
+The rules are checked over the Click command tree, so a new command that breaks one fails here:
+every option has help and shows its default; choices are listed; a command that writes has --out
+and --force; every command has --json; every docstring ends with a runnable "Example:" paragraph.
+"""
+
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from toolkit import cli
+from toolkit.cli import main
+
+ROOT = Path(__file__).parents[1]
+COMMANDS = sorted(main.commands.items())
+IDS = [name for name, _ in COMMANDS]
+# Where an example's files may live: the checkout's recipes, what cellfuse writes, the shared data.
+EXAMPLE_PLACES = ("recipes/", "outputs/", "../shared/")
+
+
+# ---------------------------------------------------------------- examples run as written
+
+def command_lines(text: str) -> list[str]:
+    """`cellfuse ...` lines of a text, backslash continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("cellfuse ")]
+
+
+def readme_examples() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [line for block in blocks for line in command_lines(block)]
+
+
+def help_example(command: click.Command) -> list[str]:
+    """The lines of a docstring's last paragraph, which must be a "\\b" line, then "Example:", then commands."""
+    last = inspect.cleandoc(command.help or "").split("\n\n")[-1].splitlines()
+    assert last[:2] == ["\b", "Example:"], "the docstring must end with a \\b line and an Example: paragraph"
+    return [line.strip() for line in last[2:]]
+
+
+def recipe_commands() -> list[str]:
+    return [path.read_text().splitlines()[0].lstrip("# ") for path in sorted(ROOT.glob("recipes/**/*.toml"))]
+
+
+def dry_run(line: str) -> None:
+    """Parse LINE's arguments against the command tree, as `cellfuse` would, without running it."""
+    argv = shlex.split(line, comments=True)
+    assert argv[0] == "cellfuse"
+    ctx = main.make_context("cellfuse", argv[1:])
+    args = [*getattr(ctx, "_protected_args", ctx.protected_args), *ctx.args]
+    name, command, rest = main.resolve_command(ctx, args)
+    command.make_context(name, rest, parent=ctx)
+    check_paths(argv[1:])
+
+
+def check_paths(argv: list[str]) -> None:
+    """File arguments sit where they make sense in the checkout; recipe files and globs exist."""
+    for before, token in zip(["", *argv], argv, strict=False):
+        if before == "--set" or token.startswith("-") or not re.search(r"/|\.(npz|zip|toml|png|keras)$", token):
+            continue
+        assert token.startswith(EXAMPLE_PLACES), f"{token}: put example files under {EXAMPLE_PLACES}"
+        if token.startswith("recipes/"):
+            assert sorted(ROOT.glob(token)), f"{token}: no such recipe in the checkout"
+
+
+@pytest.mark.parametrize("line", readme_examples())
+def test_readme_examples_parse(line):
+    dry_run(line)
+
+
+def test_readme_has_examples_of_every_command():
+    used = {shlex.split(line)[1] for line in readme_examples()}
+    assert used >= {"clean", "split", "train", "ensemble", "distill", "export", "grade"}
+
+
+@pytest.mark.parametrize("name, command", COMMANDS, ids=IDS)
+def test_help_example_parses(name, command):
+    lines = help_example(command)
+    assert lines and all(line.startswith(f"cellfuse {name} ") for line in lines), lines
+    for line in lines:
+        dry_run(line)
+
+
+@pytest.mark.parametrize("line", recipe_commands())
+def test_recipe_opening_commands_parse(line):
+    dry_run(line)
+
+
+@pytest.mark.parametrize("line", [
+    "cellfuse clean ../shared/data/train.npz --out outputs/clean --tsne-off",  # unknown option
+    "cellfuse cleanse ../shared/data/train.npz",  # unknown command
+    "cellfuse evaluate outputs/runs/x ../shared/data/train.npz --tta d5",  # no such view set
+    "cellfuse corrupt clean.npz --out outputs/c.npz",  # a file outside the checkout's places
+])
+def test_dry_run_catches_broken_examples(line):
+    with pytest.raises((click.UsageError, AssertionError)):
+        dry_run(line)
+
+
+# ---------------------------------------------------------------- one surface
+
+def option_records(name: str, command: click.Command):
+    parent = click.Context(main, info_name="cellfuse", **main.context_settings)
+    ctx = click.Context(command, info_name=name, parent=parent, **command.context_settings)
+    return [(p, p.get_help_record(ctx)) for p in command.params if isinstance(p, click.Option)]
+
+
+@pytest.mark.parametrize("name, command", [*COMMANDS, ("cellfuse", main)], ids=[*IDS, "cellfuse"])
+def test_every_option_has_help(name, command):
+    for option, _ in option_records(name, command):
+        assert option.help, f"{name} {option.opts[0]} has no help line"
+
+
+@pytest.mark.parametrize("name, command", COMMANDS, ids=IDS)
+def test_defaults_are_shown_as_values(name, command):
+    for option, (_, text) in option_records(name, command):
+        assert "default:" not in option.help.lower(), f"{name} {option.opts[0]}: let Click show the default"
+        if option.is_flag or option.multiple or option.required or option.default is None:
+            continue
+        assert "[default: " in text, f"{name} {option.opts[0]} hides its default"
+        assert not re.search(r"default: \w+\.[A-Z_]+", text), f"{name} {option.opts[0]} shows a source name"
+
+
+@pytest.mark.parametrize("name, command", COMMANDS, ids=IDS)
+def test_choices_are_listed(name, command):
+    for option, (decl, _) in option_records(name, command):
+        if option.name in ("tta", "views"):
+            assert isinstance(option.type, cli.ViewSpec), f"{name} --{option.name} should be a ViewSpec"
+        choices = {click.Choice: lambda t: t.choices, cli.ViewSpec: lambda t: cli.VIEW_SETS + cli.MERGES}
+        for kind, names in choices.items():
+            if isinstance(option.type, kind):
+                missing = [c for c in names(option.type) if str(c) not in decl]
+                assert not missing, f"{name} {option.opts[0]} does not list {missing}"
+
+
+def test_listed_view_names_match_toolkit_tta():
+    from toolkit import tta
+
+    assert cli.VIEW_SETS == tuple(tta.VIEW_SETS) and cli.MERGES == tuple(tta.MERGES)
+
+
+def test_clean_defaults_match_the_module():
+    from toolkit import clean
+
+    params = {p.name: p.default for p in main.commands["clean"].params}
+    assert params["threshold"] == clean.DEFAULT_THRESHOLD
+    assert params["contamination"] == clean.DEFAULT_CONTAMINATION
+
+
+@pytest.mark.parametrize("name, command", COMMANDS, ids=IDS)
+def test_writing_commands_have_out_and_force_and_all_have_json(name, command):
+    options = {opt for p in command.params for opt in p.opts}
+    assert "--json" in options, f"{name} has no --json"
+    if name not in cli.READ_ONLY:
+        assert {"--out", "--force"} <= options, f"{name} writes, so it needs --out and --force " \
+                                                "(or a place in cli.READ_ONLY if it writes nothing)"
+
+
+def test_read_only_commands_exist():
+    assert cli.READ_ONLY <= set(main.commands)
+
+
+# ---------------------------------------------------------------- behaviour behind the surface
+
+def test_json_is_the_last_line_and_quiet_prints_only_it(tmp_path):
+    out = tmp_path / "s.npz"
+    result = CliRunner().invoke(main, ["-q", "synth", "--out", str(out), "--n", "24", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["out"] == str(out) and out.exists()
+    loud = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "t.npz"), "--n", "24", "--json"])
+    assert len(loud.output.strip().splitlines()) > 1 and json.loads(loud.output.strip().splitlines()[-1])
+
+
+def test_split_refuses_to_replace_without_force(tiny_npz, tmp_path):
+    args = ["split", str(tiny_npz), "--out", str(tmp_path / "split"), "--val-fraction", "0.25", "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    written = json.loads(first.output.strip().splitlines()[-1])
+    assert Path(written["val"]).exists() and Path(written["val_corrupt"]).exists()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "Error: " in again.output and "--force" in again.output
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+
+
+def test_bad_input_is_one_error_line_with_status_2(tmp_path):
+    result = CliRunner().invoke(main, ["train", "recipes/tiny.toml", "--set", "train.ema=False"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and "true or false" in result.output
+    usage = CliRunner().invoke(main, ["clean", "x.npz", "--out", str(tmp_path), "--tsne-off"])
+    assert usage.exit_code == 2 and "Error: No such option" in usage.output
+
+
+def test_internal_failure_keeps_the_traceback_with_status_1(tmp_path, monkeypatch):
+    import toolkit.synth
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(toolkit.synth, "write_synthetic", broken)
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "s.npz")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "ZeroDivisionError" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: internal failure")
+
+
+# ---------------------------------------------------------------- TensorFlow's start-up noise
+
+TF_NOISE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|absl::InitializeLog|cuInit|oneDNN",
+                      re.M)
+
+
+def run_cellfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tiny_npz, tmp_path):
+    clean = run_cellfuse("clean", str(tiny_npz), "--out", str(tmp_path / "clean"), "--no-tsne", cwd=ROOT)
+    assert clean.returncode == 0, clean.stderr
+    assert not TF_NOISE.search(clean.stderr), clean.stderr
+    # preview imports TensorFlow: quiet by default, TensorFlow's own lines back with -v
+    preview = ["preview", "recipes/tiny.toml", "--set", f'data.train="{tiny_npz}"', "--images", "2",
+               "--repeats", "1", "--out", str(tmp_path / "p.png")]
+    quiet = run_cellfuse(*preview, "--json", cwd=ROOT)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not TF_NOISE.search(quiet.stderr), quiet.stderr
+    assert json.loads(quiet.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "p.png")
+    verbose = run_cellfuse("-v", *preview, "--force", cwd=ROOT)
+    assert verbose.returncode == 0, verbose.stderr
+    assert TF_NOISE.search(verbose.stderr), "TensorFlow printed nothing at start-up: is quieting still needed?"
