@@ -312,3 +312,19 @@ def test_cli_export(run_dir, exported, tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+
+
+def test_grader_gets_a_minimal_environment(data, tmp_path, monkeypatch):
+    """model.py runs without the user's credentials-looking variables and with a temporary HOME."""
+    import os
+
+    monkeypatch.setenv("CELLFUSE_TEST_API_TOKEN", "s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    home = os.path.expanduser("~")
+    body = ("import os; leaked = [k for k in os.environ if 'TOKEN' in k or 'SECRET' in k]; "
+            f"assert not leaked, leaked; assert os.environ['HOME'] != {home!r}; "
+            "assert os.path.isdir(os.environ['HOME']) and 'PATH' in os.environ; "
+            "return np.zeros(len(X), np.int64)")
+    zip_path = write_zip(tmp_path / "env.zip", {"model.py": numpy_model_py(body)})
+    result = grade_submission(zip_path, data[0], console=Console(quiet=True))
+    assert result["n"] > 0
