@@ -153,10 +153,14 @@ def test_same_seed_gives_the_same_augmentation(batch):
 def test_check_section_fills_defaults_and_is_idempotent():
     section = check_section({}, "t")
     assert section == {"preset": "medium", "layers": [], "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.5,
-                       "val_preset": "none"}
+                       "val_preset": "none", "augmix": False, "augmix_severity": 0.3, "augmix_width": 3,
+                       "augmix_depth": [1, 3]}
     heavy = check_section({"preset": "heavy", "mixup": 0}, "t")
     assert heavy["mixup"] == 0.0 and heavy["cutmix"] > 0
     assert check_section(heavy, "t") == heavy
+    augmix = check_section({"augmix": True, "augmix_severity": 1, "augmix_depth": 2}, "t")
+    assert augmix["augmix_severity"] == 1.0 and augmix["augmix_depth"] == [2, 2]
+    assert check_section(augmix, "t") == augmix
 
 
 @pytest.mark.parametrize("section, words", [
@@ -176,6 +180,15 @@ def test_check_section_fills_defaults_and_is_idempotent():
     ({"layers": [{"layer": "RandomRot90", "k": 2}]}, ["layers[0]", "k"]),
     ({"layers": [{"layer": "MixUp", "alpha": 0.2}]}, ["layers[0]", "mixup"]),
     ({"layers": [{"layer": "keras.GridMask"}]}, ["layers[0]", "keras.GridMask"]),
+    ({"augmix": "yes"}, ["augmix", "true or false"]),
+    ({"augmix": True, "augmix_severity": 2}, ["augmix_severity", "0.01..1.0"]),
+    ({"augmix": True, "augmix_severity": "high"}, ["augmix_severity"]),
+    ({"augmix": True, "augmix_width": 0}, ["augmix_width", "1..10"]),
+    ({"augmix": True, "augmix_width": 2.5}, ["augmix_width"]),
+    ({"augmix": True, "augmix_depth": [3, 1]}, ["augmix_depth", "low is above high"]),
+    ({"augmix": True, "augmix_depth": [1, 2, 3]}, ["augmix_depth", "[low, high]"]),
+    ({"augmix_width": 2}, ["augmix_width", "augmix = true"]),
+    ({"augmix": True, "augmix_sevrity": 0.5}, ["augmix_sevrity"]),
 ])
 def test_bad_sections_name_the_place_and_the_key(section, words):
     with pytest.raises(CellfuseError) as error:
@@ -224,6 +237,15 @@ def test_every_known_layer_runs_in_tf_data(name, batch):
 
 # ----------------------------------------------------------------------------- previews and timing
 
+def test_augmix_alone_is_one_more_augmentation(batch):
+    """Without consistency, augmix = true adds AugMix after the preset: one view, same labels."""
+    images, labels = batch
+    out, out_labels = run_in_tf_data(check_section({"preset": "none", "augmix": True}, "t"), images, labels)
+    assert_valid_batch(out, out_labels, len(images))
+    np.testing.assert_array_equal(out_labels, labels)
+    assert np.abs(out - images).mean() > 1.0
+
+
 def test_preview_arrays_draws_one_row_per_image(tmp_path):
     from PIL import Image
 
@@ -238,7 +260,7 @@ def test_preview_arrays_draws_one_row_per_image(tmp_path):
 def test_preview_recipe_uses_the_recipe_fields(tmp_path):
     images, labels = make_images(40, seed=4)
     data = save_dataset(tmp_path / "train.npz", images, labels)
-    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data), train=SimpleNamespace(seed=1),
+    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data), train=SimpleNamespace(seed=1, consistency=0.0),
                              augment=check_section({"preset": "light"}, "t"))
     out = preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
     assert out.exists() and out.stat().st_size > 1000

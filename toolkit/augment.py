@@ -10,6 +10,16 @@ A section names a preset (`none`, `light`, `medium`, `heavy`) or lists layers in
     val_preset = "none"    # optional augmentation of the validation batches (never mixed)
     layers = [{layer = "RandAugment", magnitude = 0.3}, {layer = "RandomCutout", height_factor = 0.2,
               width_factor = 0.2, p = 0.5}]   # when given, replaces the preset
+    augmix = true          # keras-cv's AugMix after the preset (and mixing); off by default
+    augmix_severity = 0.3  # AugMix's op strength, 0.01..1 (the paper's 3 of 10)
+    augmix_width = 3       # chains mixed per image
+    augmix_depth = [1, 3]  # ops per chain: a number or a [low, high] range
+
+AugMix (Hendrycks et al. 2020) runs last, on the image the preset (and MixUp/CutMix) made. With
+`views=3` (`[train] consistency > 0`, see toolkit.consistency) each image comes out three times, as
+the paper feeds its Jensen-Shannon loss: that image ("clean") and two independent AugMix views of it,
+interleaved per image (clean, view 1, view 2, next image...) with the label repeated, so any split of
+a batch at a multiple of three (tf.distribute's) keeps an image's views together.
 
 A layer name resolves to keras-cv's layer where keras-cv has one, else to Keras core's; prefix it
 with `keras.` or `keras_cv.` to choose. `RandomRot90` is ours (neither library has it). Every layer
@@ -69,8 +79,9 @@ PRESETS: dict[str, list[dict]] = {
 }
 # Mixing that a preset turns on unless the section says otherwise.
 PRESET_MIXING = {"heavy": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}}
+AUGMIX_DEFAULTS = {"augmix": False, "augmix_severity": 0.3, "augmix_width": 3, "augmix_depth": [1, 3]}
 DEFAULTS = {"preset": "medium", "layers": [], "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.5,
-            "val_preset": "none"}
+            "val_preset": "none", **AUGMIX_DEFAULTS}
 
 KERAS_CV_LAYERS = (
     "AugMix", "AutoContrast", "ChannelShuffle", "Equalization", "Grayscale", "GridMask",
@@ -120,7 +131,39 @@ def check_section(section: dict, where: str) -> dict:
     out["mix_prob"] = _number(out["mix_prob"], f"{where}: mix_prob", 0.0, 1.0)
     for i, spec in enumerate(out["layers"]):
         _build_layer(spec, f"{where} layers[{i}]", seed=None)  # raises on a bad name or parameter
+    out.update(_check_augmix(out, where))
     return out
+
+
+def _check_augmix(section: dict, where: str) -> dict:
+    """The augmix keys, typed; an augmix_* key set while augmix is off is an error (it would do nothing)."""
+    if not isinstance(section["augmix"], bool):
+        raise CellfuseError(f"{where}: augmix must be true or false, got {section['augmix']!r}")
+    out = {"augmix": section["augmix"],
+           "augmix_severity": _number(section["augmix_severity"], f"{where}: augmix_severity", 0.01, 1.0),
+           "augmix_width": _count(section["augmix_width"], f"{where}: augmix_width"),
+           "augmix_depth": _depth_range(section["augmix_depth"], f"{where}: augmix_depth")}
+    changed = [key for key in AUGMIX_DEFAULTS if key != "augmix" and out[key] != AUGMIX_DEFAULTS[key]]
+    if changed and not out["augmix"]:
+        raise CellfuseError(f"{where}: {', '.join(changed)} set but augmix is off; add augmix = true")
+    return out
+
+
+def _count(value, what: str, hi: int = 10) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+        raise CellfuseError(f"{what} must be a whole number 1..{hi}, got {value!r}")
+    return value
+
+
+def _depth_range(value, what: str) -> list[int]:
+    """AugMix's ops per chain as [low, high]; a single number n means exactly n."""
+    low_high = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    if len(low_high) != 2:
+        raise CellfuseError(f"{what} must be a number or [low, high], got {value!r}")
+    low, high = (_count(v, what) for v in low_high)
+    if low > high:
+        raise CellfuseError(f"{what} = {value!r}: low is above high")
+    return [low, high]
 
 
 def _number(value, what: str, lo: float, hi: float | None) -> float:
@@ -265,15 +308,35 @@ def _mixer(section: dict, seed: int | None):
     return mix
 
 
+def _augmix(section: dict, seed: int | None):
+    """keras-cv's AugMix on 0..255 images (per image inside a tf.map_fn; runs in tf.data's graph)."""
+    import keras_cv
+
+    return keras_cv.layers.AugMix(value_range=VALUE_RANGE, severity=section["augmix_severity"],
+                                  num_chains=section["augmix_width"], chain_depth=list(section["augmix_depth"]),
+                                  seed=_sub_seed(seed, 1003))
+
+
+def _interleave(views):
+    """[(B, ...)] * k -> (k*B, ...), image i's views at rows k*i .. k*i + k - 1."""
+    import tensorflow as tf
+
+    stacked = tf.stack(views, axis=1)
+    return tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
+
+
 def make_batch_augmenter(section: dict, n_classes: int, seed: int | None = None,
-                         validation: bool = False):
+                         validation: bool = False, views: int = 1):
     """(images (B,H,W,3) float 0..255, one-hot labels (B,n)) -> the same, augmented; None if empty.
 
     For `ds.batch(B).map(fn, num_parallel_calls=tf.data.AUTOTUNE)`. `validation` builds the
-    section's `val_preset`, never mixed.
+    section's `val_preset`, never mixed, never AugMixed. `views=3` (needs augmix) returns (3B, ...)
+    images and labels: per image, the preset's (and mixing's) output, then two AugMix views of it.
     """
     import tensorflow as tf
 
+    if views not in (1, 3) or (views == 3 and (validation or not section["augmix"])):
+        raise ValueError(f"views={views} needs a training augmenter with augmix on")
     specs = layer_specs(section, validation)
     if seed is not None:
         tf.random.set_seed(seed)
@@ -282,17 +345,23 @@ def make_batch_augmenter(section: dict, n_classes: int, seed: int | None = None,
         fn, p = _build_layer(spec, f"[augment] layers[{i}]", _sub_seed(seed, 2 * i))
         steps.append(_with_probability(fn, p, _generator(_sub_seed(seed, 2 * i + 1))))
     mix = None if validation else _mixer(section, seed)
-    if not steps and mix is None:
+    augmix = _augmix(section, seed) if section["augmix"] and not validation else None
+    if not steps and mix is None and augmix is None:
         return None
 
     def augment(images, labels):
-        shape = images.shape
+        shape = [None if images.shape[0] is None else views * images.shape[0], *images.shape[1:]]
         images = tf.cast(images, tf.float32)
         labels = tf.cast(labels, tf.float32)
         for step in steps:
             images = step(images)
         if mix is not None:
             images, labels = mix(images, labels)
+        if augmix is not None and views == 3:
+            images = _interleave([images, augmix(images), augmix(images)])
+            labels = tf.repeat(labels, 3, axis=0)
+        elif augmix is not None:
+            images = augmix(images)
         images = tf.ensure_shape(tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0), shape)
         return images, tf.ensure_shape(labels, [None, n_classes])
 
@@ -300,11 +369,11 @@ def make_batch_augmenter(section: dict, n_classes: int, seed: int | None = None,
 
 
 def augment_dataset(ds, section: dict, n_classes: int, seed: int | None = None,
-                    validation: bool = False):
+                    validation: bool = False, views: int = 1):
     """`ds` of (images, one-hot labels) batches, augmented in parallel (unchanged if empty)."""
     import tensorflow as tf
 
-    fn = make_batch_augmenter(section, n_classes, seed=seed, validation=validation)
+    fn = make_batch_augmenter(section, n_classes, seed=seed, validation=validation, views=views)
     if fn is None:
         return ds
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)  # batches keep their order
@@ -313,27 +382,43 @@ def augment_dataset(ds, section: dict, n_classes: int, seed: int | None = None,
 # ----------------------------------------------------------------------------- looking and timing
 
 def preview_arrays(images: np.ndarray, labels: np.ndarray, section: dict, out, n_repeats: int = 6,
-                   class_names=CLASS_NAMES, seed: int = 0, title: str = "") -> Path:
-    """One row per image: the original, then `n_repeats` passes through the training pipeline."""
+                   class_names=CLASS_NAMES, seed: int = 0, title: str = "", consistency: float = 0.0) -> Path:
+    """One row per image: the original, then `n_repeats` augmented copies from the training pipeline.
+
+    With augmix on, the copies come in triples, (clean, AugMix 1, AugMix 2) from one pass, as the
+    consistency loss compares them; without consistency training sees only the AugMix views.
+    """
+    from toolkit.report import save_image_grid
+
+    grid, titles, ncols = preview_grid(images, labels, section, n_repeats, class_names, seed, consistency)
+    name = section["preset"] if not section["layers"] else "layers"
+    return save_image_grid(np.stack(grid), titles, out, ncols=ncols, cell=1.6,
+                           suptitle=title or f"augment: {name}{' + AugMix' if section['augmix'] else ''}")
+
+
+def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeats: int, class_names=CLASS_NAMES,
+                 seed: int = 0, consistency: float = 0.0) -> tuple[list[np.ndarray], list[str], int]:
+    """(cells, titles, columns) of preview_arrays' grid, row after row."""
     import tensorflow as tf
 
     from toolkit.data import one_hot
-    from toolkit.report import save_image_grid
 
-    n_classes = len(class_names)
-    batch = (images.astype(np.float32), one_hot(np.asarray(labels), n_classes))
-    fn = make_batch_augmenter(section, n_classes, seed=seed)
-    ds = tf.data.Dataset.from_tensors(batch).repeat(n_repeats)
+    views = 3 if section["augmix"] else 1
+    kinds = [""] if views == 1 else ["clean" if consistency else "before AugMix", "AugMix 1", "AugMix 2"]
+    n_passes = -(-n_repeats // views)  # triples fill about as many columns as single copies would
+    batch = (images.astype(np.float32), one_hot(np.asarray(labels), len(class_names)))
+    fn = make_batch_augmenter(section, len(class_names), seed=seed, views=views)
+    ds = tf.data.Dataset.from_tensors(batch).repeat(n_passes)
     passes = [(x.numpy(), y.numpy()) for x, y in (ds if fn is None else ds.map(fn))]
     grid, titles = [], []
     for i, label in enumerate(labels):
         grid.append(images[i])
         titles.append(class_names[label])
         for pass_images, pass_labels in passes:
-            grid.append(pass_images[i])
-            titles.append(_label_title(pass_labels[i], class_names))
-    return save_image_grid(np.stack(grid), titles, out, ncols=n_repeats + 1, cell=1.6,
-                           suptitle=title or f"augment: {section['preset'] if not section['layers'] else 'layers'}")
+            for v, kind in enumerate(kinds):
+                grid.append(pass_images[views * i + v])
+                titles.append(f"{kind}: " * bool(kind) + _label_title(pass_labels[views * i + v], class_names))
+    return grid, titles, 1 + n_passes * views
 
 
 def _label_title(soft: np.ndarray, class_names) -> str:
@@ -357,12 +442,13 @@ def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:
     rows = np.array(rows[:n_images])
     return preview_arrays(data.images[rows], data.labels[rows], recipe.augment, out,
                           n_repeats=n_repeats, class_names=data.class_names, seed=recipe.train.seed,
-                          title=f"{recipe.name}: training augmentation")
+                          title=f"{recipe.name}: training augmentation", consistency=recipe.train.consistency)
 
 
 def pipeline_throughput(section: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
-                        n_batches: int = 30, n_classes: int = 8) -> float:
-    """Images per second through the tf.data augmentation pipeline (tracing and warm-up excluded)."""
+                        n_batches: int = 30, n_classes: int = 8, views: int = 1) -> float:
+    """Images per second through the tf.data augmentation pipeline (tracing and warm-up excluded);
+    with `views=3` each image also yields its two AugMix views, and still counts once."""
     import time
 
     import tensorflow as tf
@@ -372,7 +458,7 @@ def pipeline_throughput(section: dict, images: np.ndarray, labels: np.ndarray, b
     ds = tf.data.Dataset.from_tensor_slices((images, one_hot(np.asarray(labels), n_classes)))
     ds = ds.repeat().batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = augment_dataset(ds, section, n_classes).prefetch(tf.data.AUTOTUNE)
+    ds = augment_dataset(ds, section, n_classes, views=views).prefetch(tf.data.AUTOTUNE)
     batches = iter(ds)
     for _ in range(3):
         next(batches)

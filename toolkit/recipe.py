@@ -57,6 +57,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (with warm-up) | plateau | constant, within each stage
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    consistency: float = 0.0  # AugMix JSD weight (12.0 in the paper; 0 = off); needs [augment] augmix = true
     class_weights: str = "none"  # none | balanced
     early_stopping: int = 0  # patience in epochs on `monitor`; 0 = off
     monitor: str = "val_auc"  # val_auc | val_accuracy: picks the best checkpoint (never the loss)
