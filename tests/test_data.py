@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_images
 
-from tests.conftest import make_images
 from toolkit.data import load_dataset, save_dataset, stratified_split
 from toolkit.errors import CellfuseError
 
@@ -112,3 +112,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "none.keras"), str(path)])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+def test_too_small_a_validation_split_is_one_clear_line():
+    from toolkit.data import stratified_split
+
+    labels = np.arange(40) % 8
+    with pytest.raises(CellfuseError, match="leaves 6 of 40 rows for 8 classes; use at least 0.20"):
+        stratified_split(labels, 0.15, 0)
+    train, val = stratified_split(labels, 0.2, 0)
+    assert len(val) == 8 and set(labels[val]) == set(range(8))

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_images
 from rich.console import Console
+from test_tta import tiny_model
 
-from tests.conftest import make_images
-from tests.test_tta import tiny_model
 from toolkit.cli import main
 from toolkit.corrupt import corrupt_images
 from toolkit.data import save_dataset
@@ -116,8 +116,8 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
 def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
     """What function matching runs each step: every member on the input alone, tempered and weighted."""
     from scipy.special import softmax
+    from test_tta import lopsided_image
 
-    from tests.test_tta import lopsided_image
     from toolkit.ensemble import ensemble_components, load_ensemble, resolve_member
     from toolkit.evaluate import load_model
 

@@ -195,7 +195,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     rows = np.arange(len(labels))
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
-    train, val = train_test_split(rows, test_size=val_fraction, random_state=seed, stratify=stratify)
+    n_classes = int((counts > 0).sum())
+    n_val = int(np.ceil(val_fraction * len(labels)))  # as scikit-learn counts it
+    if stratify is not None and n_val < n_classes:
+        raise CellfuseError(f"a validation fraction of {val_fraction} leaves {n_val} "
+                            f"of {len(labels)} rows for {n_classes} classes; use at least "
+                            f"{n_classes / len(labels):.2f} (data.val_fraction) or more data")
+    try:
+        train, val = train_test_split(rows, test_size=val_fraction, random_state=seed, stratify=stratify)
+    except ValueError as e:  # scikit-learn's own limits (e.g. too few rows for the test size)
+        raise CellfuseError(f"cannot split {len(labels)} rows with validation fraction {val_fraction}: {e}") from None
     return np.sort(train), np.sort(val)
 
 
