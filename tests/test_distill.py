@@ -166,6 +166,10 @@ def test_student_recipe_needs_distill_section(tiny_ensemble):
     tmp, _ = tiny_ensemble
     result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(ROOT / "recipes" / "tiny.toml")])
     assert result.exit_code == 2 and "[distill] section" in result.output
+    for mode in ("cached", "function-matching"):  # once a crash (cached) or silently ignored (FM)
+        result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(_student_recipe(tmp, mode)),
+                                           "--set", 'train.class_weights="balanced"'])
+        assert result.exit_code == 2 and "class_weights" in result.output and "Traceback" not in result.output
 
 
 def test_a_student_holding_out_other_rows_than_its_teacher_is_refused(tmp_path):

@@ -125,6 +125,10 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     recipe = load_recipe(recipe_path, overrides)
     if recipe.distill is None:
         raise CellfuseError(f"{recipe_path}: a student recipe needs a [distill] section")
+    if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
+        raise CellfuseError(f"{recipe_path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
+                            "to distillation (the student matches the teacher's probabilities, not labels "
+                            "alone); remove it from the student recipe")
     from toolkit.ensemble import load_ensemble
 
     cfg = recipe.distill
