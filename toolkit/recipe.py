@@ -65,7 +65,9 @@ class TrainConfig:
     freeze_batchnorm: bool = False  # BatchNorm keeps training by default (freezing it hurt the seed team)
     mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
     xla: bool = False  # jit_compile the train step (GPU)
-    distribute: str = "auto"  # auto (MirroredStrategy over several GPUs) | mirrored | none
+    # auto: MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else MirroredStrategy over
+    # several GPUs | mirrored | multi-worker | none
+    distribute: str = "auto"
     steps_per_epoch: int = 0  # 0 = one pass over the data
     checkpoint_every: int = 50  # steps between resumable backups inside an epoch
     seed: int = 0
@@ -107,7 +109,7 @@ CHOICES = {
     ("train", "class_weights"): {"none", "balanced"},
     ("train", "monitor"): {"val_auc", "val_accuracy"},
     ("train", "mixed_precision"): {"auto", "on", "off"},
-    ("train", "distribute"): {"auto", "mirrored", "none"},
+    ("train", "distribute"): {"auto", "mirrored", "multi-worker", "none"},
     ("distill", "mode"): {"cached", "function-matching"},
 }
 

@@ -41,43 +41,101 @@ class Split:
 
 # ---------------------------------------------------------------- entry points
 
-def train_many(paths, overrides=(), *, resume=False, force=False, parallel=1, console=None) -> list[dict]:
+def train_many(paths, overrides=(), *, resume=False, force=False, parallel=1, console=None,
+               runs_root=None) -> list[dict]:
     """Train several recipes one after another, or `parallel` at once in their own processes."""
     console = console or Console()
     recipes = [load_recipe(p, overrides) for p in paths]  # parse all first: fail before any training
+    _check_distinct_names(recipes)
+    root = Path(runs_root or RUNS)
     if parallel > 1 and len(recipes) > 1:
-        return _train_parallel(paths, overrides, resume, force, parallel, console)
-    return [train_recipe(r, resume=resume, force=force, console=console) for r in recipes]
+        if cluster_from_env().workers > 1:
+            raise CellfuseError("--parallel cannot be combined with a multi-worker TF_CONFIG")
+        return train_parallel(recipes, overrides, resume, force, parallel, console, root)
+    return [train_recipe(r, resume=resume, force=force, console=console, runs_root=root) for r in recipes]
 
 
-def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, runs_root=None) -> dict:
+def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, runs_root=None,
+                 extra_callbacks=()) -> dict:
+    """One recipe, top to bottom. `extra_callbacks` join every stage's fit (e.g. a sweep's pruner,
+    which may set `model.stop_training`)."""
     console = console or Console()
-    run = prepare_run_dir(recipe, Path(runs_root or RUNS), resume, force)
-    if (run / "metrics.json").exists():
-        console.print(f"[green]{run}[/] is already complete; nothing to resume.")
-        return json.loads((run / "summary.json").read_text())
+    start = start_run(recipe, runs_root, resume=resume, force=force, console=console)
+    if start.complete is not None:
+        return start.complete
+    with start.strategy.scope():
+        model = build_model(recipe, start.split.train.n_classes)
+    check_initial_loss(model, start.split.val["val"], recipe, console)
+    # [train] consistency > 0: AugMix views and the JSD loss
+    from toolkit.consistency import fit_arguments
+
+    fit_stages(model, recipe, start.split, start.run, start.strategy, console, extra_callbacks=extra_callbacks,
+               **fit_arguments(recipe, start.split))
+    if not start.cluster.is_chief:
+        return finish_worker(model, recipe, start, console)
+    return finish_run(recipe, start.split, start.run, start.started, console)
+
+
+@dataclass
+class RunStart:
+    """What a training (or distillation) process needs once its run directory is ready."""
+    run: Path  # where this process writes: the run directory, or a worker's temporary folder
+    split: Split | None  # None when the run was already complete
+    strategy: object  # a tf.distribute strategy
+    cluster: Cluster
+    started: float
+    complete: dict | None = None  # the summary of a run that had already finished (--resume)
+
+
+def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, console=None) -> RunStart:
+    """Strategy, validated inputs, then the run directory: a failed start leaves nothing in the way.
+
+    The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+    A complete run (summary.json, written last) is returned as is on --resume.
+    """
+    console = console or Console()
     started = time.time()
+    cluster = cluster_from_env()
+    strategy = choose_strategy(recipe.train, console, cluster)
+    root = Path(runs_root or RUNS)
+    if not cluster.is_chief:
+        root = worker_temp_root(root, cluster)  # Keras' multi-worker convention: only the chief writes
+    existing = read_summary(root / recipe.name)
+    if existing is not None and resume:
+        console.print(f"[green]{root / recipe.name}[/] is already complete; nothing to resume.")
+        return RunStart(root / recipe.name, None, strategy, cluster, started, complete=existing)
     _seed_everything(recipe.train.seed)
     split = load_split(recipe, console)
+    check_model_config(recipe)
+    run = prepare_run_dir(recipe, root, resume, force,
+                          extra_env={"distribution": describe_strategy(strategy, cluster)})
     check_data(split, recipe, console)
-    strategy = choose_strategy(recipe.train, console)
     _set_precision(recipe.train, console)
-    with strategy.scope():
-        model = build_model(recipe, split.train.n_classes)
-    check_initial_loss(model, split.val["val"], recipe, console)
-    fit_stages(model, recipe, split, run, strategy, console)
-    return finish_run(recipe, split, run, started, console)
+    return RunStart(run, split, strategy, cluster, started)
+
+
+def _check_distinct_names(recipes: list[Recipe]) -> None:
+    """Two recipes with one name would train into one run directory."""
+    seen = {}
+    for r in recipes:
+        if r.name in seen:
+            raise CellfuseError(f"{seen[r.name]} and {r.path} both name their run {r.name!r}; "
+                                "give one a different `name` (or --set name=...)")
+        seen[r.name] = r.path
 
 
 # ---------------------------------------------------------------- run directory
 
-def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool) -> Path:
-    """A new run directory, or the existing one when resuming the same recipe."""
+def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, extra_env=None) -> Path:
+    """A new run directory, or the existing one when resuming the same recipe.
+
+    A directory from a start that never finished an epoch (no history, no backup) holds nothing
+    worth keeping: it is replaced, so a corrected retry is not refused."""
     import shutil
 
     run = root / recipe.name
     snapshot = recipe.to_toml()
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and any(run.iterdir()) and not _never_trained(run):
         if resume:
             old = (run / "recipe.toml").read_text() if (run / "recipe.toml").exists() else None
             if old is not None and old != snapshot:
@@ -87,10 +145,27 @@ def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool) -> Pa
             shutil.rmtree(run)
         else:
             raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
+    elif run.exists():
+        shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "recipe.toml", snapshot)
-    write_json(run / "env.json", env_info())
+    write_json(run / "env.json", {**env_info(), **(extra_env or {})})
     return run
+
+
+def _never_trained(run: Path) -> bool:
+    """No finished epoch (history.csv) and no backup inside one: nothing a resume could use."""
+    backups = run / "checkpoint"
+    return not (run / "history.csv").exists() and not (
+        backups.is_dir() and any(f.is_file() for f in backups.rglob("*")))
+
+
+def read_summary(run: Path) -> dict | None:
+    """A finished run's summary, or None. summary.json is written last: it marks completion."""
+    try:
+        return json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- data
@@ -160,7 +235,9 @@ def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_au
                                          validation=not training)
         if augmenter is not None:
             ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()  # several workers: each takes its share of every global batch
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
@@ -175,16 +252,109 @@ def _seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def choose_strategy(cfg, console: Console):
-    """MirroredStrategy over several GPUs (or when asked: two logical CPUs in tests), else default."""
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in a TF_CONFIG cluster (one worker, index 0, when there is none)."""
+    workers: int = 1
+    task_type: str = "worker"
+    task_index: int = 0
+    has_chief: bool = False  # TF_CONFIG names a "chief" task apart from the workers
+
+    @property
+    def is_chief(self) -> bool:  # an explicit "chief" task, else worker 0 (TensorFlow's rule)
+        return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0
+                                             and not self.has_chief)
+
+
+def cluster_from_env() -> Cluster:
+    """Read TF_CONFIG, the variable every TF cluster tool (TFJob, Vertex AI, SageMaker) sets."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return Cluster()
+    try:
+        config = json.loads(text)
+        spec, task = config.get("cluster", {}), config.get("task", {})
+        workers = len(spec.get("worker", [])) + len(spec.get("chief", []))
+        return Cluster(workers=workers, task_type=str(task.get("type", "worker")),
+                       task_index=int(task.get("index", 0)), has_chief="chief" in spec)
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CellfuseError(f"TF_CONFIG: not a valid cluster description ({e}); expected "
+                            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
+
+
+def worker_temp_root(root: Path, cluster: Cluster) -> Path:
+    """Where a non-chief worker writes: a folder of its own beside the runs, kept until the run ends
+    so that its backups survive a restart (its weights equal the chief's; nothing there is a result)."""
+    return root / ".workertemp" / f"{cluster.task_type}{cluster.task_index}"
+
+
+_STRATEGIES: dict = {}  # one multi-worker strategy per process: TensorFlow allows no second
+
+
+def choose_strategy(cfg, console: Console, cluster: Cluster | None = None):
+    """MultiWorkerMirroredStrategy for a TF_CONFIG cluster; MirroredStrategy over several GPUs
+    (or when asked: two logical CPUs in tests); else the default strategy."""
     import tensorflow as tf
 
+    cluster = cluster or cluster_from_env()
+    if cfg.distribute == "multi-worker" or (cfg.distribute == "auto" and cluster.workers > 1):
+        return _multi_worker_strategy(cluster, console)
     gpus = tf.config.list_logical_devices("GPU")
     if cfg.distribute == "mirrored" or (cfg.distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         console.print(f"distribution: MirroredStrategy over {len(devices)} devices")
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def _multi_worker_strategy(cluster: Cluster, console: Console):
+    import tensorflow as tf
+
+    if "multi-worker" not in _STRATEGIES:
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise CellfuseError(f"MultiWorkerMirroredStrategy could not start ({e}); it needs TF_CONFIG "
+                                "naming the workers, set before the process starts") from None
+        _STRATEGIES["multi-worker"] = _reduce_nested(strategy)
+    strategy = _STRATEGIES["multi-worker"]
+    console.print(f"distribution: MultiWorkerMirroredStrategy, {cluster.workers} workers, this is "
+                  f"{cluster.task_type} {cluster.task_index} ({'chief' if cluster.is_chief else 'not chief'}), "
+                  f"{strategy.num_replicas_in_sync} replicas in sync")
+    return strategy
+
+
+def _reduce_nested(strategy):
+    """Two gaps in Keras 3's multi-worker path (keras-team/keras#20585), closed here: fit reduces a
+    whole (images, labels) batch in one `strategy.reduce` call, which MultiWorkerMirroredStrategy takes
+    one tensor at a time; and it averages per-replica scalars (loss, metrics) along axis 0, which a
+    scalar lacks (the mean over replicas is axis None)."""
+    import tensorflow as tf
+
+    reduce = strategy.reduce
+
+    def reduce_each(op, value, axis=None):
+        def one(v):
+            rank = strategy.experimental_local_results(v)[0].shape.rank
+            return reduce(op, v, axis=axis if rank else None)
+        return tf.nest.map_structure(one, value)
+
+    strategy.reduce = reduce_each
+    return strategy
+
+
+def describe_strategy(strategy, cluster: Cluster) -> dict:
+    """For env.json: how this run was spread (replicas in sync, workers, this task's role)."""
+    return {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync),
+            "workers": cluster.workers, "task": f"{cluster.task_type}{cluster.task_index}",
+            "role": "chief" if cluster.is_chief else "worker"}
+
+
+def check_model_config(recipe: Recipe) -> None:
+    """The cheap part of building the model (the backbone's name), before the run directory exists."""
+    from toolkit.backbones import backbone_spec
+
+    backbone_spec(recipe.model.backbone, recipe.model.width, recipe.model.depth)
 
 
 def _set_precision(cfg, console: Console) -> None:
@@ -255,11 +425,13 @@ def check_batch(images, console: Console) -> None:
 # ---------------------------------------------------------------- fitting
 
 def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console, *,
-               train_ds=None, val_ds=None, compile_fn=None) -> None:
+               train_ds=None, val_ds=None, compile_fn=None, extra_callbacks=()) -> None:
     """Each stage unfreezes more of the backbone; a finished stage is never redone on resume.
 
     `compile_fn(model, recipe, stage, steps)` compiles and returns what `fit` runs: the model itself,
-    or (distillation) a wrapper around it. Checkpoints always hold `model`'s weights alone.
+    or (distillation) a wrapper around it. Checkpoints always hold `model`'s weights alone, chosen by
+    the macro one-vs-rest AUC (or accuracy) of `model` on the validation split: the figure reported.
+    `extra_callbacks` run after cellfuse's own, in every stage.
     """
     from toolkit.backbones import set_trainable
 
@@ -284,7 +456,8 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
         console.print(f"stage {i + 1}/{len(recipe.train.stages)}: {stage.epochs} epoch(s) at lr {stage.lr:g}, "
                       f"backbone {stage.unfreeze:.0%} trainable, "
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
-        callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model)
+        callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model,
+                                   val=split.val["val"], strategy=strategy, extra=extra_callbacks)
         fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=0, shuffle=False, class_weight=_class_weight(recipe, split.train))
         nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
@@ -307,7 +480,7 @@ def compile_model(model, recipe: Recipe, stage, steps: int):
     model.compile(
         optimizer=make_optimizer(cfg, stage, steps),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],  # val_auc: ValidationAUC
         jit_compile=cfg.xla,
     )
     return model
@@ -341,14 +514,23 @@ def _class_weight(recipe: Recipe, train: Dataset):
     return {int(c): float(w) for c, w in zip(present, weights, strict=False)}
 
 
-def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source):
+def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
+                   val: Dataset | None = None, strategy=None, extra=()):
+    """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
+    computed before the checkpoint, plateau and early stopping read it."""
     import keras
 
     cfg = recipe.train
     callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq=cfg.checkpoint_every,
                                                   double_checkpoint=True)]
+    if strategy is not None and "MultiWorker" in type(strategy).__name__:
+        callbacks.append(ChiefState(strategy))
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        callbacks.append(AverageMovingStats(strategy, source))
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    if val is not None:
+        callbacks.append(ValidationAUC(source, val))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   EpochLog(run, offset, steps, cfg.batch_size, console),
                   keras.callbacks.TensorBoard(str(run / "tb"), profile_batch=0)]
@@ -356,7 +538,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
         callbacks.append(keras.callbacks.ReduceLROnPlateau(cfg.monitor, mode="max", factor=0.3, patience=2))
     if cfg.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(cfg.monitor, mode="max", patience=cfg.early_stopping))
-    return callbacks
+    return callbacks + list(extra)
 
 
 def _callback_base():
@@ -383,8 +565,94 @@ class NaNGuard(_callback_base()):
             self.model.stop_training = True
 
 
+class ValidationAUC(_callback_base()):
+    """val_auc = macro one-vs-rest AUC of `source` on the un-augmented validation images, exactly as
+    metrics.json reports it (keras.metrics.AUC is micro-averaged over one-hot columns: another figure).
+
+    The forward pass is local to this process (no collective op), so every worker of a cluster
+    computes the same value from the same weights."""
+
+    def __init__(self, source, val: Dataset, batch_size: int = 256):
+        super().__init__()
+        self.source, self.val, self.batch_size = source, val, batch_size
+        self._forward = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            probs = self.predict()
+            logs["val_auc"] = report.classification_metrics(self.val.labels, probs, self.val.class_names)["auc_ovr"]
+
+    def predict(self) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._forward is None:
+            self._forward = tf.function(lambda x: self.source(x, training=False), reduce_retracing=True)
+        x = self.val.images
+        return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
+                                          dtype=np.float32) for i in range(0, len(x), self.batch_size)])
+
+
+class ChiefState(_callback_base()):
+    """Multi-worker restart: every worker takes the chief's restored weights, optimizer state and epoch.
+    Each worker restores its own backup, and a worker killed a step before the others would
+    otherwise train on from different weights (or a different epoch) and never agree again."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        model = self.model
+        if not model.optimizer.built:  # this worker had no backup yet: the chief's state needs the slots
+            with self.strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        epoch = tf.Variable(float(getattr(model, "_initial_epoch", None) or 0))  # set by BackupAndRestore
+        sync_replicas(self.strategy, [*_tf_variables(model.variables + model.optimizer.variables), epoch], "chief")
+        model._initial_epoch = int(epoch.numpy()) or None
+
+
+class AverageMovingStats(_callback_base()):
+    """BatchNorm's moving statistics are per replica (each sees its own images): averaged over all
+    replicas at each epoch's end, so every worker validates, checkpoints and stops on the same model."""
+
+    def __init__(self, strategy, source):
+        super().__init__()
+        self.strategy, self.source = strategy, source
+
+    def on_epoch_end(self, epoch, logs=None):
+        sync_replicas(self.strategy, _tf_variables(self.source.non_trainable_variables), "mean")
+
+
+def _tf_variables(variables) -> list:
+    return [v.value if hasattr(v, "value") else v for v in variables]
+
+
+def sync_replicas(strategy, variables, how: str) -> None:
+    """Set every replica's copy of `variables` to the replicas' mean (how="mean") or to the first
+    replica's, the chief's (how="chief": a sum to which only replica 0 contributes). Integer state
+    (step counters) travels as float64."""
+    import tensorflow as tf
+
+    if how == "mean":
+        variables = [v for v in variables if v.dtype.is_floating]  # not seed-generator state
+
+    @tf.function
+    def step():
+        ctx = tf.distribute.get_replica_context()
+        values = [tf.identity(v) if v.dtype.is_floating else tf.cast(v, tf.float64) for v in variables]
+        if how == "chief":
+            first = tf.equal(ctx.replica_id_in_sync_group, 0)
+            values = [tf.where(first, x, tf.zeros_like(x)) for x in values]
+        return ctx.all_reduce("sum" if how == "chief" else "mean", values)
+
+    for var, value in zip(variables, strategy.run(step), strict=True):
+        var.assign(tf.cast(strategy.experimental_local_results(value)[0], var.dtype))
+
+
 class BestCheckpoint(_callback_base()):
-    """Keeps the weights of the best epoch by validation AUC or accuracy (never the loss)."""
+    """Keeps the weights of the best epoch by validation macro AUC or accuracy (never the loss)."""
 
     def __init__(self, run: Path, monitor: str, offset: int, source):
         super().__init__()
@@ -474,19 +742,43 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     if history:
         report.plot_curves(history, run / "curves.png")
     best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
+    with np.load(last_stage) as f:
+        final = weights_digest([f[f"w{j}"] for j in range(len(f.files))])
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
+               "final_weights_sha1": final,
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
                "seconds": round(time.time() - started, 1),
                "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
                "metrics": {k: {m: v[m] for m in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
                            for k, v in metrics.items()}}
     write_json(run / "metrics.json", metrics)
-    write_json(run / "summary.json", summary)
+    write_json(run / "summary.json", summary)  # last: its presence marks the run complete
     console.print(report.metrics_table({k: v for k, v in metrics.items()}, title=f"{recipe.name}: best epoch "
                                        f"{best.get('epoch')} by {recipe.train.monitor}"))
     console.print(report.per_class_table(metrics["val"], title="validation split, per class"))
     console.print(f"run directory: {run}")
     return summary
+
+
+def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
+    """A non-chief worker's end: its temporary folder goes; it reports the digest of its final
+    weights, which equals the chief's when the workers stayed in sync."""
+    import shutil
+
+    summary = {"name": recipe.name, "role": "worker", "task": describe_strategy(start.strategy, start.cluster)["task"],
+               "final_weights_sha1": weights_digest(model.get_weights())}
+    shutil.rmtree(start.run, ignore_errors=True)
+    console.print(f"worker {summary['task']} done; the chief wrote the run directory")
+    return summary
+
+
+def weights_digest(weights: list) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for w in weights:
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
 
 
 def _save_keras_atomic(model, path: Path) -> None:
@@ -506,34 +798,72 @@ def _read_history(run: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- several recipes at once
 
-def _train_parallel(paths, overrides, resume, force, parallel, console) -> list[dict]:
-    """One process per recipe, `parallel` at a time; each gets its own GPU when GPUs are visible."""
+def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, console, root: Path) -> list[dict]:
+    """One process per recipe, `parallel` at a time, each on the least busy GPU when there are GPUs.
+
+    A failed recipe does not stop the others; all failures are reported together at the end. Any way
+    out of here (an error, Ctrl-C) stops the children first, so none is left running."""
     import tensorflow as tf
 
     n_gpus = len(tf.config.list_physical_devices("GPU"))
-    pending, running, results = list(enumerate(paths)), [], {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            i, path = pending.pop(0)
-            running.append((i, path, _spawn(path, overrides, resume, force, i % n_gpus if n_gpus else None)))
-        time.sleep(1)
-        for item in [r for r in running if r[2].poll() is not None]:
-            running.remove(item)
-            i, path, proc = item
-            log = RUNS / f"{Path(path).stem}.log"
-            if proc.returncode != 0:
-                raise CellfuseError(f"{path}: training failed (exit {proc.returncode}); see {log}")
-            results[i] = json.loads(log.with_suffix(".json").read_text().strip().splitlines()[-1])[0]
-            console.print(f"[green]done[/] {path}")
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, results, failed = list(enumerate(recipes)), {}, {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                i, recipe = pending.pop(0)
+                gpu = pick_gpu([g for _, g, _ in running.values()], n_gpus)
+                share = n_gpus > 0 and parallel > n_gpus
+                running[i] = (recipe, gpu, _spawn(recipe, overrides, resume, force, gpu, share, logs, root))
+            time.sleep(0.5)
+            for i in [i for i, (_, _, proc) in running.items() if proc.poll() is not None]:
+                recipe, _, proc = running.pop(i)
+                log = logs / f"{recipe.name}.log"
+                if proc.returncode != 0:
+                    failed.append(f"{recipe.path} (exit {proc.returncode}; log {log})")
+                    console.print(f"[red]failed[/] {recipe.path}: see {log}")
+                    continue
+                results[i] = json.loads(log.with_suffix(".json").read_text().strip().splitlines()[-1])[0]
+                console.print(f"[green]done[/] {recipe.path}")
+    finally:
+        _stop_children([proc for _, _, proc in running.values()])
+    if failed:
+        raise CellfuseError(f"{len(failed)} of {len(recipes)} recipe(s) failed: " + "; ".join(failed))
     return [results[i] for i in sorted(results)]
 
 
-def _spawn(path, overrides, resume, force, gpu):
+def pick_gpu(busy: list[int | None], n_gpus: int) -> int | None:
+    """The GPU running the fewest children (lowest index on a tie); None without GPUs."""
+    if not n_gpus:
+        return None
+    return min(range(n_gpus), key=lambda g: (busy.count(g), g))
+
+
+def _spawn(recipe: Recipe, overrides, resume, force, gpu, share_gpu, logs: Path, root: Path):
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    cmd = [sys.executable, "-m", "toolkit", "train", str(path), "--json"]
+    if share_gpu:  # two processes on one GPU: each must not grab all its memory up front
+        env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    cmd = [sys.executable, "-m", "toolkit", "train", str(recipe.path), "--json"]
     cmd += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--force"] if force else [])
-    RUNS.mkdir(parents=True, exist_ok=True)
-    log = RUNS / f"{Path(path).stem}.log"  # files, not pipes: a full pipe would stall the child
-    return subprocess.Popen(cmd, stdout=log.with_suffix(".json").open("w"), stderr=log.open("w"), env=env)
+    if Path(root) != RUNS:
+        cmd += ["--out", str(root)]
+    log = logs / f"{recipe.name}.log"  # files, not pipes: a full pipe would stall the child
+    with log.with_suffix(".json").open("w") as out, log.open("w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+
+
+def _stop_children(procs, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL whatever has not exited after `grace` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
