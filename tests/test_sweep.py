@@ -21,8 +21,11 @@ ROOT = Path(__file__).parents[1]
 TINY = ROOT / "recipes" / "tiny.toml"
 # One stage of two one-step epochs: the cheapest recipe with per-epoch reports to prune on.
 ONE_STAGE = "train.stages=[{epochs=2, lr=3e-3, unfreeze=1.0}]"
+# No pruning here: augmented trials repeat in distribution only, so which ones Hyperband would stop
+# varies from run to run; test_diverging_trial_is_stopped covers a stopped trial.
 SPACE = """
 objective = "val.auc_ovr"
+pruner = "none"
 [space]
 "train.stages[0].lr" = { log = [1e-3, 3e-2] }
 "augment.preset" = { choice = ["none", "light"] }
@@ -57,32 +60,39 @@ def test_sweep_writes_every_output(tiny_sweep):
         assert (out / name).exists(), name
     rows = read_rows(out)
     assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
-    assert {r["state"] for r in rows} <= {"complete", "pruned"} and rows[0]["state"] == "complete"
+    assert all(r["state"] == "complete" for r in rows)
     for r in rows:
         assert 1e-3 <= float(r["train.stages[0].lr"]) <= 3e-2 and r["augment.preset"] in ("none", "light")
         run = out / "trials" / r["run"]
         assert (run / "recipe.toml").exists() and (run / "history.csv").exists()
-        if r["state"] == "complete":  # an ordinary run directory, the trial's values in its recipe
-            assert (run / "best.keras").exists() and r["epochs"] == "2"
-            recipe = (run / "recipe.toml").read_text()
-            assert f'preset = "{r["augment.preset"]}"' in recipe and repr(float(r["train.stages[0].lr"])) in recipe
-        else:
-            assert json.loads((run / "stopped.json").read_text())["state"] == "pruned"
+        assert (run / "best.keras").exists() and r["epochs"] == "2"  # an ordinary, complete run directory
+        recipe = (run / "recipe.toml").read_text()
+        assert f'preset = "{r["augment.preset"]}"' in recipe and repr(float(r["train.stages[0].lr"])) in recipe
     best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["objective"]))
     assert summary["best"]["trial"] == int(best["trial"]) and summary["trials"] == 4
     assert (out / "best.toml").read_text().startswith(f"# cellfuse train {out / 'best.toml'}")
 
 
 def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
-    """Training best.toml again (same seed) gives the best trial's metrics back."""
+    """best.toml is the best trial's recipe as run; trained again, a trial gives its metrics back.
+
+    Augmented training reproduces in distribution only (parallel tf.data maps draw random numbers in
+    no fixed order), so the exact check retrains the best trial that ran without augmentation."""
     from toolkit.recipe import load_recipe
     from toolkit.train import train_recipe
 
     data, out, summary = tiny_sweep
-    recipe = load_recipe(out / "best.toml")
-    again = train_recipe(recipe, runs_root=tmp_path)
-    trial = json.loads((Path(summary["best"]["run"]) / "metrics.json").read_text())["val"]
-    assert again["metrics"]["val"]["auc_ovr"] == pytest.approx(summary["best"]["value"], abs=1e-6)
+    best_run = Path(summary["best"]["run"])
+    body = "".join(line for line in (out / "best.toml").read_text().splitlines(True) if not line.startswith("#"))
+    assert body == (best_run / "recipe.toml").read_text()
+    assert load_recipe(out / "best.toml").name == best_run.name
+    plain = [r for r in read_rows(out) if r["state"] == "complete" and r["augment.preset"] == "none"]
+    assert plain, "the seeded sampler should draw preset none at least once in 4 trials"
+    row = max(plain, key=lambda r: float(r["objective"]))
+    run = out / "trials" / row["run"]
+    again = train_recipe(load_recipe(run / "recipe.toml"), runs_root=tmp_path)
+    trial = json.loads((run / "metrics.json").read_text())["val"]
+    assert again["metrics"]["val"]["auc_ovr"] == pytest.approx(float(row["objective"]), abs=1e-6)
     assert again["metrics"]["val"]["nll"] == pytest.approx(trial["nll"], abs=1e-5)
 
 
@@ -92,7 +102,9 @@ def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
     data, out, summary = tiny_sweep
     other = tmp_path / "some-run"
     top = expand_sweeps([out, other], top=2)
-    assert top[0] == Path(summary["best"]["run"]) and len(top) == 3 and top[2] == other
+    ranked = sorted(read_rows(out), key=lambda r: -float(r["objective"]))
+    assert top == [out / "trials" / ranked[0]["run"], out / "trials" / ranked[1]["run"], other]
+    assert top[0] == Path(summary["best"]["run"])
     result = CliRunner().invoke(main, ["ensemble", str(out), "--top", "2", "--val", str(data), "--views", "none",
                                        "--rounds", "2", "--out", str(tmp_path / "ens"), "--json"])
     assert result.exit_code == 0, result.output

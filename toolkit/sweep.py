@@ -512,7 +512,8 @@ def run_sweep(recipe_path, space_path, *, overrides=(), out=None, trials=20, par
             run_trial(sweep, study, trial, console)
             _clear_session()
             console.print(write_outputs(sweep, study))
-    console.print(write_outputs(sweep, study))
+    if not asks:  # nothing left to run: show where the sweep stands
+        console.print(write_outputs(sweep, study))
     return summarize(sweep, study, time.time() - started)
 
 
