@@ -151,6 +151,9 @@ def test_an_ensemble_shows_its_heaviest_members_map_and_ece_before_its_temperatu
     else:
         assert ens["gradcam"].startswith("no Grad-CAM: the heaviest member flat")
     assert ens["calibration"]["ece_before_temperature"] is not None
+    # the temperatures are back in place afterwards: the figures are the model's own
+    assert ens["calibration"]["ece"] == pytest.approx(
+        evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())[str(tiny_npz)]["ece"], abs=1e-5)
     assert len(ens["calibration"]["temperatures"]) == len(components)
     assert ens["training_augmentation"].startswith("training augmentation unknown" if "flat" in members
                                                    else "union of the members")

@@ -144,11 +144,12 @@ def _recipe_families(recipe: Path) -> tuple[set[str] | None, str]:
 # ---------------------------------------------------------------- predictions and calibration
 
 
-def predict(model, images: np.ndarray, batch_size: int, progress=None) -> np.ndarray:
-    """(n, C) probabilities, the way `evaluate` computes them without TTA."""
-    from toolkit.tta import merge, predict_views
-
-    return merge(predict_views(model, images, ["id"], batch_size, progress=progress), "mean")
+def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n, C) probabilities in the batches `evaluate` uses without TTA. Unlike toolkit.tta.predict_views
+    it reuses the model's own traced function: the robustness grid predicts dozens of times."""
+    chunks = [np.asarray(model.predict_on_batch(np.asarray(images[i:i + batch_size], np.float32)))
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks).astype(np.float64)
 
 
 def temperature_layers(model) -> list:
@@ -165,11 +166,13 @@ def untempered_probs(model, images: np.ndarray, batch_size: int) -> np.ndarray |
     saved = [layer.temperature for layer in layers]
     try:
         for layer in layers:
-            layer.temperature = 1.0  # read when predict_views traces its fresh wrapper model
+            layer.temperature = 1.0  # a Python float, read when the predict function is traced
+        model.make_predict_function(force=True)
         return predict(model, images, batch_size)
     finally:
         for layer, t in zip(layers, saved, strict=True):
             layer.temperature = t
+        model.make_predict_function(force=True)
 
 
 def reliability_bins(labels, probs, bins: int = 15) -> list[dict]:
@@ -680,14 +683,24 @@ def robustness_table_rows(figures, name: str) -> list[list[str]]:
 
 
 def _print_summary(figures, console) -> None:
+    """A narrow table (the page and inspect.json hold every column) and each model's notes."""
     from rich.table import Table
 
-    table = Table(title=f"inspect on {Path(figures['data']).name} (robustness on "
-                        f"{figures['robustness']['images']} images)")
-    for col in SUMMARY_HEADER:
+    rob = figures["robustness"]
+    table = Table(title=f"inspect on {Path(figures['data']).name}; corrupted: mean over "
+                        f"{len(rob['families'])} families x {len(rob['severities'])} severities, "
+                        f"{rob['images']} images")
+    for col in ("model", "acc", "ECE", "clean", "corrupted", "drop", "held-out", "drop "):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for row in summary_rows(figures):
-        table.add_row(*row)
+    for name in figures["order"]:
+        m, summary = figures["models"][name], rob["summary"].get(name, {})
+        cal = m["calibration"]
+        ece = _fmt(cal["ece"]) if cal["ece_before_temperature"] is None else \
+            f"{_fmt(cal['ece_before_temperature'])}->{_fmt(cal['ece'])}"
+        table.add_row(name, _fmt(m["metrics"]["accuracy"]), ece,
+                      *[_fmt(summary.get(k), pct) for k, pct in (
+                          ("clean_accuracy", False), ("all_accuracy", False), ("all_relative_drop", True),
+                          ("held_out_accuracy", False), ("held_out_relative_drop", True))])
     console.print(table)
     for name in figures["order"]:
         console.print(f"{name}: {figures['models'][name]['gradcam']}; training augmentation: "
