@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 DATA ?=
 OUT ?= outputs/demo
 
-.PHONY: install test test-slow demo bench lint clean-outputs
+.PHONY: install test test-slow demo bench lint clean-outputs gpu-check
 
 install:
 	python3 -m venv .venv
@@ -22,6 +22,9 @@ demo:
 
 bench:
 	$(PY) -m toolkit bench
+
+gpu-check:  # on a machine with a GPU, under 8 minutes; --dry-run checks it on the CPU
+	$(PY) -m toolkit.gpucheck
 
 lint:
 	$(PY) -m ruff check toolkit tests

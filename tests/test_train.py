@@ -42,6 +42,13 @@ def test_train_cli_writes_a_complete_run(tiny_npz, tmp_path, monkeypatch):
     assert "initial loss" in result.output
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and history[0].startswith("epoch,")  # header + 2 epochs over 2 stages
+    # the best epoch is the argmax of the monitored column; TensorBoard wrote event files
+    import csv
+
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    best = json.loads((run / "checkpoint" / "best.json").read_text())
+    assert best["epoch"] == int(max(rows, key=lambda r: float(r["val_auc"]))["epoch"]) == summary["best_epoch"]
+    assert list((run / "tb").rglob("events.out.tfevents*"))
     # best.keras: raw pixels in, probabilities out, no optimizer state, loads in safe mode
     import zipfile
 
@@ -96,6 +103,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_npz, tmp_path):
                            runs_root=tmp_path / "runs")
     assert summary["best_epoch"] is not None
     assert (tmp_path / "runs" / "tiny" / "best.keras").exists()
+    env = json.loads((tmp_path / "runs" / "tiny" / "env.json").read_text())["distribution"]
+    assert env["strategy"] == "MirroredStrategy" and env["replicas"] == 2  # two replicas really ran
 
 
 def test_nan_loss_stops_loudly(tiny_npz, tmp_path):
@@ -148,3 +157,208 @@ def test_resume_after_kill_mid_epoch(tiny_npz, tmp_path):
     changed = subprocess.run(cmd + ["--resume", "--set", "train.batch_size=8"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2 and "recipe changed" in changed.stderr
+
+
+# ---------------------------------------------------------------- behaviours of single options
+
+def _record(fn):
+    """A callback keeping fn(model, logs) at each epoch's end (extra callbacks run after cellfuse's own)."""
+    import keras
+
+    class Record(keras.callbacks.Callback):
+        seen: list = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append(fn(self.model, dict(logs or {})))
+
+    return Record()
+
+
+def test_checkpoint_is_chosen_by_the_reported_macro_auc(tiny_npz, tmp_path):
+    """best.json's value is the macro one-vs-rest AUC that metrics.json reports for best.keras."""
+    from toolkit.train import train_recipe
+
+    summary = train_recipe(tiny_recipe(tiny_npz, tmp_path), runs_root=tmp_path / "runs")
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert summary["best_value"] == pytest.approx(metrics["val"]["auc_ovr"], abs=1e-6)
+
+
+def test_resume_after_a_crash_between_metrics_and_summary(tiny_npz, tmp_path):
+    from toolkit.train import train_recipe
+
+    recipe = tiny_recipe(tiny_npz, tmp_path)
+    first = train_recipe(recipe, runs_root=tmp_path / "runs")
+    (tmp_path / "runs" / "tiny" / "summary.json").unlink()  # metrics.json written, summary.json not
+    again = train_recipe(recipe, runs_root=tmp_path / "runs", resume=True)
+    assert again["best_epoch"] == first["best_epoch"] and (tmp_path / "runs" / "tiny" / "summary.json").exists()
+
+
+def test_a_failed_start_leaves_nothing_in_the_way(tiny_npz, tmp_path):
+    from toolkit.train import train_recipe
+
+    run = tmp_path / "runs" / "tiny"
+    with pytest.raises(CellfuseError, match="missing.npz"):
+        train_recipe(tiny_recipe(tmp_path / "missing.npz", tmp_path), runs_root=tmp_path / "runs")
+    assert not run.exists()
+    with pytest.raises(CellfuseError, match="unknown backbone"):
+        train_recipe(tiny_recipe(tiny_npz, tmp_path, "model.backbone=\"nope\""), runs_root=tmp_path / "runs")
+    assert not run.exists()
+    run.mkdir(parents=True)  # what an older cellfuse left after a failed start
+    (run / "recipe.toml").write_text("old")
+    (run / "env.json").write_text("{}")
+    assert train_recipe(tiny_recipe(tiny_npz, tmp_path), runs_root=tmp_path / "runs")["best_epoch"]
+
+
+def test_ema_checkpoint_holds_the_averaged_weights(tiny_npz, tmp_path):
+    import keras
+
+    from toolkit.train import train_recipe
+
+    class RawWeights(keras.callbacks.Callback):
+        raw = []
+
+        def on_train_batch_end(self, batch, logs=None):  # before SwapEMAWeights swaps at epoch end
+            self.raw = self.model.get_weights()
+
+    raw = RawWeights()
+    averaged = _record(lambda model, logs: model.get_weights())
+    recipe = tiny_recipe(tiny_npz, tmp_path, "train.ema=true", "train.stages=[{epochs=1, lr=3e-2, unfreeze=1.0}]",
+                         "train.steps_per_epoch=4")
+    train_recipe(recipe, runs_root=tmp_path / "runs", extra_callbacks=(raw, averaged))
+    with np.load(tmp_path / "runs" / "tiny" / "checkpoint" / "best.npz") as f:
+        best = [f[f"w{j}"] for j in range(len(f.files))]
+    assert all(np.array_equal(b, a) for b, a in zip(best, averaged.seen[-1], strict=True))
+    assert not all(np.allclose(b, r) for b, r in zip(best, raw.raw, strict=True))
+
+
+def test_balanced_class_weights_reach_fit(tmp_path, monkeypatch):
+    import keras
+    from conftest import make_images
+
+    from toolkit.train import train_recipe
+
+    images, labels = make_images(96)
+    keep = (labels != 0) | (np.arange(96) % 3 == 0)  # class 0 rarer than the others
+    data = save_dataset(tmp_path / "skewed.npz", images[keep], labels[keep])
+    seen = []
+    fit = keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("class_weight"))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    train_recipe(tiny_recipe(data, tmp_path, "train.class_weights=\"balanced\"",
+                             "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]"), runs_root=tmp_path / "runs")
+    (weights,) = seen
+    assert set(weights) == set(range(8)) and weights[0] > 1.5 > max(weights[c] for c in range(1, 8))
+
+
+def test_mixed_precision_computes_in_float16_and_saves_float32(tiny_npz, tmp_path):
+    import keras
+
+    from toolkit.train import train_recipe
+
+    policy = _record(lambda model, logs: (model.dtype_policy.compute_dtype, model.outputs[0].dtype))
+    try:
+        train_recipe(tiny_recipe(tiny_npz, tmp_path, "train.mixed_precision=\"on\"",
+                                 "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]"),
+                     runs_root=tmp_path / "runs", extra_callbacks=(policy,))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert policy.seen == [("float16", "float32")]  # float16 compute, float32 probabilities
+    model = keras.saving.load_model(tmp_path / "runs" / "tiny" / "best.keras")
+    assert {w.dtype.name for w in model.weights} == {"float32"} and model.dtype_policy.name == "float32"
+
+
+def test_xla_and_lion_reach_compile(tiny_npz, tmp_path):
+    import keras
+
+    from toolkit.train import build_model, compile_model
+
+    recipe = tiny_recipe(tiny_npz, tmp_path, "train.xla=true", "train.optimizer=\"lion\"")
+    model = compile_model(build_model(recipe, 8), recipe, recipe.train.stages[0], steps=2)
+    assert model.jit_compile is True and isinstance(model.optimizer, keras.optimizers.Lion)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype("float32")
+    assert np.isfinite(model.train_on_batch(x, np.eye(8)[[0, 1, 2, 3]])).all()
+
+
+def test_plateau_schedule_lowers_the_learning_rate(tiny_npz, tmp_path):
+    """A learning rate too small to change anything: no improvement, so the rate drops after 2 epochs."""
+    import csv
+
+    from toolkit.train import train_recipe
+
+    recipe = tiny_recipe(tiny_npz, tmp_path, "train.schedule=\"plateau\"", "train.freeze_batchnorm=true",
+                         "train.stages=[{epochs=4, lr=1e-12, unfreeze=1.0}]", "train.steps_per_epoch=1")
+    train_recipe(recipe, runs_root=tmp_path / "runs")
+    lrs = [float(r["lr"]) for r in csv.DictReader((tmp_path / "runs" / "tiny" / "history.csv").open())]
+    assert lrs[0] == pytest.approx(1e-12) and lrs[-1] == pytest.approx(3e-13)
+
+
+def test_early_stopping_stops_before_the_last_epoch(tiny_npz, tmp_path):
+    from toolkit.train import train_recipe
+
+    recipe = tiny_recipe(tiny_npz, tmp_path, "train.early_stopping=1", "train.freeze_batchnorm=true",
+                         "train.schedule=\"constant\"", "train.stages=[{epochs=6, lr=1e-12, unfreeze=1.0}]",
+                         "train.steps_per_epoch=1")
+    train_recipe(recipe, runs_root=tmp_path / "runs")
+    assert len((tmp_path / "runs" / "tiny" / "history.csv").read_text().splitlines()) - 1 == 2
+
+
+def test_fractional_unfreeze_trains_the_top_of_the_backbone(tiny_npz, tmp_path):
+    from toolkit.backbones import set_trainable
+    from toolkit.train import build_model
+
+    model = build_model(tiny_recipe(tiny_npz, tmp_path), 8)
+    backbone = model.get_layer("backbone")
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    set_trainable(model, 0.5)
+    flags = [layer.trainable for layer in weighted]
+    assert flags == sorted(flags) and sum(flags) == len(weighted) // 2  # the top half, nothing below
+
+
+# ---------------------------------------------------------------- several recipes at once
+
+def test_parallel_reports_every_failure_and_keeps_logs_apart(tiny_npz, tmp_path, monkeypatch):
+    """Two recipes with one file stem, one broken: the other still finishes, both logs survive."""
+    from toolkit.train import train_many
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    good, bad = tmp_path / "a" / "tiny.toml", tmp_path / "b" / "tiny.toml"
+    for path, name, data in ((good, "good", tiny_npz), (bad, "bad", tmp_path / "missing.npz")):
+        path.parent.mkdir()
+        path.write_text(TINY.read_text().replace('name = "tiny"', f'name = "{name}"')
+                        .replace('"outputs/clean/clean.npz"', f'"{data}"'))
+    with pytest.raises(CellfuseError, match=r"1 of 2 recipe\(s\) failed: .*b/tiny.toml"):
+        train_many([good, bad], parallel=2, runs_root=tmp_path / "runs")
+    assert (tmp_path / "runs" / "good" / "summary.json").exists()
+    assert "missing.npz" in (tmp_path / "runs" / "logs" / "bad.log").read_text()
+    assert (tmp_path / "runs" / "logs" / "good.json").read_text().strip()
+
+
+def test_parallel_stops_its_children_on_ctrl_c(tiny_npz, tmp_path, monkeypatch):
+    import toolkit.train as T
+
+    spawned = []
+    spawn = T._spawn
+    monkeypatch.setattr(T, "_spawn", lambda *a: spawned.append(spawn(*a)) or spawned[-1])
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.time, "sleep", interrupt)
+    recipes = [tiny_recipe(tiny_npz, tmp_path, f"name=\"r{i}\"") for i in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        T.train_parallel(recipes, (), False, False, 2, None, tmp_path / "runs")
+    assert len(spawned) == 2 and all(p.poll() is not None for p in spawned)
+
+
+def test_parallel_spreads_children_over_gpus_and_refuses_one_name_twice(tiny_npz, tmp_path):
+    from toolkit.train import _check_distinct_names, pick_gpu
+
+    assert pick_gpu([], 2) == 0 and pick_gpu([0], 2) == 1 and pick_gpu([0, 1, 0], 2) == 1
+    assert pick_gpu([], 0) is None
+    with pytest.raises(CellfuseError, match="both name their run 'tiny'"):
+        _check_distinct_names([tiny_recipe(tiny_npz, tmp_path)] * 2)
