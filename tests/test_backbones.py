@@ -91,3 +91,75 @@ def test_unknown_backbone():
 def test_hub_preset_offline_fails_fast():
     with pytest.raises(CellfuseError, match="keras-hub preset"):
         build_classifier(ModelConfig(backbone="hub:definitely_not_a_preset_xyz", weights="none"), 8)
+
+
+def test_too_small_input_says_what_it_is_not_offline():
+    with pytest.raises(CellfuseError, match=r"model.input_size = 16 is too small for efficientnetv2-b0 "
+                                            r"\(Keras: Input size must be at least 32x32"):
+        build_classifier(ModelConfig(backbone="efficientnetv2-b0", weights="none", input_size=16), 8)
+
+
+def test_shared_weights_resolve_in_cellfuse_shared(tmp_path, monkeypatch):
+    import keras
+
+    keras.backend.clear_session()
+    donor = build_classifier(ModelConfig(backbone="tiny-cnn", weights="none", head="linear"), 8)
+    (tmp_path / "weights").mkdir()
+    donor.get_layer("backbone").save_weights(tmp_path / "weights" / "tiny.weights.h5")
+    monkeypatch.setenv("CELLFUSE_SHARED", str(tmp_path))
+    model = build_classifier(ModelConfig(backbone="tiny-cnn", weights="shared:weights/tiny.weights.h5",
+                                         head="linear"), 8)
+    for got, want in zip(model.get_layer("backbone").get_weights(), donor.get_layer("backbone").get_weights(),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    missing = tmp_path / "weights" / "absent.h5"
+    with pytest.raises(CellfuseError, match=f"{missing}: weights file not found .*CELLFUSE_SHARED"):
+        build_classifier(ModelConfig(backbone="tiny-cnn", weights="shared:weights/absent.h5"), 8)
+
+
+@pytest.fixture(scope="module")
+def hub_preset(tmp_path_factory):
+    """A small keras-hub ResNet saved as a local preset with its image converter: no download."""
+    import keras_hub
+
+    folder = tmp_path_factory.mktemp("hub_preset")
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(None, None, 3))
+    backbone.save_to_preset(str(folder))
+    keras_hub.layers.ResNetImageConverter(scale=[1 / 58.0, 1 / 57.0, 1 / 57.5],
+                                          offset=[-2.1, -2.0, -1.8]).save_to_preset(str(folder))
+    return folder, backbone
+
+
+def test_hub_backbone_normalises_inside_unfreezes_by_layer_and_saves_as_core_keras(hub_preset):
+    import keras
+
+    from toolkit.backbones import non_core_layers, weighted_leaf_layers
+
+    folder, original = hub_preset
+    model = build_classifier(ModelConfig(backbone=f"hub:{folder}", weights="imagenet", input_size=32,
+                                         head="linear"), 8)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    normalised = x * np.array([1 / 58.0, 1 / 57.0, 1 / 57.5]) + np.array([-2.1, -2.0, -1.8])
+    np.testing.assert_allclose(np.asarray(model.get_layer("backbone")(x)), np.asarray(original(normalised)),
+                               rtol=1e-4, atol=1e-4)
+    set_trainable(model, 0.5)
+    layers = weighted_leaf_layers(model.get_layer("backbone"))
+    assert 0 < sum(layer.trainable for layer in layers) < len(layers)
+    assert non_core_layers(model) == []
+    assert "keras_hub" not in model.to_json()
+    nested = keras.Model(original.inputs, original(original.inputs))  # the keras-hub class itself
+    assert any("keras_hub" in name for name in non_core_layers(nested))
+
+
+def test_hub_preset_without_image_converter_is_refused(tmp_path):
+    import keras_hub
+
+    keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
+        stackwise_num_blocks=[1], stackwise_num_strides=[1], block_type="basic_block",
+        use_pre_activation=False, image_shape=(None, None, 3)).save_to_preset(str(tmp_path))
+    with pytest.raises(CellfuseError, match="image_converter.json"):
+        build_classifier(ModelConfig(backbone=f"hub:{tmp_path}", weights="none", input_size=32), 8)

@@ -7,6 +7,7 @@ resizing and each backbone's own normalisation are layers inside the model (desi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +275,8 @@ def _hub_builder(preset: str) -> Callable:
         x = keras.layers.Rescaling(_as_float(converter.scale, 1.0), _as_float(converter.offset, 0.0),
                                    name="hub_normalise")(inputs)
         # A Functional copy of the graph: saved as core layers, so model.py loads it without keras-hub.
-        graph = keras.Model(backbone.inputs, backbone.outputs, name=f"hub_{backbone.name}_graph")
-        return keras.Model(inputs, graph(x), name=f"hub_{backbone.name}")
+        graph = keras.Model(backbone.input, backbone.output, name="hub_graph")
+        return keras.Model(inputs, graph(x), name="hub_backbone")
     return build
 
 
@@ -464,7 +465,7 @@ def build_classifier(config, n_classes: int, image_size: int = IMAGE_SIZE):
     x = backbone(x)
     x = head(x, config, n_classes)
     outputs = layers.Activation("softmax", dtype="float32", name="probs")(x)
-    model = keras.Model(inputs, outputs, name=config.backbone.replace(":", "_").replace(".", "_"))
+    model = keras.Model(inputs, outputs, name=re.sub(r"[^A-Za-z0-9_-]", "_", config.backbone))
     set_bn_momentum(model, config.bn_momentum)
     return model
 
