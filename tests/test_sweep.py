@@ -24,7 +24,7 @@ ONE_STAGE = "train.stages=[{epochs=2, lr=3e-3, unfreeze=1.0}]"
 # No pruning here: augmented trials repeat in distribution only, so which ones Hyperband would stop
 # varies from run to run; test_diverging_trial_is_stopped covers a stopped trial.
 SPACE = """
-objective = "val.auc_ovr"
+objective = "val_corrupt.auc_ovr"
 pruner = "none"
 [space]
 "train.stages[0].lr" = { log = [1e-3, 3e-2] }
@@ -32,8 +32,18 @@ pruner = "none"
 """
 
 
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    """Tiny training data with a separate val_corrupt.npz (the objective's set), and the space file."""
+    images, labels = make_images(64)
+    data = save_dataset(folder / "tiny.npz", images, labels)
+    save_dataset(folder / "val_corrupt.npz", *make_images(24, seed=5))
+    (folder / "space.toml").write_text(SPACE)
+    return data, folder / "space.toml"
+
+
 def sweep_args(data, space, out, *extra):
     return ["sweep", str(TINY), "--space", str(space), "--out", str(out), "--set", f'data.train="{data}"',
+            "--set", f'data.extra_val=["{data.parent / "val_corrupt.npz"}"]',
             "--set", ONE_STAGE, "--set", "train.steps_per_epoch=1", *extra]
 
 
@@ -45,11 +55,9 @@ def read_rows(out: Path) -> list[dict]:
 def tiny_sweep(tmp_path_factory):
     """A finished 4-trial sweep over lr and preset: (data, sweep dir, its --json summary)."""
     tmp = tmp_path_factory.mktemp("sweep")
-    images, labels = make_images(64)
-    data = save_dataset(tmp / "tiny.npz", images, labels)
-    (tmp / "space.toml").write_text(SPACE)
+    data, space = write_inputs(tmp)
     out = tmp / "sweep"
-    result = CliRunner().invoke(main, sweep_args(data, tmp / "space.toml", out, "--trials", "4", "--json"))
+    result = CliRunner().invoke(main, sweep_args(data, space, out, "--trials", "4", "--json"))
     assert result.exit_code == 0, result.output
     return data, out, json.loads(result.output.strip().splitlines()[-1])
 
@@ -91,9 +99,9 @@ def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
     row = max(plain, key=lambda r: float(r["objective"]))
     run = out / "trials" / row["run"]
     again = train_recipe(load_recipe(run / "recipe.toml"), runs_root=tmp_path)
-    trial = json.loads((run / "metrics.json").read_text())["val"]
-    assert again["metrics"]["val"]["auc_ovr"] == pytest.approx(float(row["objective"]), abs=1e-6)
-    assert again["metrics"]["val"]["nll"] == pytest.approx(trial["nll"], abs=1e-5)
+    trial = json.loads((run / "metrics.json").read_text())
+    assert again["metrics"]["val_corrupt"]["auc_ovr"] == pytest.approx(float(row["objective"]), abs=1e-6)
+    assert again["metrics"]["val"]["nll"] == pytest.approx(trial["val"]["nll"], abs=1e-5)
 
 
 def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
@@ -113,11 +121,9 @@ def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
 
 
 def test_killed_sweep_resumes_without_rerunning(tmp_path):
-    images, labels = make_images(64)
-    data = save_dataset(tmp_path / "tiny.npz", images, labels)
-    (tmp_path / "space.toml").write_text(SPACE)
+    data, space = write_inputs(tmp_path)
     out = tmp_path / "sweep"
-    args = sweep_args(data, tmp_path / "space.toml", out, "--trials", "2")
+    args = sweep_args(data, space, out, "--trials", "2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "toolkit", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -176,6 +182,18 @@ def test_bad_spaces_are_one_line_errors(tmp_path, space, message):
     (line,) = result.output.strip().splitlines()
     assert line.lower().startswith("error: ") and line[len("error: "):].startswith(f"{path}:") and message in line
     assert not (tmp_path / "s").exists()  # nothing written before the space is valid
+
+
+def test_default_objective_is_the_corrupted_set_when_there_is_one(tmp_path):
+    from toolkit.sweep import parse_space, raw_recipe
+
+    doc = {"space": {"train.seed": {"choice": [0, 1]}}}
+    plain = raw_recipe(TINY)
+    assert parse_space(doc, "s.toml", plain, str(TINY)).objective == "val.accuracy"
+    with_corrupt = raw_recipe(TINY, ['data.extra_val=["outputs/clean/val_corrupt.npz"]'])
+    space = parse_space(doc, "s.toml", with_corrupt, str(TINY))
+    assert space.objective == "val_corrupt.accuracy" and space.direction == "maximize"
+    assert parse_space({**doc, "objective": "val.nll"}, "s.toml", plain, str(TINY)).direction == "minimize"
 
 
 def test_objective_and_force_checks(tmp_path):

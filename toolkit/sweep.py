@@ -418,10 +418,14 @@ class TrialReporter(_callback_base()):
         return float(report.classification_metrics(data.labels, probs, data.class_names)[self.metric])
 
     def _data(self):
+        """The objective's validation set: an extra_val file, or the split (rebuilt the way train makes it)."""
         if self.data is None:
+            from toolkit.data import load_dataset
             from toolkit.train import load_split
 
-            self.data = load_split(self.recipe, Console(quiet=True)).val[self.set_name]
+            files = {Path(p).stem: p for p in self.recipe.data.extra_val}
+            self.data = (load_dataset(files[self.set_name], n_classes=self.recipe.data.n_classes)
+                         if self.set_name in files else load_split(self.recipe, Console(quiet=True)).val["val"])
         return self.data
 
     def _stage_offset(self) -> int:
