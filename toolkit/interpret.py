@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,8 +329,9 @@ def robustness_rows(n: int, limit: int, seed: int) -> np.ndarray:
 
 
 def robustness_grid(subjects, images, labels, families, severities, *, seed: int, batch_size: int,
-                    advance) -> dict[str, dict[str, dict[int, float]]]:
+                    advance, timing: dict) -> dict[str, dict[str, dict[int, float]]]:
     """{model: {family: {severity: accuracy}}}; each corrupted copy is made once for every model.
+    `timing` (a defaultdict(float)) adds up the seconds spent corrupting and predicting per model.
 
     Cell (f, s) = accuracy on corrupt_images(images, s, seed, families=f): the same copy
     `cellfuse corrupt DATA --families f --severity s --seed seed` writes.
@@ -339,9 +341,13 @@ def robustness_grid(subjects, images, labels, families, severities, *, seed: int
     grid: dict = {s.name: {f: {} for f in families} for s in subjects}
     for family in families:
         for severity in severities:
+            started = time.perf_counter()
             corrupted = corrupt_images(images, severity, seed, families=family)
+            timing["corrupting"] += time.perf_counter() - started
             for subject in subjects:
+                started = time.perf_counter()
                 probs = predict(subject.model, corrupted, batch_size)
+                timing[subject.name] += time.perf_counter() - started
                 grid[subject.name][family][severity] = float((probs.argmax(1) == labels).mean())
                 advance()
     return grid
@@ -424,7 +430,8 @@ def plot_class_grid(images, cams, rows_by_class, class_names, path: Path, suptit
     for ax in axes.flat:
         ax.axis("off")
     for c, rows in rows_by_class.items():
-        axes[c, 0].set_title(class_names[c], fontsize=7, loc="left")
+        axes[c, 0].set_title(class_names[c] if len(rows) else f"{class_names[c]}: none correctly classified",
+                             fontsize=7, loc="left")
         for j, row in enumerate(rows):
             axes[c, j * per].imshow(images[row])
             if cams is not None:
@@ -616,12 +623,14 @@ def _robustness(subjects, dataset, families, severities, limit, seed, batch_size
     task = progress.add_task("robustness: corrupting and predicting",
                              total=len(families) * len(severities) * len(subjects))
     clean = {s.name: float((predict(s.model, images, batch_size).argmax(1) == labels).mean()) for s in subjects}
+    timing = defaultdict(float)
     grid = robustness_grid(subjects, images, labels, families, severities, seed=seed, batch_size=batch_size,
-                           advance=lambda: progress.advance(task))
+                           advance=lambda: progress.advance(task), timing=timing)
     marks = {s.name: trained_marks(families, s.trained_families) for s in subjects}
     summary = {s.name: robustness_summary(grid[s.name], clean[s.name], marks[s.name]) for s in subjects}
     return {"images": len(rows), "seed": seed, "families": list(families), "severities": list(severities),
-            "clean_accuracy": clean, "accuracy": grid, "in_training_augmentation": marks, "summary": summary}
+            "clean_accuracy": clean, "accuracy": grid, "in_training_augmentation": marks, "summary": summary,
+            "seconds": {k: round(v, 1) for k, v in timing.items()}}
 
 
 def _assemble(subjects, dataset, robustness) -> dict:
