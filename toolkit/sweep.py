@@ -649,15 +649,20 @@ def plot_sweep(rows: list[dict], space: Space, path: Path) -> Path:
     plt = _pyplot()
     done = [r for r in rows if r["objective"] != ""]
     n = len(space.params) + 1
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, layout="constrained")
     for ax, p in zip(axes[0], space.params, strict=False):
         xs = [r[p.key] for r in done]
         if p.kind == "choice":
             labels = [str(v) for v in p.values]
             xs = [labels.index(str(x)) for x in xs]
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         elif p.kind == "log":
             ax.set_xscale("log")
+            ticks = np.geomspace(p.values[0], p.values[1], 3)  # a range under a decade has no major tick
+            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+            ax.set_xlim(p.values[0] / 1.1, p.values[1] * 1.1)  # the whole searched range
         ax.scatter(xs, [float(r["objective"]) for r in done], color="tab:blue")
         ax.set_xlabel(p.key)
         ax.set_ylabel(space.objective)
