@@ -221,7 +221,6 @@ def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_au
     """uint8 arrays -> float32 0..255 batches with one-hot labels (or `targets`); training batches augmented."""
     import tensorflow as tf
 
-    from toolkit.augment import make_batch_augmenter
 
     cfg = recipe.train
     targets = one_hot(data.labels, data.n_classes) if targets is None else targets
@@ -231,13 +230,27 @@ def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_au
     ds = ds.batch(cfg.batch_size, drop_remainder=training)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if training or validation_augment:
-        augmenter = make_batch_augmenter(recipe.augment, targets.shape[1], seed=cfg.seed,
-                                         validation=not training)
+        augmenter = _float32_augmenter(recipe, targets.shape[1], training)
         if augmenter is not None:
             ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()  # several workers: each takes its share of every global batch
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _float32_augmenter(recipe: Recipe, n_classes: int, training: bool):
+    """Augmentation layers built under float32: made under mixed_float16 they compute 0..255 pixels
+    in float16 and the first batch's loss is NaN."""
+    import keras
+
+    from toolkit.augment import make_batch_augmenter
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return make_batch_augmenter(recipe.augment, n_classes, seed=recipe.train.seed, validation=not training)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
