@@ -64,6 +64,12 @@ def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):
     np.testing.assert_array_equal(val.images, full.images[rows])
     np.testing.assert_array_equal(corrupt.labels, val.labels)
     assert np.abs(corrupt.images.astype(int) - val.images).mean() > 5
+    # and a copy corrupted by the held-out families (none of them in any preset or in val_corrupt's mix)
+    from toolkit.corrupt import corrupt_images
+
+    held = load_dataset(tmp_path / "v" / "val_heldout.npz")
+    np.testing.assert_array_equal(held.index, rows)
+    np.testing.assert_array_equal(held.images, corrupt_images(val.images, 3, 2, families="held-out"))
 
 
 def test_split_never_overwrites_without_force_and_never_its_input(tiny_npz, tmp_path):

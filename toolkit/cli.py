@@ -249,11 +249,15 @@ def corrupt(data, out, severity, seed, families, force, as_json):
 @click.option("--val-fraction", default=0.15, help="As the recipes' data.val_fraction.")
 @click.option("--seed", default=0, help="As the recipes' data.split_seed.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
-              help="Corruption strength of val_corrupt.npz, as in `cellfuse corrupt`.")
+              help="Corruption strength of val_corrupt.npz and val_heldout.npz, as in `cellfuse corrupt`.")
+@click.option("--families", "held_out", default="held-out",
+              help="Corruption families of val_heldout.npz, as `cellfuse corrupt --families` takes them "
+                   "(held-out: the ImageNet-C families no preset trains on); '' writes no such file.")
 @force_option
 @json_option
-def split(data, out, val_fraction, seed, severity, force, as_json):
-    """Write the validation split training will hold out, clean and corrupted (val.npz, val_corrupt.npz).
+def split(data, out, val_fraction, seed, severity, held_out, force, as_json):
+    """Write the validation split training will hold out: clean, corrupted, and corrupted by held-out families
+    (val.npz, val_corrupt.npz, val_heldout.npz).
 
     \b
     Example:
@@ -261,10 +265,10 @@ def split(data, out, val_fraction, seed, severity, force, as_json):
     """
     from toolkit.data import write_val_files
 
-    val, val_corrupt = write_val_files(data, out, val_fraction, seed, severity, force=force)
-    console.print(f"wrote {val} and {val_corrupt}")
+    written = write_val_files(data, out, val_fraction, seed, severity, held_out=held_out, force=force)
+    console.print("wrote " + ", ".join(str(p) for p in written.values()))
     if as_json:
-        print_json({"val": val, "val_corrupt": val_corrupt})
+        print_json(written)
 
 
 @main.command()

@@ -107,7 +107,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     fraction, seed = common_split(recipes)
 
     p.step("validation files")
-    write_val_files(clean_npz, out / "clean", fraction, seed, force=force)
+    write_val_files(clean_npz, out / "clean", fraction, seed, force=force)  # + val_heldout.npz
     p.done(f"clean + corrupted validation split ({fraction:.0%}, seed {seed})", val_corrupt)
 
     runs = []
