@@ -145,10 +145,13 @@ def test_consistency_brings_the_augmix_views_predictions_together():
 # ----------------------------------------------------------------------------- end to end
 
 def test_augmix_with_consistency_trains_end_to_end(tiny_npz, tmp_path):
+    """Over two replicas (conftest's two logical CPUs): each gets whole (clean, AugMix, AugMix) triples,
+    and each traces its train step in its own thread."""
     from toolkit.train import train_recipe
 
-    recipe = load_recipe(TINY, [f"data.train=\"{tiny_npz}\"", "augment.augmix=true", "augment.augmix_width=2",
-                                "train.consistency=12.0"])
+    recipe = load_recipe(TINY, [f"data.train=\"{tiny_npz}\"", "augment.augmix=true", "augment.augmix_width=1",
+                                "train.consistency=12.0", "train.distribute=\"mirrored\"",
+                                "train.stages=[{epochs=2, lr=3e-3}]"])
     summary = train_recipe(recipe, runs_root=tmp_path / "runs")
     run = tmp_path / "runs" / "tiny"
     rows = list(csv.DictReader((run / "history.csv").open()))
@@ -172,10 +175,10 @@ def test_preview_shows_clean_and_two_augmix_views():
 
     images, labels = make_images(2, seed=4)
     section = check_section({"preset": "none", "augmix": True}, "t")
-    grid, titles, ncols = preview_grid(images, labels, section, n_repeats=6, consistency=12.0)
-    assert ncols == 7 and len(grid) == len(titles) == 2 * ncols  # original + two triples per row
-    assert [t.split(":")[0] for t in titles[1:4]] == ["clean", "AugMix 1", "AugMix 2"]
+    grid, titles, ncols = preview_grid(images, labels, section, n_repeats=3, consistency=12.0)
+    assert ncols == 4 and len(grid) == len(titles) == 2 * ncols  # the original + one triple per row
+    assert [t.split("\n")[0] for t in titles[1:4]] == ["clean", "AugMix 1", "AugMix 2"]
     np.testing.assert_array_equal(grid[1], images[0])  # preset none: clean is the image itself
     assert np.abs(grid[2] - grid[1]).mean() > 1.0
-    _, titles, _ = preview_grid(images, labels, section, n_repeats=6, consistency=0.0)
+    _, titles, _ = preview_grid(images, labels, section, n_repeats=3, consistency=0.0)
     assert titles[1].startswith("before AugMix")  # training without the term never sees this column

@@ -417,7 +417,7 @@ def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeat
         for pass_images, pass_labels in passes:
             for v, kind in enumerate(kinds):
                 grid.append(pass_images[views * i + v])
-                titles.append(f"{kind}: " * bool(kind) + _label_title(pass_labels[views * i + v], class_names))
+                titles.append(f"{kind}\n" * bool(kind) + _label_title(pass_labels[views * i + v], class_names))
     return grid, titles, 1 + n_passes * views
 
 

@@ -17,11 +17,14 @@ Every image costs three forward and backward passes: img/s in history.csv counts
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from toolkit.errors import CellfuseError
 
 EPS = 1e-7
 VIEWS = 3  # clean + two AugMix views, as in the paper (and timm's --aug-splits 3 --jsd-loss)
+# True while a train step is being traced; per thread, as tf.distribute traces each replica in its own.
+_IN_TRAIN_STEP = threading.local()
 
 
 def jensen_shannon(p_clean, p_aug1, p_aug2):
@@ -53,17 +56,21 @@ class ConsistencyModel(_model_base()):
         super().__init__(**kwargs)
         self.model, self.weight = model, float(weight)
         self.jsd_tracker = keras.metrics.Mean(name="jsd")
-        self._three_views = False  # set while train_step traces: only training batches carry views
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
     def train_step(self, data):
-        self._three_views = True
+        _IN_TRAIN_STEP.active = True
         try:
             return super().train_step(data)
         finally:
-            self._three_views = False
+            _IN_TRAIN_STEP.active = False
+
+    @property
+    def _three_views(self) -> bool:
+        """Only training batches carry three views per image; evaluation batches carry one."""
+        return getattr(_IN_TRAIN_STEP, "active", False)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         from keras import ops
