@@ -38,6 +38,7 @@ reproducible in distribution, not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from pathlib import Path
@@ -317,6 +318,19 @@ def _augmix(section: dict, seed: int | None):
                                   seed=_sub_seed(seed, 1003))
 
 
+@contextlib.contextmanager
+def _float32_layers():
+    """Layers made under mixed_float16 would compute 0..255 pixels in float16 (the first loss is NaN)."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
 def _interleave(views):
     """[(B, ...)] * k -> (k*B, ...), image i's views at rows k*i .. k*i + k - 1."""
     import tensorflow as tf
@@ -341,11 +355,12 @@ def make_batch_augmenter(section: dict, n_classes: int, seed: int | None = None,
     if seed is not None:
         tf.random.set_seed(seed)
     steps = []
-    for i, spec in enumerate(specs):
-        fn, p = _build_layer(spec, f"[augment] layers[{i}]", _sub_seed(seed, 2 * i))
-        steps.append(_with_probability(fn, p, _generator(_sub_seed(seed, 2 * i + 1))))
-    mix = None if validation else _mixer(section, seed)
-    augmix = _augmix(section, seed) if section["augmix"] and not validation else None
+    with _float32_layers():
+        for i, spec in enumerate(specs):
+            fn, p = _build_layer(spec, f"[augment] layers[{i}]", _sub_seed(seed, 2 * i))
+            steps.append(_with_probability(fn, p, _generator(_sub_seed(seed, 2 * i + 1))))
+        mix = None if validation else _mixer(section, seed)
+        augmix = _augmix(section, seed) if section["augmix"] and not validation else None
     if not steps and mix is None and augmix is None:
         return None
 
