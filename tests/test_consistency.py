@@ -142,6 +142,44 @@ def test_consistency_brings_the_augmix_views_predictions_together():
     assert within[12.0] < 0.5 * between[12.0], (within, between)
 
 
+def test_a_distiller_with_consistency_asks_the_teacher_about_clean_views_only():
+    """The mixin hands the base class's loss the clean rows: a function-matching teacher labels B
+    images per step, not 3B views (its cost stays put), and the JSD term still joins the loss."""
+    import keras
+
+    from toolkit.consistency import ConsistencyLoss
+    from toolkit.distill import _probability_kl
+
+    seen = []
+
+    class Teacher(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(N_CLASSES, activation="softmax")
+
+        def call(self, x, training=None):
+            seen.append(x.shape[0])  # at trace time: the static batch the teacher is asked about
+            return self.dense(x)
+
+    class ConsistencyDistiller(ConsistencyLoss, keras.distillation.Distiller):
+        def __init__(self, weight, **kwargs):
+            super().__init__(**kwargs)
+            self._init_consistency(weight)
+
+    student = keras.Sequential([keras.Input((12,)), keras.layers.Dense(N_CLASSES, activation="softmax")])
+    teacher = Teacher()
+    teacher(np.zeros((1, 12), np.float32))
+    teacher.trainable = False
+    distiller = ConsistencyDistiller(12.0, teacher=teacher, student=student,
+                                     distillation_losses=_probability_kl(4.0), student_loss_weight=0.1)
+    distiller.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy())
+    x = np.random.default_rng(0).normal(size=(3 * 8, 12)).astype(np.float32)
+    seen.clear()
+    logs = distiller.train_on_batch(x, np.repeat(one_hot(np.arange(8), N_CLASSES), 3, axis=0), return_dict=True)
+    assert seen and set(seen) == {8}, seen
+    assert logs["jsd"] > 0 and np.isfinite(logs["loss"])
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def test_augmix_with_consistency_trains_end_to_end(tiny_npz, tmp_path):

@@ -12,6 +12,11 @@ with the paper's weight 12 as the usual value. The cross-entropy part is whateve
 compiles (label smoothing, class weights, a cached teacher's packed targets) applied to the clean
 rows only; training metrics are on the clean rows too, so they compare with a run without the term.
 Every image costs three forward and backward passes: img/s in history.csv counts images, not views.
+
+Distillation: the ConsistencyLoss mixin hands the base class's loss the clean rows only, so a
+teacher (keras' Distiller in function matching, or cached targets packed into y) labels the clean
+view: one teacher pass per image, not three, and the JSD term carries its labels over to the AugMix
+views. The teacher, not robust to corruptions itself, is never asked about the AugMix views.
 """
 
 from __future__ import annotations
@@ -41,24 +46,19 @@ def split_views(rows):
     return rows[0::VIEWS], rows[1::VIEWS], rows[2::VIEWS]
 
 
-def _model_base():
-    import keras
+class ConsistencyLoss:
+    """Mixin for a keras.Model: training steps take three views per image, evaluation takes one.
 
-    return keras.Model
+    The base class's compute_loss sees only the clean rows (x, y, predictions, sample weights), so
+    any loss it computes, a distiller's teacher pass included, runs on the clean view; this adds
+    weight x JSD over the three views. Call `_init_consistency(weight)` from __init__.
+    """
 
-
-class ConsistencyModel(_model_base()):
-    """Wraps a classifier: training steps take three views per image, evaluation takes one."""
-
-    def __init__(self, model, weight: float, **kwargs):
+    def _init_consistency(self, weight: float) -> None:
         import keras
 
-        super().__init__(**kwargs)
-        self.model, self.weight = model, float(weight)
+        self.weight = float(weight)
         self.jsd_tracker = keras.metrics.Mean(name="jsd")
-
-    def call(self, inputs, training=None):
-        return self.model(inputs, training=training)
 
     def train_step(self, data):
         _IN_TRAIN_STEP.active = True
@@ -78,16 +78,35 @@ class ConsistencyModel(_model_base()):
         if not self._three_views:
             return super().compute_loss(x, y, y_pred, sample_weight, training)
         clean, aug1, aug2 = split_views(y_pred)
-        loss = super().compute_loss(x, y[0::VIEWS], clean, _clean_rows(sample_weight), training)
+        loss = super().compute_loss(x[0::VIEWS], y[0::VIEWS], clean, _clean_rows(sample_weight), training)
         jsd = ops.mean(jensen_shannon(clean, aug1, aug2))
         self.jsd_tracker.update_state(jsd)
         return loss + self.weight * _scale_for_replicas(jsd)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._three_views:
-            return super().compute_metrics(x, y[0::VIEWS], y_pred[0::VIEWS], _clean_rows(sample_weight))
+            return super().compute_metrics(x[0::VIEWS], y[0::VIEWS], y_pred[0::VIEWS],
+                                           _clean_rows(sample_weight))
         logs = super().compute_metrics(x, y, y_pred, sample_weight)
         return {k: v for k, v in logs.items() if k != "jsd"}  # validation has one view: no val_jsd
+
+
+def _model_base():
+    import keras
+
+    return keras.Model
+
+
+class ConsistencyModel(ConsistencyLoss, _model_base()):
+    """A classifier wrapped for consistency training; fit it on three-view batches."""
+
+    def __init__(self, model, weight: float, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self._init_consistency(weight)
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
 
 
 def _clean_rows(sample_weight):
