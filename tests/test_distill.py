@@ -82,13 +82,16 @@ def _student_recipe(tmp: Path, mode: str, extra: str = "") -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("mode", ["cached", "function-matching"])
+@pytest.mark.parametrize("mode", ["cached", "function-matching", "function-matching-tta"])
 def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     tmp, data = tiny_ensemble
     monkeypatch.chdir(tmp)
-    recipe = _student_recipe(tmp, mode, 'init = "m0"\n' if mode == "function-matching" else "")
+    extra = {"cached": "", "function-matching": 'init = "m0"\n',
+             "function-matching-tta": 'init = "m0"\nteacher_tta = true\n'}[mode]
+    recipe = _student_recipe(tmp, mode.removesuffix("-tta"), extra)
     args = ["distill", str(tmp / "ens"), str(recipe), "--json", "--set", f'data.train="{data}"',
-            "--set", f'data.extra_val=["{tmp / "val_corrupt.npz"}"]', "--set", f'name="student-{mode}"']
+            "--set", f'data.extra_val=["{tmp / "val_corrupt.npz"}"]', "--set", f'name="student-{mode}"',
+            "--set", "train.steps_per_epoch=4"]
     if mode == "function-matching":
         args += ["--set", "augment.mixup=0.2"]
     result = CliRunner().invoke(main, args)
@@ -107,10 +110,12 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     if mode == "cached":  # the teacher's targets are computed once and kept with the run
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher with its TTA views" in said
-    else:
+    elif mode == "function-matching":
         assert not list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher without its TTA views" in said
         assert "student backbone starts from member m0" in said
+    else:  # teacher_tta: the on-line teacher averages the ensemble's views every step
+        assert "teacher with its TTA views" in said and "student backbone starts from member m0" in said
 
 
 def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):

@@ -367,3 +367,25 @@ def test_parallel_spreads_children_over_gpus_and_refuses_one_name_twice(tiny_npz
     assert pick_gpu([], 0) is None
     with pytest.raises(CellfuseError, match="both name their run 'tiny'"):
         _check_distinct_names([tiny_recipe(tiny_npz, tmp_path)] * 2)
+
+
+def test_ema_checkpoint_has_batchnorm_statistics_of_its_own_weights(tiny_npz, tmp_path):
+    """Keras averages trainable weights only: the moving statistics are re-estimated for the averaged
+    weights, so re-estimating them again on the same images changes (almost) nothing."""
+    import keras
+
+    from toolkit.train import SwapEMAWithBatchNorm, _calibration_images, load_split, train_recipe
+
+    recipe = tiny_recipe(tiny_npz, tmp_path, "train.ema=true", "train.stages=[{epochs=2, lr=3e-2, unfreeze=1.0}]",
+                         "train.steps_per_epoch=4")
+    train_recipe(recipe, runs_root=tmp_path / "runs")
+    model = keras.saving.load_model(tmp_path / "runs" / "tiny" / "best.keras")
+    norms = [layer for layer in model._flatten_layers(include_self=False)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [n.moving_mean.numpy().copy() for n in norms]
+    from rich.console import Console
+
+    images = _calibration_images(load_split(recipe, Console(quiet=True)).train, recipe.train.seed)
+    SwapEMAWithBatchNorm(model, images).refresh()
+    for before, n in zip(saved, norms, strict=True):
+        np.testing.assert_allclose(before, n.moving_mean.numpy(), rtol=1e-3, atol=1e-3)

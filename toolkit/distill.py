@@ -125,6 +125,9 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     recipe = load_recipe(recipe_path, overrides)
     if recipe.distill is None:
         raise CellfuseError(f"{recipe_path}: a student recipe needs a [distill] section")
+    if recipe.train.consistency:  # not wired into the teacher's loss yet: refused rather than ignored
+        raise CellfuseError(f"{recipe_path}: train.consistency is not supported in distillation yet; "
+                            "the AugMix views can still be used as augmentation (augment.augmix = true)")
     if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
         raise CellfuseError(f"{recipe_path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
                             "to distillation (the student matches the teacher's probabilities, not labels "
@@ -132,18 +135,12 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     from toolkit.ensemble import load_ensemble
 
     cfg = recipe.distill
-    teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
-    run = T.prepare_run_dir(recipe, Path(runs_root or T.RUNS), resume, force)
-    if (run / "metrics.json").exists():
-        console.print(f"[green]{run}[/] is already complete.")
-        return compare(recipe, run, Path(ensemble_dir), console)
-    started = time.time()
-    T._seed_everything(recipe.train.seed)
-    split = T.load_split(recipe, console)
+    start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console)  # train's set-up
+    if start.complete is not None:
+        return compare(recipe, start.run, Path(ensemble_dir), console)
+    run, split, strategy, started = start.run, start.split, start.strategy, start.started
     check_student_split(split, Path(ensemble_dir), recipe_path)
-    T.check_data(split, recipe, console)
-    strategy = T.choose_strategy(recipe.train, console)
-    T._set_precision(recipe.train, console)
+    teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
     with strategy.scope():
         student = T.build_model(recipe, split.train.n_classes)
         if cfg.init:

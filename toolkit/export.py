@@ -156,10 +156,20 @@ def _imported_modules(source: str) -> set[str]:
 
 def _load_for_export(path: Path, tta: str):
     """The model as the submission will run it: no optimizer (compile=False), TTA inside if asked."""
+    from toolkit.backbones import non_core_layers
     from toolkit.runs import load_model
 
+    try:  # runs saved before hub backbones were rebuilt from core layers hold keras-hub classes
+        import keras_hub  # noqa: F401
+    except ImportError:
+        pass
     model = load_model(path, compile=False)
     _check_contract(path, model)
+    foreign = non_core_layers(model)
+    if foreign:
+        raise CellfuseError(f"{path}: layer {foreign[0]} needs a library the grader's model.py cannot import "
+                            "(numpy/tensorflow/keras only); retrain it with this version (hub backbones are "
+                            "rebuilt from core layers) or choose another backbone")
     if tta != "none":
         from toolkit.tta import wrap_with_tta
 

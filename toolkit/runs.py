@@ -94,7 +94,7 @@ def _manifest(folder: Path) -> dict:
         return {}
 
 
-def record_own(path: str | Path) -> None:
+def record_own(path: str | Path) -> Path:
     """Remember that cellfuse wrote `path` (a file, or a folder its libraries fill, e.g. TensorBoard's)."""
     path = Path(path)
     manifest = _manifest(path.parent)
@@ -102,6 +102,7 @@ def record_own(path: str | Path) -> None:
     if path.name not in names:
         manifest["own"] = sorted(names | {path.name})
         _write_replacing(path.parent / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return path
 
 
 def is_own(path: str | Path) -> bool:
@@ -138,11 +139,27 @@ def fresh_dir(path: str | Path, force: bool = False, inputs=()) -> Path:
     if path.exists() and any(path.iterdir()):
         if not force:
             raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
-        check_only_own(path)
-        shutil.rmtree(path)
+        remove_own(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_replacing(path / MANIFEST, json.dumps({"own": []}).encode())
     return path
+
+
+def remove_own(path: str | Path, leftovers=()) -> None:
+    """Delete a folder cellfuse wrote, after checking that everything in it is cellfuse's own (or one
+    of `leftovers`: names an older cellfuse wrote before folders had a manifest). The one place
+    cellfuse deletes a folder."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if (path / MANIFEST).is_file() or {p.name for p in path.iterdir()} - set(leftovers):
+        check_only_own(path, keep=leftovers)  # refuses a folder without a manifest, naming it
+    shutil.rmtree(path)
+
+
+def remove_scratch(path: str | Path) -> None:
+    """Delete a temporary folder cellfuse made for itself (e.g. a non-chief worker's run copy)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def check_only_own(folder: Path, keep=()) -> None:

@@ -265,7 +265,7 @@ class Sweep:
 
 def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool) -> None:
     """A new sweep directory, or the same sweep's when resuming; --force only replaces a sweep's."""
-    import shutil
+    from toolkit.runs import fresh_dir, record_own
 
     out, marker = sweep.out, sweep.out / MARKER
     if out.exists() and any(out.iterdir()):
@@ -280,8 +280,9 @@ def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool) -> None:
             return
         if not force:
             raise CellfuseError(f"{out}: already exists; --resume to continue it, --force to start over")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_dir(out, force=True)  # replaces only a sweep folder holding nothing but cellfuse's files
+    for name in ("study.journal", "trials", "logs"):  # written by Optuna and by the trials
+        record_own(out / name)
     write_json(marker, sweep.record())
 
 

@@ -28,7 +28,17 @@ from toolkit import report
 from toolkit.data import Dataset, load_dataset, one_hot, save_npz, stratified_split
 from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe, load_recipe
-from toolkit.runs import OUTPUTS, atomic_write_text, env_info, write_csv, write_json
+from toolkit.runs import (
+    OUTPUTS,
+    atomic_write_text,
+    env_info,
+    fresh_dir,
+    record_own,
+    remove_own,
+    save_model_atomic,
+    write_csv,
+    write_json,
+)
 
 RUNS = OUTPUTS / "runs"
 
@@ -102,6 +112,7 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
         root = worker_temp_root(root, cluster)  # Keras' multi-worker convention: only the chief writes
     existing = read_summary(root / recipe.name)
     if existing is not None and resume:
+        check_same_recipe(root / recipe.name, recipe)
         console.print(f"[green]{root / recipe.name}[/] is already complete; nothing to resume.")
         return RunStart(root / recipe.name, None, strategy, cluster, started, complete=existing)
     _seed_everything(recipe.train.seed)
@@ -131,26 +142,29 @@ def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, ex
 
     A directory from a start that never finished an epoch (no history, no backup) holds nothing
     worth keeping: it is replaced, so a corrected retry is not refused."""
-    import shutil
-
     run = root / recipe.name
     snapshot = recipe.to_toml()
     if run.exists() and any(run.iterdir()) and not _never_trained(run):
         if resume:
-            old = (run / "recipe.toml").read_text() if (run / "recipe.toml").exists() else None
-            if old is not None and old != snapshot:
-                raise CellfuseError(f"{run}: the recipe changed since this run started; "
-                                    "resume needs the same recipe (or --force to start over)")
+            check_same_recipe(run, recipe)
         elif force:
-            shutil.rmtree(run)
+            fresh_dir(run, force=True)  # only a run folder cellfuse wrote, holding nothing else
         else:
             raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
-    elif run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    else:  # absent, or a start that never finished an epoch
+        remove_own(run, leftovers=("recipe.toml", "env.json"))
+        fresh_dir(run)
     atomic_write_text(run / "recipe.toml", snapshot)
     write_json(run / "env.json", {**env_info(), **(extra_env or {})})
     return run
+
+
+def check_same_recipe(run: Path, recipe: Recipe) -> None:
+    """--resume continues the recipe a run started with, or nothing."""
+    old = (run / "recipe.toml").read_text() if (run / "recipe.toml").exists() else None
+    if old is not None and old != recipe.to_toml():
+        raise CellfuseError(f"{run}: the recipe changed since this run started; "
+                            "resume needs the same recipe (or --force to start over)")
 
 
 def _never_trained(run: Path) -> bool:
@@ -449,7 +463,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     from toolkit.backbones import set_trainable
 
     ckpt = run / "checkpoint"
-    ckpt.mkdir(exist_ok=True)
+    record_own(ckpt).mkdir(exist_ok=True)  # Keras' backups fill it
     train_ds = train_ds or make_dataset(split.train, recipe, training=True)
     check_batch(next(iter(train_ds))[0], console)
     val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False, validation_augment=True)
@@ -470,7 +484,8 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                       f"backbone {stage.unfreeze:.0%} trainable, "
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
         callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model,
-                                   val=split.val["val"], strategy=strategy, extra=extra_callbacks)
+                                   val=split.val["val"], strategy=strategy, extra=extra_callbacks,
+                                   calibration=_calibration_images(split.train, recipe.train.seed))
         fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=0, shuffle=False, class_weight=_class_weight(recipe, split.train))
         nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
@@ -528,7 +543,7 @@ def _class_weight(recipe: Recipe, train: Dataset):
 
 
 def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
-                   val: Dataset | None = None, strategy=None, extra=()):
+                   val: Dataset | None = None, strategy=None, extra=(), calibration=None):
     """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
     computed before the checkpoint, plateau and early stopping read it."""
     import keras
@@ -541,12 +556,13 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         callbacks.append(AverageMovingStats(strategy, source))
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
-        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        callbacks.append(SwapEMAWithBatchNorm(source, calibration) if calibration is not None
+                         else keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if val is not None:
         callbacks.append(ValidationAUC(source, val))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   EpochLog(run, offset, steps, cfg.batch_size, console),
-                  keras.callbacks.TensorBoard(str(run / "tb"), profile_batch=0)]
+                  keras.callbacks.TensorBoard(str(record_own(run / "tb")), profile_batch=0)]
     if cfg.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(cfg.monitor, mode="max", factor=0.3, patience=2))
     if cfg.early_stopping:
@@ -558,6 +574,81 @@ def _callback_base():
     import keras
 
     return keras.callbacks.Callback
+
+
+def _calibration_images(train: Dataset, seed: int, n: int = 512) -> np.ndarray:
+    """Un-augmented training images on which BatchNorm statistics are re-estimated (EMA)."""
+    rows = np.random.default_rng(seed).permutation(len(train))[:n]
+    return train.images[np.sort(rows)].astype(np.float32)
+
+
+def _swap_ema_base():
+    import keras
+
+    return keras.callbacks.SwapEMAWeights
+
+
+class SwapEMAWithBatchNorm(_swap_ema_base()):
+    """Keras' SwapEMAWeights, plus BatchNorm statistics that match the averaged weights.
+
+    The optimizer averages trainable weights only; BatchNorm's moving statistics keep following the
+    raw weights, so validation and the checkpoint would run averaged weights on mismatched statistics.
+    Whenever the averaged weights are swapped in, the statistics are re-estimated on `images`
+    (a forward pass in training mode, weights fixed, a cumulative average over the batches); the raw
+    statistics come back when the raw weights do.
+    """
+
+    def __init__(self, source, images, batch_size: int = 64):
+        super().__init__(swap_on_epoch=True)
+        self.source, self.images, self.batch_size, self.saved = source, images, batch_size, None
+
+    def _norms(self):
+        import keras
+
+        return [layer for layer in self.source._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    def refresh(self):
+        norms = self._norms()
+        self.saved = [(n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
+        momenta = [n.momentum for n in norms]
+        for i, start in enumerate(range(0, len(self.images), self.batch_size)):
+            for n in norms:
+                n.momentum = i / (i + 1)  # 0 first, then a running mean over the batches
+            self.source(self.images[start:start + self.batch_size], training=True)
+        for n, m in zip(norms, momenta, strict=True):
+            n.momentum = m
+
+    def restore(self):
+        if self.saved is not None:
+            for n, (mean, var) in zip(self._norms(), self.saved, strict=True):
+                n.moving_mean.assign(mean)
+                n.moving_variance.assign(var)
+        self.saved = None
+
+    def on_test_begin(self, logs=None):
+        swapping = not self._ema_weights_in_model
+        super().on_test_begin(logs)
+        if swapping:
+            self.refresh()
+
+    def on_test_end(self, logs=None):
+        if self._ema_weights_in_model:
+            self.restore()
+        super().on_test_end(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        swapping = not self._ema_weights_in_model
+        super().on_epoch_end(epoch, logs)
+        if swapping:
+            self.refresh()
+            if epoch == self.params["epochs"] - 1:
+                self.saved = None  # the stage ends on the averaged weights: keep their statistics
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._ema_weights_in_model:
+            self.restore()
+        super().on_epoch_begin(epoch, logs)
 
 
 class NaNGuard(_callback_base()):
@@ -743,7 +834,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     with np.load(best_npz if best_npz.exists() else last_stage) as f:
         weights = [f[f"w{j}"] for j in range(len(f.files))]
     model = inference_model(recipe, split.train.n_classes, weights)
-    _save_keras_atomic(model, run / "best.keras")
+    save_model_atomic(model, run / "best.keras")
     metrics = {}
     for name, data in split.val.items():
         probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
@@ -776,11 +867,11 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
     """A non-chief worker's end: its temporary folder goes; it reports the digest of its final
     weights, which equals the chief's when the workers stayed in sync."""
-    import shutil
+    from toolkit.runs import remove_scratch
 
     summary = {"name": recipe.name, "role": "worker", "task": describe_strategy(start.strategy, start.cluster)["task"],
                "final_weights_sha1": weights_digest(model.get_weights())}
-    shutil.rmtree(start.run, ignore_errors=True)
+    remove_scratch(start.run)
     console.print(f"worker {summary['task']} done; the chief wrote the run directory")
     return summary
 
@@ -792,12 +883,6 @@ def weights_digest(weights: list) -> str:
     for w in weights:
         digest.update(np.ascontiguousarray(w).tobytes())
     return digest.hexdigest()
-
-
-def _save_keras_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def _read_history(run: Path) -> list[dict]:
