@@ -154,9 +154,10 @@ def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def temperature_layers(model) -> list:
-    from toolkit.layers import TemperatureScale
-
-    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, TemperatureScale)]
+    """By class name: a submission's model.py registers its own inlined copy of cellfuse's layers under the
+    same name, and a model loaded after it is built from that copy."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if type(layer).__name__ == "TemperatureScale"]
 
 
 def untempered_probs(model, images: np.ndarray, batch_size: int) -> np.ndarray | None:

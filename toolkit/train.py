@@ -330,7 +330,10 @@ def choose_strategy(cfg, console: Console, cluster: Cluster | None = None):
     if cfg.distribute == "mirrored" or (cfg.distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         console.print(f"distribution: MirroredStrategy over {len(devices)} devices")
-        return tf.distribute.MirroredStrategy(devices)
+        # CPU replicas (tests) reduce on one device: TF's collective ops mix up instances when several
+        # CPU strategies live in one process ("shape mismatch in the collective instance")
+        reduce = None if gpus else tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=reduce)
     return tf.distribute.get_strategy()
 
 
@@ -370,9 +373,17 @@ def _reduce_nested(strategy):
     return strategy
 
 
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def describe_strategy(strategy, cluster: Cluster) -> dict:
-    """For env.json: how this run was spread (replicas in sync, workers, this task's role)."""
-    return {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync),
+    """For env.json: how this run was spread (replicas in sync, workers, this task's role). TF's class
+    behind MultiWorkerMirroredStrategy is called CollectiveAllReduceStrategy: named by its public name."""
+    name = "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__
+    return {"strategy": name, "replicas": int(strategy.num_replicas_in_sync),
             "workers": cluster.workers, "task": f"{cluster.task_type}{cluster.task_index}",
             "role": "chief" if cluster.is_chief else "worker"}
 
@@ -551,7 +562,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     cfg = recipe.train
     callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq=cfg.checkpoint_every,
                                                   double_checkpoint=True)]
-    if strategy is not None and "MultiWorker" in type(strategy).__name__:
+    if strategy is not None and is_multi_worker(strategy):
         callbacks.append(ChiefState(strategy))
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         callbacks.append(AverageMovingStats(strategy, source))
@@ -742,14 +753,23 @@ def sync_replicas(strategy, variables, how: str) -> None:
     if how == "mean":
         variables = [v for v in variables if v.dtype.is_floating]  # not seed-generator state
 
+    def wire(v):  # all_reduce packs one dtype per call
+        return tf.float32 if v.dtype == tf.float32 else tf.float64
+
     @tf.function
     def step():
         ctx = tf.distribute.get_replica_context()
-        values = [tf.identity(v) if v.dtype.is_floating else tf.cast(v, tf.float64) for v in variables]
+        values = [tf.identity(tf.cast(v, wire(v))) for v in variables]  # tensors, not variables
         if how == "chief":
             first = tf.equal(ctx.replica_id_in_sync_group, 0)
             values = [tf.where(first, x, tf.zeros_like(x)) for x in values]
-        return ctx.all_reduce("sum" if how == "chief" else "mean", values)
+        reduced = {}
+        for dtype in {x.dtype for x in values}:
+            group = [i for i, x in enumerate(values) if x.dtype == dtype]
+            for i, r in zip(group, ctx.all_reduce("sum" if how == "chief" else "mean",
+                                                  [values[i] for i in group]), strict=True):
+                reduced[i] = r
+        return [reduced[i] for i in range(len(values))]
 
     for var, value in zip(variables, strategy.run(step), strict=True):
         var.assign(tf.cast(strategy.experimental_local_results(value)[0], var.dtype))
