@@ -257,20 +257,33 @@ def test_preview_arrays_draws_one_row_per_image(tmp_path):
     assert w5 > 1.5 * w2 and abs(h5 - h2) < 0.2 * h2  # more repeats, more columns; same rows
 
 
-def test_preview_recipe_uses_the_recipe_fields(tmp_path):
+def test_preview_recipe_uses_the_recipe_fields(tmp_path, monkeypatch):
+    """The grid shows the recipe's own training images, one per class, through its own augmentation."""
+    import toolkit.augment
+
     images, labels = make_images(40, seed=4)
     data = save_dataset(tmp_path / "train.npz", images, labels)
+    section = check_section({"preset": "light"}, "t")
     recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data), train=SimpleNamespace(seed=1, consistency=0.0),
-                             augment=check_section({"preset": "light"}, "t"))
-    out = preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
-    assert out.exists() and out.stat().st_size > 1000
+                             augment=section)
+    seen = {}
+    monkeypatch.setattr(toolkit.augment, "preview_arrays", lambda *a, **k: seen.update(args=a, kwargs=k) or "x")
+    preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
+    shown, shown_labels, shown_section, out = seen["args"]
+    assert len(shown) == 3 and len(set(shown_labels.tolist())) == 3  # distinct classes
+    for image, label in zip(shown, shown_labels, strict=True):  # each one a row of the recipe's file
+        rows = [i for i in range(len(images)) if np.array_equal(images[i], image)]
+        assert rows and labels[rows[0]] == label
+    assert shown_section is section and out == tmp_path / "p.png"
+    assert seen["kwargs"]["seed"] == 1 and seen["kwargs"]["n_repeats"] == 2 and "toy" in seen["kwargs"]["title"]
 
 
-def test_pipeline_throughput_is_a_positive_rate():
-    images, labels = make_images(32, seed=5)
-    rate = pipeline_throughput(check_section({"preset": "light"}, "t"), images, labels, batch_size=16, n_batches=3)
-    assert 0 < rate < 1e7
-
+def test_pipeline_throughput_measures_the_augmentation():
+    """A measured rate, not a constant: the heavy preset's work shows against no augmentation at all."""
+    images, labels = make_images(64, seed=5)
+    none = pipeline_throughput(check_section({"preset": "none"}, "t"), images, labels, batch_size=16, n_batches=4)
+    heavy = pipeline_throughput(check_section({"preset": "heavy"}, "t"), images, labels, batch_size=16, n_batches=4)
+    assert 0 < heavy and none > 3 * heavy
 
 
 def test_preview_command_end_to_end(tmp_path, tiny_npz):
