@@ -295,10 +295,11 @@ def open_study(sweep: Sweep):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = sweep.space
     storage = JournalStorage(JournalFileBackend(str(sweep.out / "study.journal")))
-    return optuna.create_study(storage=storage, study_name="sweep", direction=space.direction,
-                               sampler=optuna.samplers.TPESampler(seed=space.seed),
-                               pruner=make_pruner(space.pruner, total_epochs(sweep.base)),
-                               load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name="sweep", direction=space.direction,
+                                pruner=make_pruner(space.pruner, total_epochs(sweep.base)), load_if_exists=True)
+    # a resumed sweep must not redraw the values its first trials drew from the same seed
+    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials))
+    return study
 
 
 def make_pruner(name: str, max_epochs: int):
