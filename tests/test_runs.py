@@ -59,3 +59,21 @@ def test_check_new_file_replaces_only_files_cellfuse_wrote(tmp_path):
     with pytest.raises(CellfuseError, match="also an input"):
         check_new_file(mine, ".json", force=True, inputs=[mine])
     assert json.loads((tmp_path / MANIFEST).read_text())["own"] == ["report.json"]
+
+
+def test_a_user_file_deep_inside_a_cellfuse_folder_blocks_force(tmp_path):
+    from toolkit.runs import record_own
+
+    def train_run(out):  # as train.prepare_run_dir makes it: runs/ and the run recorded, the run its own
+        record_own(out / "runs")
+        record_own(out / "runs" / "tiny")
+        return fresh_dir(out / "runs" / "tiny")
+
+    out = fresh_dir(tmp_path / "demo")
+    write_json(train_run(out) / "summary.json", {})
+    fresh_dir(out, force=True)  # everything cellfuse's: replaced
+    run = train_run(out)
+    (run / "my_notes.txt").write_text("mine")
+    with pytest.raises(CellfuseError, match="my_notes.txt"):
+        fresh_dir(out, force=True)
+    assert (run / "my_notes.txt").read_text() == "mine"

@@ -142,7 +142,7 @@ def test_killed_sweep_resumes_without_rerunning(tmp_path):
     assert first.stat().st_mtime_ns == stamp  # trial 0 was not trained again
     rows = read_rows(out)
     assert [r["trial"] for r in rows] == ["0", "1"] and all(r["state"] == "complete" for r in rows)
-    assert sorted(p.name for p in (out / "trials").iterdir()) == ["tiny-t000", "tiny-t001"]
+    assert sorted(p.name for p in (out / "trials").iterdir() if not p.name.startswith(".")) == ["tiny-t000", "tiny-t001"]
     drawn = [tuple(v for k, v in r.items() if "." in k) for r in rows]
     assert drawn[0] != drawn[1]  # the resumed sampler does not redraw trial 0's values
     again = CliRunner().invoke(main, args)

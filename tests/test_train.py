@@ -389,3 +389,17 @@ def test_ema_checkpoint_has_batchnorm_statistics_of_its_own_weights(tiny_npz, tm
     SwapEMAWithBatchNorm(model, images).refresh()
     for before, n in zip(saved, norms, strict=True):
         np.testing.assert_allclose(before, n.moving_mean.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_an_extra_validation_file_cannot_replace_the_split(tiny_npz, tmp_path):
+    """`cellfuse split` writes val.npz: listed in extra_val it would have replaced the held-out split."""
+    import shutil
+
+    from rich.console import Console
+
+    from toolkit.train import load_split
+
+    shutil.copy(tiny_npz, tmp_path / "val.npz")
+    recipe = tiny_recipe(tiny_npz, tmp_path, f'data.extra_val=["{tmp_path / "val.npz"}"]')
+    with pytest.raises(CellfuseError, match="already taken"):
+        load_split(recipe, Console(quiet=True))

@@ -328,7 +328,14 @@ def member_file(dir, name: str) -> Path:
 def _prepare_out(out: Path, force: bool, inputs) -> Path:
     """The output directory; its cached predictions survive --force, earlier results do not.
     Only a folder cellfuse wrote is ever written into (runs.check_only_own)."""
-    from toolkit.runs import check_only_own, fresh_dir, refuse_inputs_inside
+    from toolkit.runs import (
+        MANIFEST,
+        check_only_own,
+        clear_own,
+        fresh_dir,
+        record_own,
+        refuse_inputs_inside,
+    )
 
     out = Path(out)
     refuse_inputs_inside(out, inputs)
@@ -339,8 +346,11 @@ def _prepare_out(out: Path, force: bool, inputs) -> Path:
     others = [p.name for p in out.iterdir() if p.name != CACHE and not p.name.startswith(".")]
     if others and not force:
         raise CellfuseError(f"{out}: already holds {', '.join(sorted(others))}; pass --force to "
-                        "replace the ensemble (its cached predictions are reused)")
+                            "replace the ensemble (its cached predictions are reused)")
+    if not others and not (out / MANIFEST).is_file():
+        record_own(out / CACHE)  # only a prediction cache, as earlier versions left it
     check_only_own(out, keep=(CACHE,))
+    clear_own(out, keep=(CACHE,))
     return out
 
 

@@ -101,6 +101,7 @@ def record_own(path: str | Path) -> Path:
     names = set(manifest.get("own", []))
     if path.name not in names:
         manifest["own"] = sorted(names | {path.name})
+        path.parent.mkdir(parents=True, exist_ok=True)
         _write_replacing(path.parent / MANIFEST, json.dumps(manifest, indent=1).encode())
     return path
 
@@ -157,6 +158,15 @@ def remove_own(path: str | Path, leftovers=()) -> None:
     shutil.rmtree(path)
 
 
+def clear_own(folder: str | Path, keep=()) -> None:
+    """Delete the files cellfuse recorded in `folder` (not `keep`): a rebuild leaves no stale results."""
+    folder = Path(folder)
+    for name in _manifest(folder).get("own", []):
+        path = folder / name
+        if name not in keep and path.is_file():
+            path.unlink()
+
+
 def remove_scratch(path: str | Path) -> None:
     """Delete a temporary folder cellfuse made for itself (e.g. a non-chief worker's run copy)."""
     shutil.rmtree(path, ignore_errors=True)
@@ -168,6 +178,9 @@ def check_only_own(folder: Path, keep=()) -> None:
         raise CellfuseError(f"{folder}: was not written by cellfuse (no {MANIFEST} in it), so --force "
                             "will not delete it; choose another --out or remove it yourself")
     own = set(_manifest(folder).get("own", [])) | {MANIFEST, *keep}
+    for sub in folder.iterdir():  # a folder with its own manifest is checked the same way, all the way down
+        if sub.is_dir() and (sub / MANIFEST).is_file():
+            check_only_own(sub)
     foreign = sorted(p.name for p in folder.iterdir()
                      if p.name not in own and not (p.is_dir() and (p / MANIFEST).is_file())
                      and not (p.name.startswith(".") and p.name.endswith(".tmp")))

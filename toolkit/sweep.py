@@ -560,10 +560,10 @@ def _spawn(sweep: Sweep, trial, gpu: int | None):
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     logs = sweep.out / "logs"
     logs.mkdir(exist_ok=True)
-    log = (logs / f"trial{trial.number:03d}.log").open("w")  # a file, not a pipe: a full pipe stalls the child
     # optuna keeps no public trial id; the number is only unique within a study, the id across the storage
     cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial._trial_id), str(os.getpid())]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with (logs / f"trial{trial.number:03d}.log").open("w") as log:  # a file, not a pipe: a full pipe stalls the child
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # the child keeps its copy
 
 
 def _worker(out: str, trial_id: str, parent: str) -> None:

@@ -144,6 +144,8 @@ def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, ex
     worth keeping: it is replaced, so a corrected retry is not refused."""
     run = root / recipe.name
     snapshot = recipe.to_toml()
+    record_own(root)  # the runs folder and each run in it are cellfuse's (a demo folder holding them is)
+    record_own(root / recipe.name)
     if run.exists() and any(run.iterdir()) and not _never_trained(run):
         if resume:
             check_same_recipe(run, recipe)
@@ -191,7 +193,11 @@ def load_split(recipe: Recipe, console: Console) -> Split:
     train_rows, val_rows = stratified_split(data.labels, recipe.data.val_fraction, recipe.data.split_seed)
     val = {"val": data.subset(val_rows)}
     for path in recipe.data.extra_val:
-        val[Path(path).stem] = load_dataset(path, n_classes=recipe.data.n_classes)
+        name = Path(path).stem
+        if name in val:  # "val" is the held-out split itself: a file named so would replace it
+            raise CellfuseError(f"{recipe.path}: data.extra_val names {path}, whose name {name!r} is already "
+                                "taken (the split's own is 'val'); rename the file")
+        val[name] = load_dataset(path, n_classes=recipe.data.n_classes)
     console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
                   + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))
     return Split(data.subset(train_rows), val)
@@ -312,7 +318,7 @@ def cluster_from_env() -> Cluster:
 def worker_temp_root(root: Path, cluster: Cluster) -> Path:
     """Where a non-chief worker writes: a folder of its own beside the runs, kept until the run ends
     so that its backups survive a restart (its weights equal the chief's; nothing there is a result)."""
-    return root / ".workertemp" / f"{cluster.task_type}{cluster.task_index}"
+    return record_own(root / ".workertemp") / f"{cluster.task_type}{cluster.task_index}"
 
 
 _STRATEGIES: dict = {}  # one multi-worker strategy per process: TensorFlow allows no second
@@ -554,21 +560,20 @@ def _class_weight(recipe: Recipe, train: Dataset):
 
 
 def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
-                   val: Dataset | None = None, strategy=None, extra=(), calibration=None):
+                   val: Dataset | None = None, strategy=None, extra=(), calibration):
     """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
     computed before the checkpoint, plateau and early stopping read it."""
     import keras
 
     cfg = recipe.train
-    callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq=cfg.checkpoint_every,
+    callbacks = [keras.callbacks.BackupAndRestore(str(record_own(backup)), save_freq=cfg.checkpoint_every,
                                                   double_checkpoint=True)]
     if strategy is not None and is_multi_worker(strategy):
         callbacks.append(ChiefState(strategy))
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         callbacks.append(AverageMovingStats(strategy, source))
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
-        callbacks.append(SwapEMAWithBatchNorm(source, calibration) if calibration is not None
-                         else keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        callbacks.append(SwapEMAWithBatchNorm(source, calibration))
     if val is not None:
         callbacks.append(ValidationAUC(source, val))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
@@ -924,7 +929,7 @@ def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, co
     import tensorflow as tf
 
     n_gpus = len(tf.config.list_physical_devices("GPU"))
-    logs = root / "logs"
+    logs = record_own(root / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     pending, running, results, failed = list(enumerate(recipes)), {}, {}, []
     try:
