@@ -147,7 +147,7 @@ def test_a_distiller_with_consistency_asks_the_teacher_about_clean_views_only():
     images per step, not 3B views (its cost stays put), and the JSD term still joins the loss."""
     import keras
 
-    from toolkit.consistency import ConsistencyLoss
+    from toolkit.consistency import ConsistencyDistiller
     from toolkit.distill import _probability_kl
 
     seen = []
@@ -160,11 +160,6 @@ def test_a_distiller_with_consistency_asks_the_teacher_about_clean_views_only():
         def call(self, x, training=None):
             seen.append(x.shape[0])  # at trace time: the static batch the teacher is asked about
             return self.dense(x)
-
-    class ConsistencyDistiller(ConsistencyLoss, keras.distillation.Distiller):
-        def __init__(self, weight, **kwargs):
-            super().__init__(**kwargs)
-            self._init_consistency(weight)
 
     student = keras.Sequential([keras.Input((12,)), keras.layers.Dense(N_CLASSES, activation="softmax")])
     teacher = Teacher()

@@ -82,18 +82,22 @@ def _student_recipe(tmp: Path, mode: str, extra: str = "") -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("mode", ["cached", "function-matching", "function-matching-tta"])
+MODES = {"cached": "", "function-matching": 'init = "m0"\n', "function-matching-tta": 'init = "m0"\nteacher_tta = true\n',
+         "bank": "bank_views = 2\n", "function-matching-jsd": ""}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     tmp, data = tiny_ensemble
     monkeypatch.chdir(tmp)
-    extra = {"cached": "", "function-matching": 'init = "m0"\n',
-             "function-matching-tta": 'init = "m0"\nteacher_tta = true\n'}[mode]
-    recipe = _student_recipe(tmp, mode.removesuffix("-tta"), extra)
+    recipe = _student_recipe(tmp, mode.removesuffix("-tta").removesuffix("-jsd"), MODES[mode])
     args = ["distill", str(tmp / "ens"), str(recipe), "--json", "--set", f'data.train="{data}"',
             "--set", f'data.extra_val=["{tmp / "val_corrupt.npz"}"]', "--set", f'name="student-{mode}"',
             "--set", "train.steps_per_epoch=4"]
-    if mode == "function-matching":
+    if mode in ("function-matching", "bank"):
         args += ["--set", "augment.mixup=0.2"]
+    if mode == "function-matching-jsd":  # AugMix + JSD: the teacher labels the clean view
+        args += ["--set", "augment.augmix=true", "--set", "train.consistency=12.0"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
@@ -114,8 +118,57 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
         assert not list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher without its TTA views" in said
         assert "student backbone starts from member m0" in said
-    else:  # teacher_tta: the on-line teacher averages the ensemble's views every step
+    elif mode == "function-matching-tta":  # the on-line teacher averages the ensemble's views every step
         assert "teacher with its TTA views" in said and "student backbone starts from member m0" in said
+    elif mode == "bank":  # two views of every training image, labelled once, kept with the run
+        assert len(list((run / "checkpoint").glob("bank_*/view*.npz"))) == 2 and "bank: 2 view(s)" in said
+    else:
+        history = (run / "history.csv").read_text().splitlines()
+        assert "jsd" in history[0].split(",")
+    # the patience curve: the student's accuracy per epoch on every validation set, the ensemble's beside it
+    patience = json.loads((run / "distill.json").read_text())["patience"]
+    epochs = len((run / "history.csv").read_text().splitlines()) - 1
+    assert patience["epoch"] == list(range(1, epochs + 1)) and (run / "patience.png").exists()
+    for name in ("val", "val_corrupt"):
+        assert len(patience["student"][name]) == epochs and all(0 <= v <= 1 for v in patience["student"][name])
+        assert patience["ensemble"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"])
+
+
+def test_the_bank_stores_each_view_with_the_teachers_output_on_it_and_resumes(tiny_ensemble, tmp_path, monkeypatch):
+    """Function matching paid up front: the stored output is the teacher's on the stored view (not on
+    the original image), mixed labels ride along, and an interrupted bank redraws only missing views."""
+    from toolkit import train as T
+    from toolkit.data import load_dataset
+    from toolkit.distill import build_bank
+    from toolkit.ensemble import load_ensemble
+    from toolkit.recipe import load_recipe
+
+    tmp, data = tiny_ensemble
+    recipe = load_recipe(_student_recipe(tmp, "bank", "bank_views = 3\n"), ["augment.mixup=0.2", "augment.mix_prob=1.0"])
+    teacher = load_ensemble(tmp / "ens", views=False)
+    train = load_dataset(data)
+    calls = []
+
+    class Counting(T.Predictor):  # counts the teacher's batches
+        def __call__(self, x):
+            calls.append(len(x))
+            return super().__call__(x)
+
+    monkeypatch.setattr(T, "Predictor", Counting)
+    views, targets = build_bank(teacher, train, recipe, tmp_path, tmp / "ens", Console(quiet=True))
+    n = len(train)
+    assert views.shape == (3 * n, *train.images.shape[1:]) and views.dtype == np.uint8 and targets.shape == (3 * n, 16)
+    assert not np.array_equal(views[:n], views[n:2 * n])  # each view its own augmentation
+    np.testing.assert_allclose(targets[:, :8].sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose(targets[:, 8:].sum(1), 1, atol=1e-4)
+    assert (targets[:, 8:].max(1) < 1).any()  # MixUp's soft labels are kept
+    np.testing.assert_allclose(teacher.predict(views[:64].astype(np.float32), verbose=0), targets[:64, :8], atol=0.02)
+    assert sum(calls) == 3 * n
+    (next(tmp_path.glob("checkpoint/bank_*")) / "view1.npz").unlink()  # interrupted while drawing view 1
+    again, targets_again = build_bank(teacher, train, recipe, tmp_path, tmp / "ens", Console(quiet=True))
+    assert sum(calls) == 3 * n + n  # only the missing view is labelled again
+    np.testing.assert_array_equal(again, views)  # same seeds: the same views
+    np.testing.assert_allclose(targets_again, targets, atol=1e-5)
 
 
 def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
@@ -175,6 +228,11 @@ def test_student_recipe_needs_distill_section(tiny_ensemble):
         result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(_student_recipe(tmp, mode)),
                                            "--set", 'train.class_weights="balanced"'])
         assert result.exit_code == 2 and "class_weights" in result.output and "Traceback" not in result.output
+    for sets, words in [(["train.consistency=12.0", "augment.augmix=true"], "three views"),
+                        (["distill.bank_views=0"], "bank_views = 0")]:
+        args = ["distill", str(tmp / "ens"), str(_student_recipe(tmp, "bank"))]
+        result = CliRunner().invoke(main, args + [a for s in sets for a in ("--set", s)])
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
 
 
 def test_a_student_holding_out_other_rows_than_its_teacher_is_refused(tmp_path):

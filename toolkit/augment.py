@@ -77,9 +77,26 @@ PRESETS: dict[str, list[dict]] = {
         {"layer": "GridMask", "ratio_factor": [0.1, 0.3], "rotation_factor": 0.15, "p": 0.2},
         {"layer": "RandomCutout", "height_factor": [0.1, 0.25], "width_factor": [0.1, 0.25], "p": 0.3},
     ],
+    # heavy, with corruptions stacked more often and harder (noise, blur, JPEG, hue, occlusion): in a
+    # corrupted image several corruptions meet, and a model that saw them only one at a time fails there.
+    "robust": _FLIPS + [
+        {"layer": "RandAugment", "augmentations_per_image": 2, "magnitude": 0.5, "geometric": False},
+        {"layer": "RandomShear", "x_factor": 0.15, "y_factor": 0.15, "fill_mode": "constant",
+         "fill_value": 128.0, "p": 0.3},
+        {"layer": "RandomTranslation", "height_factor": 0.06, "width_factor": 0.06, "p": 0.3},
+        {"layer": "ChannelShuffle", "p": 0.3},
+        {"layer": "RandomHue", "factor": 0.5, "p": 0.3},
+        {"layer": "Solarization", "threshold_factor": [0, 255], "p": 0.2},
+        {"layer": "RandomGaussianBlur", "kernel_size": 5, "factor": [0.5, 2.0], "p": 0.35},
+        {"layer": "RandomJpegQuality", "factor": [10, 60], "p": 0.3},
+        {"layer": "GaussianNoise", "stddev": 0.08, "p": 0.4},
+        {"layer": "GridMask", "ratio_factor": [0.1, 0.3], "rotation_factor": 0.15, "p": 0.3},
+        {"layer": "RandomCutout", "height_factor": [0.1, 0.3], "width_factor": [0.1, 0.3], "p": 0.4},
+    ],
 }
 # Mixing that a preset turns on unless the section says otherwise.
-PRESET_MIXING = {"heavy": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}}
+PRESET_MIXING = {"heavy": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5},
+                 "robust": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}}
 AUGMIX_DEFAULTS = {"augmix": False, "augmix_severity": 0.3, "augmix_width": 3, "augmix_depth": [1, 3]}
 DEFAULTS = {"preset": "medium", "layers": [], "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.5,
             "val_preset": "none", **AUGMIX_DEFAULTS}

@@ -109,6 +109,20 @@ class ConsistencyModel(ConsistencyLoss, _model_base()):
         return self.model(inputs, training=training)
 
 
+def _distiller_base():
+    import keras
+
+    return keras.distillation.Distiller
+
+
+class ConsistencyDistiller(ConsistencyLoss, _distiller_base()):
+    """keras' Distiller with the JSD term: its compute_loss, teacher pass included, sees the clean rows."""
+
+    def __init__(self, weight: float, **kwargs):
+        super().__init__(**kwargs)
+        self._init_consistency(weight)
+
+
 def _clean_rows(sample_weight):
     return None if sample_weight is None else sample_weight[0::VIEWS]
 

@@ -4,13 +4,26 @@ Loss (Hinton et al. 2015): alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(
 where x_T = softmax(log(x) / T). Models output probabilities, and log-probabilities are valid logits
 (softmax(log p) = p), so the loss is exact without exposing logits.
 
-Two teacher modes:
+Three teacher modes:
 - cached: the teacher's TTA-averaged probabilities on the un-augmented training images, computed
   once; the student then trains on augmented images against those fixed targets. Cheap.
 - function-matching (Beyer et al. 2022): teacher and student see the same augmented (and mixed)
   view every step; the teacher runs on the fly through Keras' `keras.distillation.Distiller`. By
   default the teacher is the ensemble's members, temperatures and weights on that one view: its TTA
   views would multiply the per-step cost by their number (`[distill] teacher_tta = true` adds them).
+- bank: function matching with the teacher paid up front. `bank_views` augmented (and mixed) views
+  of every training image are drawn once and labelled once by the same teacher; the student then
+  trains on rows drawn from that bank with no teacher pass per step. On a CPU, where the teacher's
+  forward pass costs more than the student's step, this buys several student epochs per teacher
+  epoch; the price is a finite set of views (an epoch past `bank_views` sees a view again).
+
+Consistency (`[train] consistency`, AugMix + JSD): in cached and function-matching mode the teacher
+labels the clean view only and the JSD term carries its labels to the two AugMix views (see
+toolkit.consistency): the teacher, not robust itself, is never asked about them. Not in bank mode,
+whose rows hold one view each.
+
+Every epoch logs the student's accuracy on each extra validation set too, so distill.json and
+patience.png show the "patience" curve (Beyer et al.: students keep improving for a long time).
 
 `[distill] init` starts the student's backbone from a trained member's (e.g. the pretrained network
 each member fine-tuned, already adapted to cells and to the augmentation), so distillation spends its
@@ -104,10 +117,13 @@ def _compile_function_matching(teacher):
     def compile_fn(model, recipe: Recipe, stage, steps: int):
         import keras
 
+        from toolkit.consistency import ConsistencyDistiller
+
         teacher.trainable = False
-        distiller = keras.distillation.Distiller(
-            teacher=teacher, student=model, distillation_losses=_probability_kl(recipe.distill.temperature),
-            student_loss_weight=recipe.distill.alpha)
+        kwargs = {"teacher": teacher, "student": model, "student_loss_weight": recipe.distill.alpha,
+                  "distillation_losses": _probability_kl(recipe.distill.temperature)}
+        distiller = (ConsistencyDistiller(recipe.train.consistency, **kwargs) if recipe.train.consistency
+                     else keras.distillation.Distiller(**kwargs))
         distiller(np.zeros((1, *model.input_shape[1:]), np.float32))  # built, so backups can restore it
         distiller.compile(optimizer=T.make_optimizer(recipe.train, stage, steps),
                           loss=keras.losses.CategoricalCrossentropy(),
@@ -123,15 +139,8 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
                    runs_root=None) -> dict:
     console = console or Console()
     recipe = load_recipe(recipe_path, overrides)
-    if recipe.distill is None:
-        raise CellfuseError(f"{recipe_path}: a student recipe needs a [distill] section")
-    if recipe.train.consistency:  # not wired into the teacher's loss yet: refused rather than ignored
-        raise CellfuseError(f"{recipe_path}: train.consistency is not supported in distillation yet; "
-                            "the AugMix views can still be used as augmentation (augment.augmix = true)")
-    if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
-        raise CellfuseError(f"{recipe_path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
-                            "to distillation (the student matches the teacher's probabilities, not labels "
-                            "alone); remove it from the student recipe")
+    check_distill_recipe(recipe, recipe_path)
+    from toolkit import consistency
     from toolkit.ensemble import load_ensemble
 
     cfg = recipe.distill
@@ -149,20 +158,111 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
                   f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
                   f"student {student.count_params():,} parameters")
-    if cfg.mode == "cached":
-        n = split.train.n_classes
-        targets = {name: teacher_probs(teacher, data, run, Path(ensemble_dir), name, console)
-                   for name, data in [("train", split.train), ("val", split.val["val"])]}
-        train_ds = T.make_dataset(split.train, recipe, training=True,
-                                  targets=np.concatenate([targets["train"], one_hot(split.train.labels, n)], 1))
-        val_ds = T.make_dataset(split.val["val"], recipe, training=False,
-                                targets=np.concatenate([targets["val"], one_hot(split.val["val"].labels, n)], 1))
-        T.fit_stages(student, recipe, split, run, strategy, console, train_ds=train_ds, val_ds=val_ds,
-                     compile_fn=_compile_cached(n))
+    fit = {"track_extra_val": True}
+    if cfg.mode == "function-matching":
+        fit["compile_fn"] = _compile_function_matching(teacher)  # a ConsistencyDistiller with consistency
+        if recipe.train.consistency:
+            fit["train_ds"] = consistency.make_dataset(split.train, recipe)
     else:
-        T.fit_stages(student, recipe, split, run, strategy, console, compile_fn=_compile_function_matching(teacher))
+        n = split.train.n_classes
+        val = split.val["val"]
+        val_targets = np.concatenate([teacher_probs(teacher, val, run, Path(ensemble_dir), "val", console),
+                                      one_hot(val.labels, n)], 1)
+        fit.update(val_ds=T.make_dataset(val, recipe, training=False, targets=val_targets),
+                   compile_fn=_compile_cached(n))
+        if cfg.mode == "bank":
+            fit["train_ds"] = bank_dataset(*build_bank(teacher, split.train, recipe, run, Path(ensemble_dir),
+                                                       console), recipe)
+        else:
+            targets = np.concatenate([teacher_probs(teacher, split.train, run, Path(ensemble_dir), "train", console),
+                                      one_hot(split.train.labels, n)], 1)
+            fit["train_ds"] = T.make_dataset(split.train, recipe, training=True, targets=targets)
+            fit.update(consistency.fit_arguments(recipe, split, fit["compile_fn"], targets))  # 3 views if on
+    T.fit_stages(student, recipe, split, run, strategy, console, **fit)
     T.finish_run(recipe, split, run, started, console)
     return compare(recipe, run, Path(ensemble_dir), console)
+
+
+def check_distill_recipe(recipe: Recipe, path) -> None:
+    """Refuse what distillation cannot honour, before any work starts."""
+    if recipe.distill is None:
+        raise CellfuseError(f"{path}: a student recipe needs a [distill] section")
+    if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
+        raise CellfuseError(f"{path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
+                            "to distillation (the student matches the teacher's probabilities, not labels "
+                            "alone); remove it from the student recipe")
+    from toolkit.consistency import check_recipe
+
+    check_recipe(recipe)  # consistency needs AugMix
+    if recipe.distill.mode == "bank":
+        if recipe.distill.bank_views < 1:
+            raise CellfuseError(f"{path}: distill.bank_views = {recipe.distill.bank_views}; needs 1 or more")
+        if recipe.train.consistency:
+            raise CellfuseError(f"{path}: train.consistency needs three views of each image per step, and a "
+                                "bank row holds one; use mode = \"function-matching\" or \"cached\"")
+
+
+# ---------------------------------------------------------------- the bank of (view, teacher output)
+
+def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: Path, console):
+    """(views uint8 (K*N, H, W, 3), packed targets [teacher | labels] (K*N, 2n)), K = bank_views.
+
+    View k is the recipe's training augmentation (mixing included) with its own seed, over the images
+    in a shuffled order (mixing pairs images within a batch). Each view is saved as it is finished,
+    keyed by the ensemble file's hash, so an interrupted bank resumes at the view it was drawing.
+    """
+    import tensorflow as tf
+    from rich.progress import Progress
+
+    from toolkit.augment import make_batch_augmenter
+    from toolkit.runs import record_own, resolve_model_file
+
+    key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
+    folder = record_own(run / "checkpoint" / f"bank_{key}")
+    folder.mkdir(exist_ok=True)
+    n_classes, k_views, batch = data.n_classes, recipe.distill.bank_views, 256
+    predict = T.Predictor(teacher, batch)
+    views, targets = [], []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("teacher labelling the bank's views", total=k_views * len(data))
+        for k in range(k_views):
+            file = folder / f"view{k}.npz"
+            if not file.exists():
+                seed = recipe.train.seed * 7919 + k + 1
+                order = np.random.default_rng(seed).permutation(len(data))
+                augment = make_batch_augmenter(recipe.augment, n_classes, seed=seed)
+                ds = tf.data.Dataset.from_tensor_slices((data.images[order], one_hot(data.labels[order], n_classes)))
+                ds = ds.batch(batch).map(lambda x, y: (tf.cast(x, tf.float32), y))
+                if augment is not None:
+                    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+                parts = {"images": [], "teacher": [], "labels": []}
+                for x, y in ds.prefetch(tf.data.AUTOTUNE):
+                    x = np.asarray(x)
+                    parts["images"].append(np.clip(np.round(x), 0, 255).astype(np.uint8))
+                    parts["teacher"].append(predict(x))
+                    parts["labels"].append(np.asarray(y, np.float32))
+                    progress.advance(task, len(x))
+                save_npz(file, **{name: np.concatenate(rows) for name, rows in parts.items()})
+            else:
+                progress.advance(task, len(data))
+            with np.load(file) as f:
+                views.append(f["images"])
+                targets.append(np.concatenate([f["teacher"], f["labels"]], 1))
+    console.print(f"bank: {k_views} view(s) x {len(data)} images, {sum(v.nbytes for v in views) / 1e9:.2f} GB")
+    return np.concatenate(views), np.concatenate(targets).astype(np.float32)
+
+
+def bank_dataset(views: np.ndarray, targets: np.ndarray, recipe: Recipe):
+    """Training batches drawn from the bank, reshuffled every pass; no augmentation (it is in the views)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((views, targets))
+    ds = ds.shuffle(len(views), seed=recipe.train.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(recipe.train.batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def check_student_split(split, ensemble_dir: Path, recipe_path) -> None:
@@ -241,13 +341,29 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
               "views": heaviest["views"], "rows": rows,
               "size_ratio": ensemble["bytes"] / student["bytes"],
               "speed_ratio": student["img_per_s"] / ensemble["img_per_s"],
-              "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val}}
+              "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val},
+              "patience": patience(run, {name: ensemble[f"acc_{name}"] for name in split.val})}
     write_json(run / "distill.json", result)
     write_csv(run / "distill.csv", [{"model": label, **r} for label, r in rows.items()])
     console.print(_table(rows, list(split.val), heaviest["views"]))
     console.print(f"student: {result['size_ratio']:.1f}x smaller, {result['speed_ratio']:.1f}x faster; "
                   + ", ".join(f"{100 * g:+.1f} points behind on {n}" for n, g in result["gap"].items()))
     return result
+
+
+def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
+    """The student's single-view accuracy per epoch on each validation set beside the ensemble's
+    (with its views), as distill.json keeps it and patience.png draws it."""
+    from toolkit import report
+
+    history = T.read_history(run)
+    columns = {name: "val_accuracy" if name == "val" else f"{name}_accuracy" for name in ensemble_acc}
+    curves = {"epoch": [int(row["epoch"]) for row in history],
+              "student": {name: [row.get(col) for row in history] for name, col in columns.items()},
+              "ensemble": ensemble_acc}
+    if history:
+        report.plot_patience(curves, run / "patience.png", title=f"{run.name}: student vs its ensemble")
+    return curves
 
 
 def _img_per_s(models: dict, data: Dataset, n: int, rounds: int = 5) -> dict[str, float]:

@@ -75,7 +75,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    mode: str = "cached"  # cached (teacher probabilities computed once) | function-matching (teacher on the fly)
+    # cached: the teacher's probabilities on un-augmented images, computed once | function-matching: the
+    # teacher on the fly, on the student's augmented view | bank: bank_views augmented views per image,
+    # each labelled by the teacher once, then reused (function matching with the teacher paid up front)
+    mode: str = "cached"
+    bank_views: int = 6  # bank mode: views per training image (held in memory: views x images x 27 kB)
     temperature: float = 4.0
     alpha: float = 0.1  # weight of cross-entropy on true labels; 1 - alpha on the teacher's KL
     # "": the backbone starts from [model] weights; "best-member" or a member's name: from that trained
@@ -110,7 +114,7 @@ CHOICES = {
     ("train", "monitor"): {"val_auc", "val_accuracy"},
     ("train", "mixed_precision"): {"auto", "on", "off"},
     ("train", "distribute"): {"auto", "mirrored", "multi-worker", "none"},
-    ("distill", "mode"): {"cached", "function-matching"},
+    ("distill", "mode"): {"cached", "function-matching", "bank"},
 }
 
 

@@ -109,6 +109,28 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     return out
 
 
+def plot_patience(curves: dict, path: str | Path, title: str = "") -> Path:
+    """A distilled student's accuracy per epoch on each validation set (solid) and its ensemble's
+    (dashed, same colour): how far the student still is, and whether it is still closing the gap."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, values) in enumerate(curves["student"].items()):
+        colour = f"C{i}"
+        points = [(e, v) for e, v in zip(curves["epoch"], values, strict=True) if v not in (None, "")]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", color=colour, label=f"student on {name}")
+        if name in curves["ensemble"]:
+            ax.axhline(curves["ensemble"][name], color=colour, linestyle="--", label=f"ensemble on {name}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = atomic_save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
 def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, ncols: int = 8,
                     suptitle: str = "", cell: float = 1.3) -> Path:
     """A grid of uint8 images with a small title each."""

@@ -469,13 +469,14 @@ def check_batch(images, console: Console) -> None:
 # ---------------------------------------------------------------- fitting
 
 def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console, *,
-               train_ds=None, val_ds=None, compile_fn=None, extra_callbacks=()) -> None:
+               train_ds=None, val_ds=None, compile_fn=None, extra_callbacks=(), track_extra_val=False) -> None:
     """Each stage unfreezes more of the backbone; a finished stage is never redone on resume.
 
     `compile_fn(model, recipe, stage, steps)` compiles and returns what `fit` runs: the model itself,
     or (distillation) a wrapper around it. Checkpoints always hold `model`'s weights alone, chosen by
     the macro one-vs-rest AUC (or accuracy) of `model` on the validation split: the figure reported.
-    `extra_callbacks` run after cellfuse's own, in every stage.
+    `extra_callbacks` run after cellfuse's own, in every stage. `track_extra_val` adds each extra
+    validation set's accuracy to every epoch's history row (costs one forward pass over each).
     """
     from toolkit.backbones import set_trainable
 
@@ -502,6 +503,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
         callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model,
                                    val=split.val["val"], strategy=strategy, extra=extra_callbacks,
+                                   tracked={k: v for k, v in split.val.items() if k != "val"} if track_extra_val else {},
                                    calibration=_calibration_images(split.train, recipe.train.seed))
         fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=0, shuffle=False, class_weight=_class_weight(recipe, split.train))
@@ -560,7 +562,7 @@ def _class_weight(recipe: Recipe, train: Dataset):
 
 
 def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
-                   val: Dataset | None = None, strategy=None, extra=(), calibration):
+                   val: Dataset | None = None, strategy=None, extra=(), calibration, tracked=None):
     """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
     computed before the checkpoint, plateau and early stopping read it."""
     import keras
@@ -576,6 +578,8 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
         callbacks.append(SwapEMAWithBatchNorm(source, calibration))
     if val is not None:
         callbacks.append(ValidationAUC(source, val))
+    if tracked:
+        callbacks.append(TrackedAccuracy(source, tracked))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   EpochLog(run, offset, steps, cfg.batch_size, console),
                   keras.callbacks.TensorBoard(str(record_own(run / "tb")), profile_batch=0)]
@@ -685,31 +689,49 @@ class NaNGuard(_callback_base()):
             self.model.stop_training = True
 
 
-class ValidationAUC(_callback_base()):
-    """val_auc = macro one-vs-rest AUC of `source` on the un-augmented validation images, exactly as
-    metrics.json reports it (keras.metrics.AUC is micro-averaged over one-hot columns: another figure).
+class Predictor:
+    """Batched forward passes of `source` in inference mode. Local to this process (no collective op),
+    so every worker of a cluster computes the same values from the same weights."""
 
-    The forward pass is local to this process (no collective op), so every worker of a cluster
-    computes the same value from the same weights."""
-
-    def __init__(self, source, val: Dataset, batch_size: int = 256):
-        super().__init__()
-        self.source, self.val, self.batch_size = source, val, batch_size
+    def __init__(self, source, batch_size: int = 256):
+        self.source, self.batch_size = source, batch_size
         self._forward = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            probs = self.predict()
-            logs["val_auc"] = report.classification_metrics(self.val.labels, probs, self.val.class_names)["auc_ovr"]
-
-    def predict(self) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         if self._forward is None:
-            self._forward = tf.function(lambda x: self.source(x, training=False), reduce_retracing=True)
-        x = self.val.images
+            self._forward = tf.function(lambda v: self.source(v, training=False), reduce_retracing=True)
         return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
                                           dtype=np.float32) for i in range(0, len(x), self.batch_size)])
+
+
+class ValidationAUC(_callback_base()):
+    """val_auc = macro one-vs-rest AUC of `source` on the un-augmented validation images, exactly as
+    metrics.json reports it (keras.metrics.AUC is micro-averaged over one-hot columns: another figure)."""
+
+    def __init__(self, source, val: Dataset, batch_size: int = 256):
+        super().__init__()
+        self.val, self.predict = val, Predictor(source, batch_size)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            probs = self.predict(self.val.images)
+            logs["val_auc"] = report.classification_metrics(self.val.labels, probs, self.val.class_names)["auc_ovr"]
+
+
+class TrackedAccuracy(_callback_base()):
+    """`<name>_accuracy` every epoch on further validation sets (extra_val), from the weights the
+    checkpoint sees: a distilled student's corrupted-validation curve is its "patience" plot."""
+
+    def __init__(self, source, sets: dict[str, Dataset]):
+        super().__init__()
+        self.sets, self.predict = sets, Predictor(source)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            for name, data in self.sets.items():
+                logs[f"{name}_accuracy"] = float((self.predict(data.images).argmax(1) == data.labels).mean())
 
 
 class ChiefState(_callback_base()):
@@ -867,7 +889,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
         save_npz(run / f"probs_{name}.npz", probs=probs, labels=data.labels, index=data.index)
         report.plot_confusion(metrics[name]["confusion"], data.class_names, run / f"confusion_{name}.png",
                               title=f"{recipe.name} on {name}")
-    history = _read_history(run)
+    history = read_history(run)
     if history:
         report.plot_curves(history, run / "curves.png")
     best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
@@ -910,7 +932,7 @@ def weights_digest(weights: list) -> str:
     return digest.hexdigest()
 
 
-def _read_history(run: Path) -> list[dict]:
+def read_history(run: Path) -> list[dict]:
     import csv
 
     path = run / "history.csv"
