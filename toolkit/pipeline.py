@@ -18,9 +18,9 @@ from toolkit.errors import CellfuseError
 from toolkit.runs import fresh_dir, shared_dir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# Three resolutions of the one pretrained CPU backbone: diverse members, and an ensemble several
-# times the student's cost, as a GPU ensemble of large backbones would be.
-MEMBER_RECIPES = ("cpu-mobilenet.toml", "cpu-mobilenet-160.toml", "cpu-mobilenet-112.toml")
+# Two different ImageNet backbones that reach every machine (pip packages): EfficientNet-Lite0 alone
+# beat the three-resolution MobileNet 0.25 ensemble on clean, corrupted and shifted data (README Results).
+MEMBER_RECIPES = ("cpu-lite0.toml", "cpu-lite1.toml")
 STUDENT_RECIPE = "student-cpu.toml"
 
 
@@ -161,8 +161,9 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
         data = write_synthetic(out / "synth.npz", n=n, seed=0, console=console)
         held_out = write_synthetic(out / "heldout.npz", n=400, seed=1, console=console)
         test = corrupt_file(held_out, out / "heldout_corrupt.npz", severity=3, seed=1, console=console)
-        # The demo's data is easy: a few epochs of the CPU recipes are plenty.
-        member_extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=3, lr=1e-3, unfreeze=1.0}]",)
+        # The demo's data is easy: a few epochs of the CPU recipes at the data's own 96 px are plenty.
+        member_extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=3, lr=1e-3, unfreeze=1.0}]",
+                        "model.input_size=96")
         # Keras' weight average (momentum 0.99, no warm-up) still holds a third of the initial weights
         # after 100 steps: a schedule this short needs it off.
         student_extra = ("train.stages=[{epochs=1, lr=2e-3, unfreeze=0.0}, {epochs=3, lr=2e-3, unfreeze=1.0}]",
