@@ -131,44 +131,84 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     assert patience["epoch"] == list(range(1, epochs + 1)) and (run / "patience.png").exists()
     for name in ("val", "val_corrupt"):
         assert len(patience["student"][name]) == epochs and all(0 <= v <= 1 for v in patience["student"][name])
-        assert patience["ensemble"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"])
 
 
 def test_the_bank_stores_each_view_with_the_teachers_output_on_it_and_resumes(tiny_ensemble, tmp_path, monkeypatch):
     """Function matching paid up front: the stored output is the teacher's on the stored view (not on
-    the original image), mixed labels ride along, and an interrupted bank redraws only missing views."""
+    the original image), each row's label is its own image's (mixed ones stay soft), and an
+    interrupted bank redraws only the missing views."""
     from toolkit import train as T
     from toolkit.data import load_dataset
-    from toolkit.distill import build_bank
+    from toolkit.distill import bank_dataset, build_bank
     from toolkit.ensemble import load_ensemble
     from toolkit.recipe import load_recipe
 
     tmp, data = tiny_ensemble
-    recipe = load_recipe(_student_recipe(tmp, "bank", "bank_views = 3\n"), ["augment.mixup=0.2", "augment.mix_prob=1.0"])
     teacher = load_ensemble(tmp / "ens", views=False)
     train = load_dataset(data)
+    n = len(train)
     calls = []
 
-    class Counting(T.Predictor):  # counts the teacher's batches
+    class Counting(T.Predictor):  # counts the images the teacher labels
         def __call__(self, x):
             calls.append(len(x))
             return super().__call__(x)
 
     monkeypatch.setattr(T, "Predictor", Counting)
-    views, targets = build_bank(teacher, train, recipe, tmp_path, tmp / "ens", Console(quiet=True))
-    n = len(train)
+
+    def bank(folder, *sets):
+        recipe = load_recipe(_student_recipe(tmp, "bank", "bank_views = 3\n"), sets)
+        return build_bank(teacher, train, recipe, folder, tmp / "ens", Console(quiet=True))
+
+    # unmixed: every row's label is the one-hot label of the image the view was drawn from
+    views, targets = bank(tmp_path / "plain", "augment.mix_prob=0.0")
     assert views.shape == (3 * n, *train.images.shape[1:]) and views.dtype == np.uint8 and targets.shape == (3 * n, 16)
-    assert not np.array_equal(views[:n], views[n:2 * n])  # each view its own augmentation
+    label_of = dict(zip(train.index.tolist(), train.labels.tolist(), strict=True))
+    for k in range(3):
+        with np.load(tmp_path / "plain" / "checkpoint" / next((tmp_path / "plain" / "checkpoint").glob("bank_*")).name
+                     / f"view{k}.npz") as f:
+            rows = f["index"]
+        assert sorted(rows.tolist()) == sorted(label_of)  # every image once per view
+        np.testing.assert_array_equal(targets[k * n:(k + 1) * n, 8:].argmax(1), [label_of[i] for i in rows])
+        assert targets[k * n:(k + 1) * n, 8:].max(1).min() == 1.0
+    np.testing.assert_allclose(teacher.predict(views.astype(np.float32), verbose=0), targets[:, :8], atol=1e-5)
+    first, second = (views[k * n:(k + 1) * n][np.argsort(_bank_rows(tmp_path / "plain", k))] for k in (0, 1))
+    assert not np.array_equal(first, second)  # the same images, augmented afresh in each view
+    assert sum(calls) == 3 * n
+
+    # mixed: soft labels ride along; a lost view is redrawn, the others are read back
+    calls.clear()
+    views, targets = bank(tmp_path / "mixed", "augment.mixup=0.2", "augment.mix_prob=1.0")
     np.testing.assert_allclose(targets[:, :8].sum(1), 1, atol=1e-4)
     np.testing.assert_allclose(targets[:, 8:].sum(1), 1, atol=1e-4)
-    assert (targets[:, 8:].max(1) < 1).any()  # MixUp's soft labels are kept
-    np.testing.assert_allclose(teacher.predict(views[:64].astype(np.float32), verbose=0), targets[:64, :8], atol=0.02)
-    assert sum(calls) == 3 * n
-    (next(tmp_path.glob("checkpoint/bank_*")) / "view1.npz").unlink()  # interrupted while drawing view 1
-    again, targets_again = build_bank(teacher, train, recipe, tmp_path, tmp / "ens", Console(quiet=True))
+    assert (targets[:, 8:].max(1) < 1).any()
+    (next((tmp_path / "mixed").glob("checkpoint/bank_*")) / "view1.npz").unlink()  # interrupted while drawing view 1
+    again, targets_again = bank(tmp_path / "mixed", "augment.mixup=0.2", "augment.mix_prob=1.0")
     assert sum(calls) == 3 * n + n  # only the missing view is labelled again
-    np.testing.assert_array_equal(again, views)  # same seeds: the same views
-    np.testing.assert_allclose(targets_again, targets, atol=1e-5)
+    for k in (0, 2):
+        np.testing.assert_array_equal(again[k * n:(k + 1) * n], views[k * n:(k + 1) * n])
+        np.testing.assert_array_equal(targets_again[k * n:(k + 1) * n], targets[k * n:(k + 1) * n])
+
+    # training batches pair each bank row with its own targets, and a pass covers every row once
+    rng = np.random.default_rng(0)
+    rows = 96
+    stored = rng.integers(0, 256, (rows, 8, 8, 3), dtype=np.uint8)
+    stored[:, 0, 0, 0], stored[:, 0, 0, 1] = np.arange(rows) % 256, np.arange(rows) // 256  # row number
+    packed = np.repeat(np.arange(rows, dtype=np.float32)[:, None], 16, 1)
+    recipe = load_recipe(_student_recipe(tmp, "bank"), ["train.batch_size=32"])
+    seen = []
+    for x, y in bank_dataset(stored, packed, recipe).take(rows // 32):
+        x, y = np.asarray(x), np.asarray(y)
+        row = (x[:, 0, 0, 0] + 256 * x[:, 0, 0, 1]).astype(int)
+        np.testing.assert_array_equal(x, stored[row].astype(np.float32))
+        np.testing.assert_array_equal(y[:, 0], row)
+        seen += row.tolist()
+    assert sorted(seen) == list(range(rows))
+
+
+def _bank_rows(run: Path, k: int) -> np.ndarray:
+    with np.load(next((run / "checkpoint").glob("bank_*")) / f"view{k}.npz") as f:
+        return f["index"]
 
 
 def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
@@ -249,3 +289,28 @@ def test_a_student_holding_out_other_rows_than_its_teacher_is_refused(tmp_path):
     check_student_split(split_of(range(8)), tmp_path, "s.toml")  # the same rows: fine
     with pytest.raises(CellfuseError, match="3 of their 8 validation rows"):
         check_student_split(split_of(range(3, 11)), tmp_path, "s.toml")
+
+
+def test_the_teacher_term_is_scaled_across_replicas_as_keras_scales_its_losses():
+    """Keras divides each replica's loss by the replica count before summing gradients; the Distiller
+    adds the teacher's KL as returned, so unscaled it would weigh N times more on N GPUs."""
+    import keras
+    import tensorflow as tf
+
+    from toolkit.distill import _kl_at_temperature, _probability_kl
+
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    assert len(cpus) >= 2, "conftest makes two logical CPUs"
+    teacher = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    student = np.array([[0.5, 0.3, 0.2], [0.3, 0.3, 0.4]], np.float32)
+    labels = np.eye(3, dtype=np.float32)[[0, 2]]
+    kl_alone = float(np.mean(_kl_at_temperature(teacher, student, 2.0)))
+    ce_alone = float(keras.losses.CategoricalCrossentropy()(labels, student))
+    strategy = tf.distribute.MirroredStrategy(cpus[:2])
+    with strategy.scope():
+        kl, ce = _probability_kl(2.0), keras.losses.CategoricalCrossentropy()
+    kl_out, ce_out = strategy.run(lambda: (kl.compute_loss(teacher, student), ce(labels, student)))
+    for value in strategy.experimental_local_results(kl_out):
+        assert float(value) == pytest.approx(kl_alone / 2, rel=1e-5)
+    for value in strategy.experimental_local_results(ce_out):  # keras' own loss, halved alike
+        assert float(value) == pytest.approx(ce_alone / 2, rel=1e-5)

@@ -81,7 +81,7 @@ class ConsistencyLoss:
         loss = super().compute_loss(x[0::VIEWS], y[0::VIEWS], clean, _clean_rows(sample_weight), training)
         jsd = ops.mean(jensen_shannon(clean, aug1, aug2))
         self.jsd_tracker.update_state(jsd)
-        return loss + self.weight * _scale_for_replicas(jsd)
+        return loss + self.weight * scale_for_replicas(jsd)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._three_views:
@@ -127,9 +127,9 @@ def _clean_rows(sample_weight):
     return None if sample_weight is None else sample_weight[0::VIEWS]
 
 
-def _scale_for_replicas(value):
-    """Keras divides each replica's compiled loss by the replica count before summing gradients;
-    the added term must be divided alike or MirroredStrategy would weigh it more."""
+def scale_for_replicas(value):
+    """Keras divides each replica's compiled loss by the replica count before summing gradients; a
+    term added outside keras.losses must be divided alike or MirroredStrategy would weigh it more."""
     import tensorflow as tf
 
     return value / tf.distribute.get_strategy().num_replicas_in_sync

@@ -91,9 +91,11 @@ def _probability_kl(temperature: float):
     """A keras.distillation loss over probability outputs (the API's own expects logits)."""
     import keras
 
+    from toolkit.consistency import scale_for_replicas
+
     class ProbabilityKL(keras.distillation.DistillationLoss):
-        def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-            return keras.ops.mean(_kl_at_temperature(teacher_outputs, student_outputs, temperature))
+        def compute_loss(self, teacher_outputs, student_outputs, **kwargs):  # the Distiller adds it unscaled
+            return scale_for_replicas(keras.ops.mean(_kl_at_temperature(teacher_outputs, student_outputs, temperature)))
 
         def validate_outputs(self, teacher_outputs, student_outputs):
             pass
@@ -195,6 +197,9 @@ def check_distill_recipe(recipe: Recipe, path) -> None:
 
     check_recipe(recipe)  # consistency needs AugMix
     if recipe.distill.mode == "bank":
+        if recipe.distill.teacher_tta:
+            raise CellfuseError(f"{path}: distill.teacher_tta applies to function-matching only; the bank is "
+                                "labelled by the members on each view alone")
         if recipe.distill.bank_views < 1:
             raise CellfuseError(f"{path}: distill.bank_views = {recipe.distill.bank_views}; needs 1 or more")
         if recipe.train.consistency:
@@ -208,7 +213,8 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
     """(views uint8 (K*N, H, W, 3), packed targets [teacher | labels] (K*N, 2n)), K = bank_views.
 
     View k is the recipe's training augmentation (mixing included) with its own seed, over the images
-    in a shuffled order (mixing pairs images within a batch). Each view is saved as it is finished,
+    in a shuffled order (mixing pairs images within a batch); the teacher labels the stored uint8 view,
+    exactly what the student will see. Each view is saved as it is finished (with the rows it holds),
     keyed by the ensemble file's hash, so an interrupted bank resumes at the view it was drawing.
     """
     import tensorflow as tf
@@ -220,16 +226,17 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
     key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
     folder = record_own(run / "checkpoint" / f"bank_{key}")
     folder.mkdir(exist_ok=True)
-    n_classes, k_views, batch = data.n_classes, recipe.distill.bank_views, 256
+    n, n_classes, k_views, batch = len(data), data.n_classes, recipe.distill.bank_views, 256
     predict = T.Predictor(teacher, batch)
-    views, targets = [], []
+    views = np.empty((k_views * n, *data.images.shape[1:]), np.uint8)  # one copy, filled view by view
+    targets = np.empty((k_views * n, 2 * n_classes), np.float32)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("teacher labelling the bank's views", total=k_views * len(data))
+        task = progress.add_task("teacher labelling the bank's views", total=k_views * n)
         for k in range(k_views):
             file = folder / f"view{k}.npz"
             if not file.exists():
                 seed = recipe.train.seed * 7919 + k + 1
-                order = np.random.default_rng(seed).permutation(len(data))
+                order = np.random.default_rng(seed).permutation(n)
                 augment = make_batch_augmenter(recipe.augment, n_classes, seed=seed)
                 ds = tf.data.Dataset.from_tensor_slices((data.images[order], one_hot(data.labels[order], n_classes)))
                 ds = ds.batch(batch).map(lambda x, y: (tf.cast(x, tf.float32), y))
@@ -237,33 +244,46 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
                     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                 parts = {"images": [], "teacher": [], "labels": []}
                 for x, y in ds.prefetch(tf.data.AUTOTUNE):
-                    x = np.asarray(x)
-                    parts["images"].append(np.clip(np.round(x), 0, 255).astype(np.uint8))
-                    parts["teacher"].append(predict(x))
+                    stored = np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
+                    parts["images"].append(stored)
+                    parts["teacher"].append(predict(stored.astype(np.float32)))
                     parts["labels"].append(np.asarray(y, np.float32))
-                    progress.advance(task, len(x))
-                save_npz(file, **{name: np.concatenate(rows) for name, rows in parts.items()})
+                    progress.advance(task, len(stored))
+                save_npz(file, index=data.index[order], **{name: np.concatenate(rows) for name, rows in parts.items()})
             else:
-                progress.advance(task, len(data))
+                progress.advance(task, n)
             with np.load(file) as f:
-                views.append(f["images"])
-                targets.append(np.concatenate([f["teacher"], f["labels"]], 1))
-    console.print(f"bank: {k_views} view(s) x {len(data)} images, {sum(v.nbytes for v in views) / 1e9:.2f} GB")
-    return np.concatenate(views), np.concatenate(targets).astype(np.float32)
+                views[k * n:(k + 1) * n] = f["images"]
+                targets[k * n:(k + 1) * n] = np.concatenate([f["teacher"], f["labels"]], 1)
+    console.print(f"bank: {k_views} view(s) x {n} images, {views.nbytes / 1e9:.2f} GB in memory")
+    return views, targets
 
 
 def bank_dataset(views: np.ndarray, targets: np.ndarray, recipe: Recipe):
-    """Training batches drawn from the bank, reshuffled every pass; no augmentation (it is in the views)."""
+    """Training batches drawn from the bank, reshuffled every pass; no augmentation (it is in the views).
+    Row numbers are shuffled and batches gathered from the arrays in place: the views are never copied
+    into a TensorFlow constant (one over 2 GB cannot be serialised) nor into a shuffle buffer."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((views, targets))
+    def gather(rows):
+        rows = np.sort(rows)
+        return views[rows], targets[rows]
+
+    def load(rows):
+        x, y = tf.numpy_function(gather, [rows], [tf.uint8, tf.float32])
+        x.set_shape([None, *views.shape[1:]])
+        y.set_shape([None, targets.shape[1]])
+        return tf.cast(x, tf.float32), y
+
+    ds = tf.data.Dataset.range(len(views))
     ds = ds.shuffle(len(views), seed=recipe.train.seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(recipe.train.batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(recipe.train.batch_size, drop_remainder=True).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+
+# ---------------------------------------------------------------- split, start and cached targets
 
 def check_student_split(split, ensemble_dir: Path, recipe_path) -> None:
     """The student must hold out the rows its teacher's members held out: otherwise it trains on the
