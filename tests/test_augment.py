@@ -246,6 +246,22 @@ def test_augmix_alone_is_one_more_augmentation(batch):
     assert np.abs(out - images).mean() > 1.0
 
 
+def test_augmix_after_layers_that_overshoot_the_pixel_range(batch):
+    """Noise pushes pixels past 255; keras-cv's AugMix (its Equalization indexes a 256-bin histogram)
+    crashed on them after the heavy preset until the images were clipped before it."""
+    images, labels = batch
+    bright = np.full_like(images, 250.0)
+    section = check_section({"layers": [{"layer": "GaussianNoise", "stddev": 0.2}], "augmix": True,
+                             "augmix_severity": 1.0}, "t")
+    for views in (1, 3):
+        import tensorflow as tf
+
+        fn = make_batch_augmenter(section, N_CLASSES, seed=0, views=views)
+        ds = tf.data.Dataset.from_tensor_slices((bright, labels)).batch(8).map(fn)
+        out = np.concatenate([x for x, _ in ds.as_numpy_iterator()])
+        assert out.shape[0] == views * len(images) and out.min() >= 0 and out.max() <= 255
+
+
 def test_preview_arrays_draws_one_row_per_image(tmp_path):
     from PIL import Image
 

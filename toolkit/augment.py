@@ -389,6 +389,8 @@ def make_batch_augmenter(section: dict, n_classes: int, seed: int | None = None,
             images = step(images)
         if mix is not None:
             images, labels = mix(images, labels)
+        if augmix is not None:  # its Equalization indexes a 256-bin histogram: noise past 255 crashes it
+            images = tf.clip_by_value(images, 0.0, 255.0)
         if augmix is not None and views == 3:
             images = _interleave([images, augmix(images), augmix(images)])
             labels = tf.repeat(labels, 3, axis=0)
