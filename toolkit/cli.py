@@ -435,7 +435,7 @@ def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
 
     \b
     Example:
-      cellfuse ensemble outputs/runs/cpu-mobilenet outputs/runs/cpu-mobilenet-160 --val outputs/clean/val.npz --val outputs/clean/val_corrupt.npz --out outputs/ensembles/cpu
+      cellfuse ensemble outputs/runs/cpu-lite0 outputs/runs/cpu-mobilenet --val outputs/clean/val.npz --val outputs/clean/val_corrupt.npz --out outputs/ensembles/lite
     """
     from toolkit.ensemble import build_ensemble
     from toolkit.sweep import expand_sweeps
@@ -460,7 +460,7 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, as_json):
 
     \b
     Example:
-      cellfuse distill outputs/ensembles/cpu recipes/student-cpu.toml
+      cellfuse distill outputs/ensembles/lite recipes/student-cpu.toml
     """
     from toolkit.distill import distill_recipe
 
