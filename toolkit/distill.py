@@ -334,7 +334,7 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 
 # ---------------------------------------------------------------- the comparison table
 
-def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 512) -> dict:
+def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 256) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
     set, parameters, file size, img/s on this machine (taking turns)."""
     from toolkit.ensemble import ensemble_components, member_file
@@ -386,7 +386,7 @@ def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
     return curves
 
 
-def _img_per_s(models: dict, data: Dataset, n: int, rounds: int = 5) -> dict[str, float]:
+def _img_per_s(models: dict, data: Dataset, n: int, rounds: int = 3) -> dict[str, float]:
     """Each model's best pass over `n` images, the models taking turns round by round: a shared
     machine's speed drifts (here by up to 2x), so only passes made side by side compare fairly."""
     x = data.images[np.arange(n) % len(data)].astype(np.float32)
