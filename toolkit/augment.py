@@ -51,6 +51,12 @@ from toolkit.errors import CellfuseError
 VALUE_RANGE = (0, 255)
 
 _FLIPS = [{"layer": "RandomFlip", "mode": "horizontal_and_vertical"}, {"layer": "RandomRot90"}]
+# Small shear and translation, and channel shuffle (stain colours vary), shared by heavy and robust.
+_SHIFTS = [
+    {"layer": "RandomShear", "x_factor": 0.15, "y_factor": 0.15, "fill_mode": "constant", "fill_value": 128.0, "p": 0.3},
+    {"layer": "RandomTranslation", "height_factor": 0.06, "width_factor": 0.06, "p": 0.3},
+    {"layer": "ChannelShuffle", "p": 0.3},
+]
 # Calibrated on preview grids of the real training images. RandAugment runs without its geometric
 # ops: its translation is `magnitude` of the image (30-50% here), which pushes cells out of frame and
 # reflects mirror copies in; small shear, zoom and translation are separate layers instead.
@@ -67,10 +73,7 @@ PRESETS: dict[str, list[dict]] = {
     ],
     "heavy": _FLIPS + [
         {"layer": "RandAugment", "augmentations_per_image": 2, "magnitude": 0.4, "geometric": False},
-        {"layer": "RandomShear", "x_factor": 0.15, "y_factor": 0.15, "fill_mode": "constant",
-         "fill_value": 128.0, "p": 0.3},
-        {"layer": "RandomTranslation", "height_factor": 0.06, "width_factor": 0.06, "p": 0.3},
-        {"layer": "ChannelShuffle", "p": 0.3},
+        *_SHIFTS,
         {"layer": "Solarization", "threshold_factor": [0, 255], "p": 0.2},
         {"layer": "RandomGaussianBlur", "kernel_size": 5, "factor": [0.5, 1.5], "p": 0.2},
         {"layer": "GaussianNoise", "stddev": 0.05, "p": 0.2},
@@ -81,10 +84,7 @@ PRESETS: dict[str, list[dict]] = {
     # corrupted image several corruptions meet, and a model that saw them only one at a time fails there.
     "robust": _FLIPS + [
         {"layer": "RandAugment", "augmentations_per_image": 2, "magnitude": 0.5, "geometric": False},
-        {"layer": "RandomShear", "x_factor": 0.15, "y_factor": 0.15, "fill_mode": "constant",
-         "fill_value": 128.0, "p": 0.3},
-        {"layer": "RandomTranslation", "height_factor": 0.06, "width_factor": 0.06, "p": 0.3},
-        {"layer": "ChannelShuffle", "p": 0.3},
+        *_SHIFTS,
         {"layer": "RandomHue", "factor": 0.5, "p": 0.3},
         {"layer": "Solarization", "threshold_factor": [0, 255], "p": 0.2},
         {"layer": "RandomGaussianBlur", "kernel_size": 5, "factor": [0.5, 2.0], "p": 0.35},
@@ -95,8 +95,8 @@ PRESETS: dict[str, list[dict]] = {
     ],
 }
 # Mixing that a preset turns on unless the section says otherwise.
-PRESET_MIXING = {"heavy": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5},
-                 "robust": {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}}
+_MIXING = {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}
+PRESET_MIXING = {"heavy": _MIXING, "robust": _MIXING}
 AUGMIX_DEFAULTS = {"augmix": False, "augmix_severity": 0.3, "augmix_width": 3, "augmix_depth": [1, 3]}
 DEFAULTS = {"preset": "medium", "layers": [], "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.5,
             "val_preset": "none", **AUGMIX_DEFAULTS}
