@@ -56,7 +56,9 @@ def finish(procs, timeout=240) -> list[tuple[int, str, str]]:
 
 
 def test_two_workers_train_one_run(tiny_npz, tmp_path):
-    outcomes = finish(start_workers(tiny_npz, tmp_path, free_ports(2)))
+    """With the weight average on: each worker re-estimates BatchNorm statistics on its own augmented
+    batches, and must still end on the same weights as the others."""
+    outcomes = finish(start_workers(tiny_npz, tmp_path, free_ports(2), "--set", "train.ema=true"))
     for code, _, _ in outcomes:
         assert code == 0, "\n\n".join(traceback_lines(e) for _, _, e in outcomes)
     chief, worker = (json.loads(out.strip().splitlines()[-1])[0] for _, out, _ in outcomes)

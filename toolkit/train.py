@@ -576,7 +576,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         callbacks.append(AverageMovingStats(strategy, source))
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
-        callbacks.append(SwapEMAWithBatchNorm(source, calibration))
+        callbacks.append(SwapEMAWithBatchNorm(source, calibration, strategy=strategy))
     if val is not None:
         callbacks.append(ValidationAUC(source, val))
     if tracked:
@@ -627,9 +627,10 @@ class SwapEMAWithBatchNorm(_swap_ema_base()):
     statistics come back when the raw weights do.
     """
 
-    def __init__(self, source, images, batch_size: int = 64):
+    def __init__(self, source, images, batch_size: int = 64, strategy=None):
         super().__init__(swap_on_epoch=True)
         self.source, self.images, self.batch_size, self.saved = source, images, batch_size, None
+        self.strategy = strategy
 
     def _norms(self):
         import keras
@@ -647,6 +648,10 @@ class SwapEMAWithBatchNorm(_swap_ema_base()):
             self.source(self.images[start:start + self.batch_size], training=True)
         for n, m in zip(norms, momenta, strict=True):
             n.momentum = m
+        if self.strategy is not None and is_multi_worker(self.strategy):
+            # each worker drew its own augmented calibration batches: all keep the chief's statistics
+            sync_replicas(self.strategy, _tf_variables([v for n in norms for v in (n.moving_mean, n.moving_variance)]),
+                          "chief")
 
     def restore(self):
         if self.saved is not None:
