@@ -183,6 +183,27 @@ def test_checkpoint_is_chosen_by_the_reported_macro_auc(tiny_npz, tmp_path):
     assert summary["best_value"] == pytest.approx(metrics["val"]["auc_ovr"], abs=1e-6)
 
 
+def test_a_backup_killed_during_its_first_write_is_dropped_not_fatal(tmp_path):
+    """A kill during a stage's first backup leaves an unreadable file and no previous copy to fall back
+    on: the resumed stage starts from its beginning instead of failing."""
+    import keras
+    from rich.console import Console
+
+    from toolkit.train import Backup
+
+    backup = tmp_path / "stage1"
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # header, then nothing
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3, "batch": 0}))
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((8, 4), np.float32), np.zeros((8, 2), np.float32)
+    with pytest.raises(OSError):  # what Keras alone does with it
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(str(backup))])
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[Backup(str(backup), Console(quiet=True), "epoch")])
+    assert len(history.history["loss"]) == 2  # both epochs ran: the stage started again
+
+
 def test_resume_after_a_crash_between_metrics_and_summary(tiny_npz, tmp_path):
     from toolkit.train import train_recipe
 

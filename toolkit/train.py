@@ -569,8 +569,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     import keras
 
     cfg = recipe.train
-    callbacks = [keras.callbacks.BackupAndRestore(str(record_own(backup)), save_freq=cfg.checkpoint_every,
-                                                  double_checkpoint=True)]
+    callbacks = [Backup(str(record_own(backup)), console, save_freq=cfg.checkpoint_every)]
     if strategy is not None and is_multi_worker(strategy):
         callbacks.append(ChiefState(strategy))
     if strategy is not None and strategy.num_replicas_in_sync > 1:
@@ -609,6 +608,36 @@ def _calibration_images(train_ds, n: int = 512) -> np.ndarray:
         if count >= n:
             break
     return np.concatenate(images)[:n]
+
+
+def _backup_base():
+    import keras
+
+    return keras.callbacks.BackupAndRestore
+
+
+class Backup(_backup_base()):
+    """Keras' BackupAndRestore (with its previous copy), surviving a kill during a stage's first backup.
+
+    Keras falls back to the previous copy when the latest backup cannot be read, but the first write
+    of a stage has none: a process killed mid-write left a file that failed every `--resume`. Such a
+    backup is dropped and the stage starts again from its beginning (under several workers each then
+    takes the chief's state, see ChiefState)."""
+
+    def __init__(self, backup_dir: str, console, save_freq):
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True)
+        self.console = console
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, json.JSONDecodeError) as e:
+            for path in (self._weights_path, self._training_metadata_path,
+                         self._prev_weights_path, self._prev_training_metadata_path):
+                Path(path).unlink(missing_ok=True)
+            self.model._initial_epoch = None
+            self.console.print(f"[yellow]backup in {self.backup_dir} unreadable ({type(e).__name__}: {e}); "
+                               "this stage starts again from its beginning[/]")
 
 
 def _swap_ema_base():
