@@ -189,9 +189,10 @@ def test_a_backup_killed_during_its_first_write_is_dropped_not_fatal(tmp_path):
     import keras
     from rich.console import Console
 
+    from toolkit.runs import record_own
     from toolkit.train import Backup
 
-    backup = tmp_path / "stage1"
+    backup = record_own(tmp_path / "stage1")  # as make_callbacks records it
     backup.mkdir()
     (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # header, then nothing
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3, "batch": 0}))

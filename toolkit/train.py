@@ -33,8 +33,10 @@ from toolkit.runs import (
     atomic_write_text,
     env_info,
     fresh_dir,
+    is_own,
     record_own,
     remove_own,
+    remove_scratch,
     save_model_atomic,
     write_csv,
     write_json,
@@ -590,10 +592,11 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     return callbacks + list(extra)
 
 
-def _callback_base():
+def _callback_base(name: str = "Callback"):
+    """A keras.callbacks base class, by name."""
     import keras
 
-    return keras.callbacks.Callback
+    return getattr(keras.callbacks, name)
 
 
 def _calibration_images(train_ds, n: int = 512) -> np.ndarray:
@@ -610,13 +613,7 @@ def _calibration_images(train_ds, n: int = 512) -> np.ndarray:
     return np.concatenate(images)[:n]
 
 
-def _backup_base():
-    import keras
-
-    return keras.callbacks.BackupAndRestore
-
-
-class Backup(_backup_base()):
+class Backup(_callback_base("BackupAndRestore")):
     """Keras' BackupAndRestore (with its previous copy), surviving a kill during a stage's first backup.
 
     Keras falls back to the previous copy when the latest backup cannot be read, but the first write
@@ -632,21 +629,15 @@ class Backup(_backup_base()):
         try:
             super().on_train_begin(logs)
         except (OSError, json.JSONDecodeError) as e:
-            for path in (self._weights_path, self._training_metadata_path,
-                         self._prev_weights_path, self._prev_training_metadata_path):
-                Path(path).unlink(missing_ok=True)
+            if not is_own(self.backup_dir):
+                raise
+            remove_scratch(self.backup_dir)  # Keras' folder, recorded as cellfuse's by make_callbacks
             self.model._initial_epoch = None
             self.console.print(f"[yellow]backup in {self.backup_dir} unreadable ({type(e).__name__}: {e}); "
                                "this stage starts again from its beginning[/]")
 
 
-def _swap_ema_base():
-    import keras
-
-    return keras.callbacks.SwapEMAWeights
-
-
-class SwapEMAWithBatchNorm(_swap_ema_base()):
+class SwapEMAWithBatchNorm(_callback_base("SwapEMAWeights")):
     """Keras' SwapEMAWeights, plus BatchNorm statistics that match the averaged weights.
 
     The optimizer averages trainable weights only; BatchNorm's moving statistics keep following the
@@ -957,8 +948,6 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
     """A non-chief worker's end: its temporary folder goes; it reports the digest of its final
     weights, which equals the chief's when the workers stayed in sync."""
-    from toolkit.runs import remove_scratch
-
     summary = {"name": recipe.name, "role": "worker", "task": describe_strategy(start.strategy, start.cluster)["task"],
                "final_weights_sha1": weights_digest(model.get_weights())}
     remove_scratch(start.run)
