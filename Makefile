@@ -17,8 +17,11 @@ test:
 test-slow:
 	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests
 
-demo:
-	$(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
+demo:  # Keras' weights cache in outputs/keras-cache, seeded from the shared weights folder when there is one
+	@mkdir -p outputs/keras-cache/models
+	@shared=$${CELLFUSE_SHARED:-../shared}; for f in "$$shared"/weights/*.h5; do \
+	  [ -f "$$f" ] && [ ! -e "outputs/keras-cache/models/$${f##*/}" ] && cp "$$f" outputs/keras-cache/models/; done; true
+	KERAS_HOME="$(CURDIR)/outputs/keras-cache" $(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
 
 bench:
 	$(PY) -m toolkit bench

@@ -1,9 +1,16 @@
 """Shared fixtures: tiny data made here, the real data from ../shared when present."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Keras reads KERAS_HOME once, when imported: its weights cache is a folder of this test run, so no test
+# reads ~/.keras or leaves a download there. Removed when the run ends.
+_KERAS_HOME = tempfile.TemporaryDirectory(prefix="cellfuse-keras-home-")
+os.environ["KERAS_HOME"] = _KERAS_HOME.name
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -24,6 +31,18 @@ def _split_cpu_in_two():
 
 
 _split_cpu_in_two()
+
+
+def _seed_keras_cache() -> None:
+    """The ImageNet files in ../shared/weights, under the names Keras caches them by, so `weights =
+    "imagenet"` loads without a network (mobilenet_2_5_128_tf.h5 is the file MobileNet 0.25 fetches)."""
+    models = Path(_KERAS_HOME.name) / "models"
+    models.mkdir(exist_ok=True)
+    for path in sorted((shared_dir() / "weights").glob("*.h5")):
+        shutil.copyfile(path, models / path.name)
+
+
+_seed_keras_cache()
 
 
 def make_images(n: int, n_classes: int = 8, seed: int = 0, size: int = 96) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,16 @@
 """The one data loader: every bad input is one clear error naming the file and the problem."""
 
+import io
+import subprocess
+import sys
+import zipfile
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import make_images
 
-from toolkit.data import load_dataset, save_dataset, stratified_split
+from toolkit.data import check_dataset, check_npz, load_dataset, save_dataset, stratified_split
 from toolkit.errors import CellfuseError
 
 
@@ -61,6 +66,109 @@ def test_truncated_and_garbage_files(tmp_path):
         load_dataset(tmp_path / "missing.npz")
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array)
+    return buf.getvalue()
+
+
+def npz_of_members(path, images_npy: bytes, compression=zipfile.ZIP_STORED):
+    """An npz whose images.npy is exactly the bytes given (and good labels for 4 rows)."""
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("images.npy", images_npy)
+        archive.writestr("labels.npy", npy_bytes(GOOD[1][:4]))
+    return path
+
+
+def header_claiming(shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def zip_size_claiming(path, file_size: int):
+    """Rewrite the central directory's uncompressed size of the first member (images.npy)."""
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 24:entry + 28] = file_size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("check", [load_dataset, check_npz])
+def test_a_header_claiming_515_gib_is_refused_before_allocating(tmp_path, check):
+    path = npz_of_members(tmp_path / "huge.npz", header_claiming((20_000_000, 96, 96, 3)) + bytes(100))
+    with pytest.raises(CellfuseError, match=r"huge.npz: member images.npy claims 552960000000 bytes "
+                                            r"\(a uint8 array of shape \(20000000, 96, 96, 3\)\) but holds 100;"):
+        check(path)
+
+
+@pytest.mark.parametrize("check", [load_dataset, check_npz])
+def test_a_zip_claiming_more_than_its_bytes_can_hold_is_refused(tmp_path, check):
+    n = 155_000  # header and zip entry agree on 4.3 GB, from a few hundred bytes in the file
+    path = npz_of_members(tmp_path / "bomb.npz", header_claiming((n, 96, 96, 3)) + bytes(100))
+    zip_size_claiming(path, len(header_claiming((n, 96, 96, 3))) + n * 96 * 96 * 3)
+    with pytest.raises(CellfuseError, match=r"bomb.npz: member images.npy claims 4285440128 bytes from "
+                                            r"\d+ in the file, more than its compression can hold"):
+        check(path)
+
+
+@pytest.mark.parametrize("check", [load_dataset, check_npz])
+def test_a_truncated_member_says_truncated_not_object_arrays(tmp_path, check):
+    path = npz_of_members(tmp_path / "short.npz", npy_bytes(GOOD[0][:4])[:1000], zipfile.ZIP_DEFLATED)
+    with pytest.raises(CellfuseError, match=r"short.npz: member images.npy claims 110592 bytes .* but "
+                                            r"holds 872; the file is truncated or corrupt") as e:
+        check(path)
+    assert "object" not in str(e.value)
+
+
+@pytest.mark.parametrize("check", [load_dataset, check_npz])
+def test_damaged_zips_and_headers_are_one_line(tmp_path, check):
+    good = save_dataset(tmp_path / "good.npz", *GOOD).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(good[:len(good) // 2])
+    npz_of_members(tmp_path / "noheader.npz", b"\x93NUMPY garbage")
+    for name, message in [("cut.npz", "not a readable .npz file \\(corrupt or truncated"),
+                          ("noheader.npz", "member images.npy is not a readable .npy array")]:
+        with pytest.raises(CellfuseError, match=f"{name}: {message}") as e:
+            check(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_damaged_pixels_are_one_line(tmp_path):
+    good = bytearray(save_dataset(tmp_path / "good.npz", *GOOD).read_bytes())
+    good[len(good) // 3:len(good) // 3 + 64] = bytes(64)  # inside the deflated pixels: only a full read sees it
+    (tmp_path / "flipped.npz").write_bytes(bytes(good))
+    with pytest.raises(CellfuseError, match=r"flipped.npz: not a readable .npz file \(corrupt or truncated"):
+        load_dataset(tmp_path / "flipped.npz")
+
+
+def test_check_npz_reads_headers_and_labels_only(tmp_path):
+    good = save_dataset(tmp_path / "good.npz", *GOOD, index=np.arange(16) * 2)
+    assert check_npz(good) == 16 and check_dataset(good) == 16
+    with pytest.raises(CellfuseError, match="label 7 at row .* out of range 0..4"):
+        check_npz(good, n_classes=5)
+    with pytest.raises(CellfuseError, match=r"expected \(N,64,64,3\)"):
+        check_npz(good, image_shape=(64, 64, 3))
+    bad_index = save_dataset(tmp_path / "bad_index.npz", *GOOD, index=np.arange(15))
+    with pytest.raises(CellfuseError, match="'index' must be \\(N,\\) integers"):
+        check_npz(bad_index)
+    with pytest.raises(CellfuseError, match="missing key"):
+        check_npz(npz(tmp_path, "nolabels.npz", images=GOOD[0]))
+    with pytest.raises(CellfuseError, match="no such file"):
+        check_npz(tmp_path / "none.npz")
+
+
+def test_check_npz_does_not_import_tensorflow(tmp_path):
+    good = save_dataset(tmp_path / "good.npz", *GOOD)
+    bad = npz(tmp_path, "bad.npz", images=GOOD[0][:, :64], labels=GOOD[1])
+    script = ("import sys; from toolkit.data import check_npz; from toolkit.errors import CellfuseError\n"
+              f"print(check_npz({str(good)!r}))\n"
+              f"try: check_npz({str(bad)!r})\nexcept CellfuseError as e: print('refused')\n"
+              "print(sorted(m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["16", "refused", "[]"]
+
+
 def test_challenge_format_round_trip(tmp_path):
     images, labels = GOOD
     path = save_dataset(tmp_path / "x.npz", images, labels)
@@ -92,6 +200,7 @@ def test_class_folder(tmp_path):
         load_dataset(tmp_path / "root")
     (tmp_path / "root" / "b_cells" / "broken.png").unlink()
     data = load_dataset(tmp_path / "root")
+    assert check_dataset(tmp_path / "root") == 7
     assert data.class_names == ("a_cells", "b_cells")
     assert data.images.shape == (7, 96, 96, 3) and list(data.labels) == [0, 0, 0, 1, 1, 1, 1]
 

@@ -1,5 +1,6 @@
 """Recipe parsing: every shipped recipe loads; unknown keys, bad types and bad choices are errors."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,12 @@ def test_missing_recipe(tmp_path):
         load_recipe(tmp_path / "nope.toml")
 
 
-def test_snapshot_round_trips(tmp_path):
-    recipe = load_recipe(RECIPES[0])
-    again = load_recipe(write(tmp_path, recipe.to_toml()))
-    assert again.to_toml() == recipe.to_toml()
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_snapshot_round_trips_to_an_equal_recipe(tmp_path, path):
+    """The recipe.toml a run writes loads back to the very recipe it ran (what --resume compares)."""
+    recipe = load_recipe(path, ['data.extra_val=["a.npz", "b \\"q\\".npz"]', "train.stages[0].lr=1.5e-05"])
+    snapshot = write(tmp_path, recipe.to_toml())
+    assert dataclasses.replace(load_recipe(snapshot), path=recipe.path) == recipe
 
 
 def test_epochs_shortcut_sets_the_last_stage_only(tmp_path):
@@ -104,3 +107,100 @@ def test_shipped_recipes_name_weights_that_work_from_any_folder(path):
     weights = load_recipe(path).model.weights
     assert weights in ("imagenet", "none") or weights.startswith("shared:"), \
         f"{path.name}: weights {weights!r} is a path relative to wherever cellfuse runs; use shared:<path>"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stages[1].epochs=-1", "train.stages[1].epochs = -1: must be >= 1"),
+    ("train.stages=[{epochs = 0}, {epochs = 0}]", "train.stages[0].epochs = 0: must be >= 1"),
+    ("train.stages=[]", "train.stages = []: needs at least one stage"),
+    ("train.batch_size=0", "train.batch_size = 0: must be >= 1"),
+    ("model.dropout=2.0", "model.dropout = 2.0: must be in [0, 1)"),
+    ("model.dropout=1", "model.dropout = 1.0: must be in [0, 1)"),
+    ("train.stages[0].lr=0", "train.stages[0].lr = 0.0: must be > 0"),
+    ("train.stages[0].lr=inf", "train.stages[0].lr must be a finite number, got inf"),
+    ("train.stages[0].lr=nan", "train.stages[0].lr must be a finite number, got nan"),
+    ("train.weight_decay=-1e-4", "train.weight_decay = -0.0001: must be >= 0"),
+    ("train.label_smoothing=1.0", "train.label_smoothing = 1.0: must be in [0, 1)"),
+    ("data.val_fraction=0", "data.val_fraction = 0.0: must be in (0, 1)"),
+    ("data.val_fraction=1", "data.val_fraction = 1.0: must be in (0, 1)"),
+    ("data.n_classes=1", "data.n_classes = 1: must be >= 2"),
+    ("data.limit=-5", "data.limit = -5: must be >= 0"),
+    ("model.input_size=16", "model.input_size = 16: must be 0 or >= 32"),
+    ("model.bn_momentum=1.0", "model.bn_momentum = 1.0: must be in [0, 1)"),
+    ("model.width=0", "model.width = 0.0: must be > 0"),
+    ("train.steps_per_epoch=-1", "train.steps_per_epoch = -1: must be >= 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every = 0: must be >= 1"),
+    ("train.warmup_epochs=-0.5", "train.warmup_epochs = -0.5: must be >= 0"),
+    ("train.early_stopping=-1", "train.early_stopping = -1: must be >= 0"),
+    ("train.seed=-1", "train.seed = -1: must be in [0, 4294967295]"),
+    ("distill.temperature=0", "distill.temperature = 0.0: must be > 0"),
+    ("distill.alpha=1.5", "distill.alpha = 1.5: must be in [0, 1]"),
+    ("distill.bank_views=0", "distill.bank_views = 0: must be >= 1"),
+])
+def test_bad_numbers_are_refused_naming_the_set_and_key(override, message):
+    with pytest.raises(CellfuseError) as e:
+        load_recipe(RECIPES[0].parent / "tiny.toml", [override])
+    assert str(e.value).startswith(f"--set {override}: ") and message in str(e.value)
+
+
+def test_bad_numbers_in_the_file_name_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nstages = [{epochs = 2}, {epochs = -1}]\n")
+    with pytest.raises(CellfuseError, match=r"^\S*r\.toml: train\.stages\[1\]\.epochs = -1: must be >= 1$"):
+        load_recipe(path)
+    with pytest.raises(CellfuseError, match=r"r\.toml: train\.batch_size = 0: must be >= 1"):
+        load_recipe(write(tmp_path, "[train]\nbatch_size = 0\n"))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "", ".hidden", "a\\\\b", "sp ace", "../../x"])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
+    with pytest.raises(CellfuseError, match="must be one plain folder name") as e:
+        load_recipe(write(tmp_path, ""), [f'name="{name}"'])
+    assert str(e.value).startswith("--set name=")
+    with pytest.raises(CellfuseError, match=r"r\.toml: name = .*must be one plain folder name"):
+        load_recipe(write(tmp_path, f'name = "{name}"\n'))
+
+
+def test_plain_names_are_kept(tmp_path):
+    assert load_recipe(write(tmp_path, ""), ["name=run-1.v2_b"]).name == "run-1.v2_b"
+    assert load_recipe(write(tmp_path, ""), ["name=2024"]).name == "2024"  # a number, as --set parses it
+
+
+def test_unknown_set_key_blames_the_set_and_suggests(tmp_path):
+    path = write(tmp_path, "[train]\nbatch_size = 8\n")
+    with pytest.raises(CellfuseError) as e:
+        load_recipe(path, ["train.epocs=3"])
+    message = str(e.value)
+    assert message.startswith("--set train.epocs=3: unknown key(s) ['epocs'] in [train]")
+    assert "did you mean 'epochs'?" in message
+    assert "epochs (--set only: the last stage's epochs)" in message.partition("known: ")[2]
+    with pytest.raises(CellfuseError, match=r"^--set trian\.epochs=3: unknown section.*did you mean 'train'"):
+        load_recipe(path, ["trian.epochs=3"])
+    with pytest.raises(CellfuseError, match=r"^--set batch_size=3: expected section.key=value; "
+                                            r"did you mean train.batch_size\?"):
+        load_recipe(path, ["batch_size=3"])
+
+
+def test_unknown_file_keys_blame_the_file_and_suggest(tmp_path):
+    with pytest.raises(CellfuseError, match=r"r\.toml: unknown section\(s\) \['trian'\] \(did you mean 'train'\?\)"):
+        load_recipe(write(tmp_path, "[trian]\n"))
+    with pytest.raises(CellfuseError, match=r"r\.toml: unknown key\(s\) \['dropuot'\] in \[model\] "
+                                            r"\(did you mean 'dropout'\?\)"):
+        load_recipe(write(tmp_path, "[model]\ndropuot = 0.2\n"), ["model.dropout=0.1"])
+    with pytest.raises(CellfuseError, match=r"r\.toml: unknown key\(s\) \['prest'\] in \[augment\] "
+                                            r"\(did you mean 'preset'\?\)"):
+        load_recipe(write(tmp_path, "[augment]\nprest = \"light\"\n"))
+
+
+def test_set_reaches_list_entries(tmp_path):
+    two_stages = write(tmp_path, "[train]\nstages = [{epochs = 1, lr = 1e-3, unfreeze = 0}, {epochs = 9}]\n")
+    recipe = load_recipe(two_stages, ["train.stages[1].lr=1e-4"])
+    assert recipe.train.stages == (Stage(1, 1e-3, 0.0), Stage(9, 1e-4))
+    with pytest.raises(CellfuseError, match=r"^--set train.stages\[2\].lr=1: train.stages has 2 entries"):
+        load_recipe(two_stages, ["train.stages[2].lr=1"])
+    with pytest.raises(CellfuseError, match=r"^--set train.stages\[1\].lrr=1: unknown key\(s\) \['lrr'\] "
+                                            r"in \[train.stages\[1\]\] \(did you mean 'lr'\?\)"):
+        load_recipe(two_stages, ["train.stages[1].lrr=1"])
+    with pytest.raises(CellfuseError, match="not a recipe key like"):
+        load_recipe(two_stages, ["train.stages[x].lr=1"])
+    # a recipe leaving the stages to their default gets the default list, one entry changed
+    assert load_recipe(write(tmp_path, ""), ["train.stages[0].lr=0.5"]).train.stages == (Stage(1, 0.5),)

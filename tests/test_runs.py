@@ -1,17 +1,35 @@
-"""What cellfuse may replace: only what it wrote itself, never an input, never a user's file."""
+"""What cellfuse may replace: only what it recorded when it wrote it, never an input, never a user's file."""
 
 import json
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 from toolkit.errors import CellfuseError
-from toolkit.runs import MANIFEST, check_new_file, fresh_dir, is_own, write_json
+from toolkit.runs import (
+    MANIFEST,
+    TMP_PREFIX,
+    adopt_library_files,
+    check_new_file,
+    fresh_dir,
+    is_own,
+    load_weights,
+    lock_output,
+    make_own_dir,
+    release_locks,
+    remove_own,
+    save_weights,
+    write_json,
+)
 
 
 def test_fresh_dir_replaces_its_own_folder_only_with_force(tmp_path):
     out = fresh_dir(tmp_path / "out")
     write_json(out / "a.json", {"x": 1})
-    write_json(out / "sub" / "b.json", {"y": 2})  # a subfolder cellfuse filled is its own too
+    write_json(out / "sub" / "b.json", {"y": 2})  # a subfolder cellfuse made is its own too
     with pytest.raises(CellfuseError, match="--force"):
         fresh_dir(out)
     fresh_dir(out, force=True)
@@ -25,6 +43,23 @@ def test_fresh_dir_refuses_a_folder_it_did_not_write_whatever_the_flags(tmp_path
         with pytest.raises(CellfuseError, match="theirs"):
             fresh_dir(tmp_path / "theirs", force=force)
     assert (tmp_path / "theirs" / "data.npz").read_bytes() == b"precious"
+    assert not (tmp_path / "theirs" / MANIFEST).exists()  # a refused command claims nothing
+
+
+def test_a_folder_of_another_kind_is_never_replaced(tmp_path):
+    clean = fresh_dir(tmp_path / "clean", kind="clean")
+    write_json(clean / "report.json", {})
+    with pytest.raises(CellfuseError, match="clean output, not a run"):
+        fresh_dir(clean, force=True, kind="run")
+    assert (clean / "report.json").exists()
+
+
+def test_an_empty_user_folder_is_filled_and_emptied_but_never_deleted(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write_json(fresh_dir(mine) / "a.json", {})
+    remove_own(mine)
+    assert mine.is_dir() and [p.name for p in mine.iterdir()] == [MANIFEST]
 
 
 def test_a_user_file_added_to_a_cellfuse_folder_blocks_force(tmp_path):
@@ -36,6 +71,29 @@ def test_a_user_file_added_to_a_cellfuse_folder_blocks_force(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").exists()
 
 
+def test_hidden_temporary_files_are_cellfuse_s_only_when_named_as_it_names_them(tmp_path):
+    out = fresh_dir(tmp_path / "out")
+    (out / f"{TMP_PREFIX}a.json.x1.tmp").write_text("left by a crash")
+    fresh_dir(out, force=True)  # its own leftover: gone
+    (out / ".draft.tmp").write_text("the user's")
+    with pytest.raises(CellfuseError, match=".draft.tmp"):
+        fresh_dir(out, force=True)
+
+
+def test_files_a_library_wrote_are_cellfuse_s_as_they_were_adopted(tmp_path):
+    run = fresh_dir(tmp_path / "run", kind="run")
+    tb = make_own_dir(run / "tb", "part")
+    (tb / "train").mkdir()
+    (tb / "train" / "events.out").write_bytes(b"tb")
+    adopt_library_files(tb)
+    (tb / "train" / "my_notes.txt").write_text("added later")  # never adopted
+    with pytest.raises(CellfuseError, match="my_notes.txt"):
+        fresh_dir(run, force=True, kind="run")
+    (tb / "train" / "my_notes.txt").unlink()
+    fresh_dir(run, force=True, kind="run")
+    assert not tb.exists()
+
+
 def test_an_input_inside_the_output_is_refused_even_when_it_is_empty_otherwise(tmp_path):
     out = fresh_dir(tmp_path / "out")
     data = out / "mydata.npz"
@@ -43,6 +101,15 @@ def test_an_input_inside_the_output_is_refused_even_when_it_is_empty_otherwise(t
     with pytest.raises(CellfuseError, match="mydata.npz"):
         fresh_dir(out, force=True, inputs=[data])
     assert data.read_bytes() == b"the user's data"
+
+
+def test_a_symlinked_out_is_refused_not_followed(tmp_path):
+    target = fresh_dir(tmp_path / "real")
+    write_json(target / "a.json", {})
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(CellfuseError, match="symbolic link"):
+        fresh_dir(tmp_path / "link", force=True)
+    assert (target / "a.json").exists()
 
 
 def test_check_new_file_replaces_only_files_cellfuse_wrote(tmp_path):
@@ -56,24 +123,97 @@ def test_check_new_file_replaces_only_files_cellfuse_wrote(tmp_path):
     theirs.write_text("{}")
     with pytest.raises(CellfuseError, match="not written by cellfuse"):
         check_new_file(theirs, ".json", force=True)
+    with pytest.raises(CellfuseError, match="not written by cellfuse"):  # the last guard, under every writer
+        write_json(theirs, {})
+    assert theirs.read_text() == "{}"
     with pytest.raises(CellfuseError, match="also an input"):
         check_new_file(mine, ".json", force=True, inputs=[mine])
-    assert json.loads((tmp_path / MANIFEST).read_text())["own"] == ["report.json"]
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {"own": ["report.json"]}  # claims no folder
+    with pytest.raises(CellfuseError, match="not a directory"):
+        check_new_file(mine / "x.npz", ".npz", force=False)
 
 
 def test_a_user_file_deep_inside_a_cellfuse_folder_blocks_force(tmp_path):
-    from toolkit.runs import record_own
-
-    def train_run(out):  # as train.prepare_run_dir makes it: runs/ and the run recorded, the run its own
-        record_own(out / "runs")
-        record_own(out / "runs" / "tiny")
-        return fresh_dir(out / "runs" / "tiny")
-
-    out = fresh_dir(tmp_path / "demo")
-    write_json(train_run(out) / "summary.json", {})
-    fresh_dir(out, force=True)  # everything cellfuse's: replaced
-    run = train_run(out)
+    out = fresh_dir(tmp_path / "demo", kind="demo")
+    run = make_own_dir(out / "runs" / "tiny", "run")  # runs/ made on the way, inside a cellfuse folder
+    write_json(run / "summary.json", {})
+    fresh_dir(out, force=True, kind="demo")  # everything cellfuse's: replaced
+    run = make_own_dir(out / "runs" / "tiny", "run")
     (run / "my_notes.txt").write_text("mine")
     with pytest.raises(CellfuseError, match="my_notes.txt"):
-        fresh_dir(out, force=True)
+        fresh_dir(out, force=True, kind="demo")
     assert (run / "my_notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- one writer per output
+
+HOLD = """
+import sys, time
+from toolkit.runs import lock_output
+lock_output(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_s_lock_is_taken(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CellfuseError, match=f"in use by another cellfuse command \\(PID {holder.pid}"):
+            fresh_dir(out)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel drops a dead process's lock
+        try:
+            fresh_dir(out)
+            break
+        except CellfuseError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    release_locks()
+
+
+def test_locks_are_per_path_and_held_again_after_release(tmp_path):
+    lock_output(tmp_path / "a")
+    lock_output(tmp_path / "a")  # the same process: already held
+    release_locks()
+    probe = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", ""), str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+
+
+# ---------------------------------------------------------------- checkpoints by name
+
+def _dense_model(order):
+    import keras
+
+    inputs = keras.Input((3,))
+    layers = {"first": keras.layers.Dense(3, name="first"), "second": keras.layers.Dense(3, name="second")}
+    x = inputs
+    for name in order:
+        x = layers[name](x)
+    return keras.Model(inputs, x)
+
+
+def test_a_checkpoint_loads_by_layer_name_whatever_the_order(tmp_path):
+    saved = _dense_model(["first", "second"])
+    save_weights(saved, tmp_path / "w.weights.h5")
+    swapped = _dense_model(["second", "first"])  # equal shapes: positions would load the wrong weights
+    load_weights(swapped, tmp_path / "w.weights.h5")
+    for name in ("first", "second"):
+        for a, b in zip(saved.get_layer(name).get_weights(), swapped.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    import keras
+
+    save_weights(_dense_model(["first", "second"]), tmp_path / "w.weights.h5")
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, name="first")])
+    with pytest.raises(CellfuseError, match="does not fit this model"):
+        load_weights(other, tmp_path / "w.weights.h5")

@@ -19,8 +19,9 @@ from toolkit.data import save_dataset
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "recipes" / "tiny.toml"
-# One stage of two one-step epochs: the cheapest recipe with per-epoch reports to prune on.
-ONE_STAGE = "train.stages=[{epochs=2, lr=3e-3, unfreeze=1.0}]"
+# Two stages of one one-step epoch: the cheapest recipe with per-epoch reports to prune on, across a
+# stage boundary (the second stage's epoch must be reported as epoch 2, not as the first's again).
+TWO_STAGES = "train.stages=[{epochs=1, lr=3e-3, unfreeze=1.0}, {epochs=1, lr=3e-3, unfreeze=1.0}]"
 # No pruning here: augmented trials repeat in distribution only, so which ones Hyperband would stop
 # varies from run to run; test_diverging_trial_is_stopped covers a stopped trial.
 SPACE = """
@@ -44,7 +45,7 @@ def write_inputs(folder: Path) -> tuple[Path, Path]:
 def sweep_args(data, space, out, *extra):
     return ["sweep", str(TINY), "--space", str(space), "--out", str(out), "--set", f'data.train="{data}"',
             "--set", f'data.extra_val=["{data.parent / "val_corrupt.npz"}"]',
-            "--set", ONE_STAGE, "--set", "train.steps_per_epoch=1", *extra]
+            "--set", TWO_STAGES, "--set", "train.steps_per_epoch=1", *extra]
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -53,17 +54,17 @@ def read_rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    """A finished 4-trial sweep over lr and preset: (data, sweep dir, its --json summary)."""
+    """A finished 4-trial sweep over lr and preset: (data, sweep dir, its --json summary, its console)."""
     tmp = tmp_path_factory.mktemp("sweep")
     data, space = write_inputs(tmp)
     out = tmp / "sweep"
     result = CliRunner().invoke(main, sweep_args(data, space, out, "--trials", "4", "--json"))
     assert result.exit_code == 0, result.output
-    return data, out, json.loads(result.output.strip().splitlines()[-1])
+    return data, out, json.loads(result.output.strip().splitlines()[-1]), result.output
 
 
 def test_sweep_writes_every_output(tiny_sweep):
-    data, out, summary = tiny_sweep
+    data, out, summary, _ = tiny_sweep
     for name in ("sweep.json", "study.journal", "sweep.csv", "sweep.png", "best.toml"):
         assert (out / name).exists(), name
     rows = read_rows(out)
@@ -78,7 +79,30 @@ def test_sweep_writes_every_output(tiny_sweep):
         assert f'preset = "{r["augment.preset"]}"' in recipe and repr(float(r["train.stages[0].lr"])) in recipe
     best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["objective"]))
     assert summary["best"]["trial"] == int(best["trial"]) and summary["trials"] == 4
+    from toolkit.sweep import Sweep, open_study
+
+    reported = [sorted(t.intermediate_values) for t in open_study(Sweep.load(out)).trials]
+    assert reported == [[1, 2]] * 4  # one report per epoch, numbered across the stages
     assert (out / "best.toml").read_text().startswith(f"# cellfuse train {out / 'best.toml'}")
+
+
+def test_console_is_one_line_per_trial_then_the_best(tiny_sweep):
+    data, out, summary, console = tiny_sweep
+    lines = console.splitlines()
+    (header,) = [line for line in lines if line.lstrip().startswith("trial ")]
+    assert header.split() == ["trial", "train.stages[0].lr", "augment.preset", "val_corrupt.auc_ovr", "state"]
+    rows = [line.split() for line in lines if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"] and all(r[4] == "complete" for r in rows)
+    for row, csv_row in zip(rows, read_rows(out), strict=True):  # number, params, objective, state
+        assert float(row[1]) == pytest.approx(float(csv_row["train.stages[0].lr"]), rel=1e-3)
+        assert row[2] == csv_row["augment.preset"]
+        assert float(row[3]) == pytest.approx(float(csv_row["objective"]), abs=1e-4)
+    best = summary["best"]
+    (last,) = [line for line in lines if line.startswith("best: ")]
+    assert last.startswith(f"best: trial {best['trial']}, val_corrupt.auc_ovr = {best['value']:.4f}")
+    assert str(out / "best.toml") in last
+    assert "train class counts" not in console  # training output goes to each trial's log
+    assert "train class counts" in (out / "logs" / "trial000.log").read_text()
 
 
 def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
@@ -89,7 +113,7 @@ def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
     from toolkit.recipe import load_recipe
     from toolkit.train import train_recipe
 
-    data, out, summary = tiny_sweep
+    data, out, summary, _ = tiny_sweep
     best_run = Path(summary["best"]["run"])
     body = "".join(line for line in (out / "best.toml").read_text().splitlines(True) if not line.startswith("#"))
     assert body == (best_run / "recipe.toml").read_text()
@@ -108,7 +132,7 @@ def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
 def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
     from toolkit.sweep import expand_sweeps
 
-    data, out, summary = tiny_sweep
+    data, out, summary, _ = tiny_sweep
     other = tmp_path / "some-run"
     top = expand_sweeps([out, other], top=2)
     ranked = sorted(read_rows(out), key=lambda r: -float(r["objective"]))
@@ -199,7 +223,7 @@ def test_default_objective_is_the_corrupted_set_when_there_is_one(tmp_path):
     assert parse_space({**doc, "objective": "val.nll"}, "s.toml", plain, str(TINY)).direction == "minimize"
 
 
-def test_objective_and_force_checks(tmp_path):
+def test_objective_and_force_checks(tiny_npz, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('objective = "val_corrupt.accuracy"\n[space]\n"train.seed" = { choice = [0, 1] }\n')
     result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(space)])
@@ -208,6 +232,72 @@ def test_objective_and_force_checks(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(space), "--out", str(tmp_path / "mine"),
-                                       "--force"])
+                                       "--set", f'data.train="{tiny_npz}"', "--force"])
     assert result.exit_code == 2 and "not a sweep directory" in result.output
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("missing", ["data.train", "data.extra_val"])
+def test_a_missing_data_file_stops_the_sweep_before_any_trial(tmp_path, missing):
+    data, space = write_inputs(tmp_path)
+    args = sweep_args(data, space, tmp_path / "sweep")
+    gone = tmp_path / "missing" / "val_corrupt.npz"  # the objective's set, not there
+    args += ["--set", f'data.train="{gone}"'] if missing == "data.train" else ["--set", f'data.extra_val=["{gone}"]']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {gone}: no such file")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_help_example_names_the_file_a_fresh_checkout_lacks(tmp_path, monkeypatch):
+    """`sweep --help`'s example, run where nothing was made yet, says which file is missing."""
+    import shlex
+
+    example = next(line.strip() for line in main.commands["sweep"].help.splitlines()
+                   if line.strip().startswith("cellfuse sweep"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    result = CliRunner().invoke(main, shlex.split(example)[1:])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    missing = next(arg.partition("=")[2] for arg in shlex.split(example) if arg.startswith("data.train="))
+    assert line.startswith(f"Error: {missing}: no such file")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_whose_trials_all_fail_exits_non_zero(tmp_path, monkeypatch):
+    """Every trial failing is a failed sweep: exit 2 after one line per trial, not a table per trial."""
+    import types
+
+    import toolkit.sweep
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the backbone refused this input")
+
+    fake_train = types.ModuleType("toolkit.train")  # trials fail at once, without loading TensorFlow
+    fake_train.train_recipe = fail
+    monkeypatch.setitem(sys.modules, "toolkit.train", fake_train)
+    monkeypatch.setattr(toolkit.sweep, "make_reporter", lambda *args: None)
+    data, space = write_inputs(tmp_path)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, sweep_args(data, space, out, "--trials", "2", "--json"))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert sum(line.lstrip().startswith("trial ") for line in lines) == 1  # the header, once
+    rows = [line for line in lines if line.split()[:1] in (["0"], ["1"])]
+    assert len(rows) == 2 and all("failed" in r and "the backbone refused this input" in r for r in rows)
+    assert lines[-2].startswith("best: none")
+    assert lines[-1].startswith(f"Error: {out}: no trial finished: all 2 failed")
+    assert [r["state"] for r in read_rows(out)] == ["failed", "failed"]
+    assert "RuntimeError" in (out / "logs" / "trial000.log").read_text()  # the traceback, for a report
+
+
+def test_sweep_keys_and_set_share_one_grammar():
+    """A space's key and a --set key reach the same value the same way."""
+    from toolkit.recipe import load_recipe
+    from toolkit.sweep import raw_recipe, trial_recipe
+
+    swept = trial_recipe(raw_recipe(TINY), str(TINY), {"train.stages[1].lr": 1e-4, "model.dropout": 0.2})
+    assert swept == load_recipe(TINY, ["train.stages[1].lr=1e-4", "model.dropout=0.2"])
+    assert swept.train.stages[1].lr == 1e-4 and swept.train.stages[0].lr == 3e-3

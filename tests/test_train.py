@@ -148,7 +148,7 @@ def test_resume_after_kill_mid_epoch(tiny_npz, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "metrics.json").exists()
-    assert (run / "checkpoint" / "stage0.npz").exists()
+    assert (run / "checkpoint" / "stage0.weights.h5").exists()
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "metrics.json").exists()
@@ -189,11 +189,10 @@ def test_a_backup_killed_during_its_first_write_is_dropped_not_fatal(tmp_path):
     import keras
     from rich.console import Console
 
-    from toolkit.runs import record_own
+    from toolkit.runs import make_own_dir
     from toolkit.train import Backup
 
-    backup = record_own(tmp_path / "stage1")  # as make_callbacks records it
-    backup.mkdir()
+    backup = make_own_dir(tmp_path / "stage1", "part")  # as make_callbacks makes it
     (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # header, then nothing
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3, "batch": 0}))
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -225,10 +224,22 @@ def test_a_failed_start_leaves_nothing_in_the_way(tiny_npz, tmp_path):
     with pytest.raises(CellfuseError, match="unknown backbone"):
         train_recipe(tiny_recipe(tiny_npz, tmp_path, "model.backbone=\"nope\""), runs_root=tmp_path / "runs")
     assert not run.exists()
-    run.mkdir(parents=True)  # what an older cellfuse left after a failed start
-    (run / "recipe.toml").write_text("old")
-    (run / "env.json").write_text("{}")
-    assert train_recipe(tiny_recipe(tiny_npz, tmp_path), runs_root=tmp_path / "runs")["best_epoch"]
+    import keras
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped in its first epoch: the command removes what it made
+        train_recipe(tiny_recipe(tiny_npz, tmp_path, "train.checkpoint_every=100"), runs_root=tmp_path / "runs",
+                     extra_callbacks=(CtrlC(),))
+    assert not run.exists()
+    run.mkdir(parents=True)  # a folder of the user's, named like the run: never taken for a failed start
+    (run / "recipe.toml").write_text("mine")
+    for flags in ({}, {"force": True}, {"resume": True}):
+        with pytest.raises(CellfuseError, match="not a run"):
+            train_recipe(tiny_recipe(tiny_npz, tmp_path), runs_root=tmp_path / "runs", **flags)
+    assert [p.name for p in run.iterdir()] == ["recipe.toml"] and (run / "recipe.toml").read_text() == "mine"
 
 
 def test_ema_checkpoint_holds_the_averaged_weights(tiny_npz, tmp_path):
@@ -243,14 +254,16 @@ def test_ema_checkpoint_holds_the_averaged_weights(tiny_npz, tmp_path):
             self.raw = self.model.get_weights()
 
     raw = RawWeights()
-    averaged = _record(lambda model, logs: model.get_weights())
+    averaged = _record(lambda model, logs: {v.path: np.asarray(v) for v in model.weights})
     recipe = tiny_recipe(tiny_npz, tmp_path, "train.ema=true", "train.stages=[{epochs=1, lr=3e-2, unfreeze=1.0}]",
                          "train.steps_per_epoch=4")
     train_recipe(recipe, runs_root=tmp_path / "runs", extra_callbacks=(raw, averaged))
-    with np.load(tmp_path / "runs" / "tiny" / "checkpoint" / "best.npz") as f:
-        best = [f[f"w{j}"] for j in range(len(f.files))]
-    assert all(np.array_equal(b, a) for b, a in zip(best, averaged.seen[-1], strict=True))
-    assert not all(np.allclose(b, r) for b, r in zip(best, raw.raw, strict=True))
+    import h5py
+
+    with h5py.File(tmp_path / "runs" / "tiny" / "checkpoint" / "best.weights.h5") as f:
+        best = {path: f[path][()] for path in averaged.seen[-1]}
+    assert all(np.array_equal(best[p], a) for p, a in averaged.seen[-1].items())
+    assert not all(np.allclose(b, r) for b, r in zip(best.values(), raw.raw, strict=True))
 
 
 def test_balanced_class_weights_reach_fit(tmp_path, monkeypatch):

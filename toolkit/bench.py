@@ -20,7 +20,7 @@ from rich.table import Table
 from toolkit.errors import CellfuseError
 from toolkit.runs import fresh_dir, shared_dir, write_json
 
-CPU_RECIPE = "cpu-mobilenetv3s.toml"
+CPU_RECIPE = "cpu-mobilenetv3s"  # a shipped recipe (toolkit.catalog)
 
 
 def run_bench(out: Path, *, quick: bool = False, force: bool = False, console: Console | None = None) -> dict:
@@ -29,7 +29,7 @@ def run_bench(out: Path, *, quick: bool = False, force: bool = False, console: C
     train, test = data_dir / "train.npz", data_dir / "test_shifted_sample.npz"
     if not train.exists():
         raise CellfuseError(f"{train}: the benchmark needs the real data (set CELLFUSE_SHARED)")
-    out = fresh_dir(out, force, inputs=[train, test])
+    out = fresh_dir(out, force, inputs=[train, test], kind="bench")
     figures = {"machine": machine()}
     figures["clean"] = bench_clean(train, out, quick, console)
     figures["train_step"] = bench_train_step(out / "clean" / "clean.npz", out, quick, console)
@@ -92,12 +92,12 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
     """The toolkit's step (tf.data + augmentation + callbacks) vs bare model.fit on cached tensors."""
     import keras
 
-    from toolkit.pipeline import RECIPES
+    from toolkit.catalog import shipped_recipe
     from toolkit.recipe import load_recipe
     from toolkit.train import train_recipe
 
     steps = 10 if quick else 30
-    recipe = load_recipe(RECIPES / CPU_RECIPE, [f'data.train="{clean_npz}"', "data.extra_val=[]",
+    recipe = load_recipe(shipped_recipe(CPU_RECIPE), [f'data.train="{clean_npz}"', "data.extra_val=[]",
                                                 f"train.steps_per_epoch={steps}",
                                                 "train.stages=[{epochs=2, lr=1e-3, unfreeze=1.0}]"])
     summary = train_recipe(recipe, force=True, console=Console(quiet=True), runs_root=out / "step")
@@ -122,7 +122,7 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
     _show(console, f"training step, {recipe.name} (batch {b})",
           [("cellfuse train (tf.data, augmentation, callbacks)", toolkit_ips),
            ("bare model.fit on cached tensors", bare_ips), ("ratio", toolkit_ips / bare_ips)],
-          f"cellfuse train recipes/{CPU_RECIPE} --set train.steps_per_epoch={steps}", ("", "img/s"))
+          f"cellfuse train {CPU_RECIPE} --set train.steps_per_epoch={steps}", ("", "img/s"))
     return result
 
 

@@ -350,7 +350,7 @@ def clean_file(data, out, *, threshold=None, contamination=None, tsne=True, forc
     seconds = {}
     with timed(seconds, "load"):
         ds = load_dataset(data)
-    out = fresh_dir(out, force, inputs=[data])
+    out = fresh_dir(out, force, inputs=[data], kind="clean")
     result = clean_arrays(ds.images, ds.labels, threshold=threshold, contamination=contamination,
                           console=console)
     seconds.update(result.seconds)

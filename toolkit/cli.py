@@ -47,6 +47,10 @@ class Group(click.Group):
             traceback.print_exc()
             fail(f"internal failure ({type(e).__name__}: {e}); please report it with the traceback above",
                  EXIT_INTERNAL)
+        finally:  # the command is over: its outputs are free for the next one (in-process callers too)
+            from toolkit.runs import release_locks
+
+            release_locks()
 
 
 def fail(message: str, status: int):
@@ -376,6 +380,32 @@ def evaluate(model, data, tta, batch_size, as_json):
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="INPUT...")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="CSV to write: source, row, class, then one probability column per class.")
+@click.option("--tta", default="none", type=ViewSpec(), help=VIEWS_HELP)
+@click.option("--batch-size", default=256, type=click.IntRange(1), help="Images predicted at once.")
+@force_option
+@json_option
+def predict(model, inputs, out, tta, batch_size, force, as_json):
+    """Class probabilities of MODEL (a .keras file, run, ensemble or student directory, or a zip made by
+    `cellfuse export`) for every image of INPUT: npz files, image files, or folders of images (searched
+    recursively). Images of any size are centre-cropped to a square and resized to 96x96 (Lanczos), as
+    the challenge's were; unreadable files are reported and skipped.
+
+    \b
+    Example:
+      cellfuse predict outputs/runs/cpu-mobilenet ../shared/data/test_shifted_sample.npz --out outputs/predictions.csv
+    """
+    from toolkit.predict import predict_files
+
+    summary = predict_files(model, inputs, out, tta=tta, batch_size=batch_size, force=force, console=console)
+    if as_json:
+        print_json(summary)
+
+
+@main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
                 metavar="MODEL_OR_RUN... DATA")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -511,6 +541,31 @@ def grade(submission, data, timeout, as_json):
         print_json(result)
 
 
+READ_ONLY.add("runs")
+
+
+@main.command("runs")
+@click.argument("folder", required=False, default=Path("outputs"), type=click.Path(path_type=Path))
+@click.option("--markdown", is_flag=True, help="Print a GitHub Markdown table (the README's results are made so).")
+@json_option
+def runs_table(folder, markdown, as_json):
+    """One table of every run, ensemble and student under FOLDER (default outputs): recipe, backbone,
+    input size, epochs, time, parameters, accuracy on each validation file, and with D4 views where
+    an ensemble or distill measured it. Reads only the files the stages wrote, so it takes a second;
+    an unfinished run shows as running or stopped, an unreadable file is named in its row.
+
+    \b
+    Example:
+      cellfuse runs outputs --markdown
+    """
+    from toolkit.compare import as_json as table_json
+    from toolkit.compare import show_runs
+
+    rows = show_runs(folder, as_markdown=markdown, console=console)
+    if as_json:
+        print_json(table_json(rows, folder))
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="npz to write.")
 @click.option("--n", default=2000, help="Real (non-planted) images.")
@@ -576,3 +631,92 @@ def bench(out, quick, force, as_json):
     figures = run_bench(out, quick=quick, force=force, console=console)
     if as_json:
         print_json(figures)
+
+
+# ---------------------------------------------------------------- what ships with cellfuse
+
+READ_ONLY.update({"recipes", "backbones"})  # listings; `recipes copy` writes only its PATH, with --force
+
+
+@main.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def recipes(ctx, as_json):
+    """List the recipes that ship with cellfuse; `recipes copy NAME PATH` writes one out to edit.
+
+    Every command that takes a recipe file also takes a shipped recipe's name (cellfuse train tiny).
+    CPU time: the whole schedule on the real training file on 2 CPU cores (README Results).
+
+    \b
+    Example:
+      cellfuse recipes --json
+      cellfuse recipes copy cpu-mobilenet outputs/my-mobilenet.toml
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich import box
+    from rich.table import Table
+
+    from toolkit.catalog import shipped_recipes
+
+    rows = shipped_recipes()
+    # Two tables, so each fits an 80-column terminal: the figures, then what each recipe is for.
+    figures = Table(title="shipped recipes: cellfuse train NAME, or cellfuse recipes copy NAME PATH to edit one",
+                    box=box.SIMPLE)
+    for col in ("recipe", "backbone", "px", "epochs", "2-core CPU"):
+        figures.add_column(col, justify="right" if col in ("px", "epochs") else "left", no_wrap=True)
+    purposes = Table("recipe", "what it is for", box=box.SIMPLE)
+    purposes.columns[0].no_wrap = True
+    for r in rows:
+        figures.add_row(r["name"], r["backbone"], str(r["input_size"]), str(r["epochs"]), r["cpu_time"])
+        purposes.add_row(r["name"], r["purpose"])
+    console.print(figures, purposes)
+    if as_json:
+        print_json({"recipes": rows})
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+@force_option
+@json_option
+def recipes_copy(name, path, force, as_json):
+    """Write the shipped recipe NAME to PATH, to edit, then run it as `cellfuse train PATH`.
+
+    \b
+    Example:
+      cellfuse recipes copy tiny outputs/my-tiny.toml
+    """
+    from toolkit.catalog import copy_recipe
+
+    written = copy_recipe(name, path, force=force)
+    console.print(f"wrote {written}")
+    if as_json:
+        print_json({"recipe": name, "out": written})
+
+
+@main.command()
+@json_option
+def backbones(as_json):
+    """List the backbones model.backbone may name: pretraining size, parameters (without the head),
+    and whether ImageNet weights can be had on this machine now. Also: efficientnetv2-custom (no
+    pretrained weights) and hub:<keras-hub preset>.
+
+    \b
+    Example:
+      cellfuse backbones --json
+    """
+    from rich.table import Table
+
+    from toolkit.catalog import backbone_rows
+
+    rows = backbone_rows()
+    table = Table(title="backbones (model.backbone in a recipe)")
+    for col in ("backbone", "pretrained at", "parameters"):
+        table.add_column(col, justify="left" if col == "backbone" else "right", no_wrap=True)
+    table.add_column("ImageNet weights", overflow="fold")  # whole paths: where to put a file offline
+    for r in rows:
+        table.add_row(r["name"], f"{r['default_size']} px", f"{r['params'] / 1e6:.2f} M", str(r["pretrained"]))
+    console.print(table)
+    if as_json:
+        print_json({"backbones": rows})

@@ -2,12 +2,17 @@
 
 Every stage reads data through `load_dataset`, so every stage rejects bad input the same way:
 one `CellfuseError` line naming the file and the problem, never a numpy/TensorFlow traceback.
+An npz member's header is checked against the bytes the member holds before anything is allocated;
+`check_npz` runs those checks alone (no pixels, no TensorFlow), so a command can refuse a bad file at once.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,10 @@ CLASS_NAMES = (
 )
 IMAGE_SHAPE = (96, 96, 3)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+NPZ_MEMBERS = ("images", "labels", "index")
+# The most a zip member's stated size may exceed its bytes in the file: stored is 1:1, deflate tops out
+# at 1032:1 (zlib's documented limit). A bigger claim is a corrupt or hostile zip, refused before reading.
+MAX_EXPANSION = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,8 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
         images, labels, names = _read_folder(path, image_shape)
         index = np.arange(len(labels), dtype=np.int64)
         return Dataset(images, labels, str(path), index, names)
-    arrays = _read_npz(path)
-    images = _check_images(path, arrays["images"], image_shape)
+    arrays = _read_npz(path, image_shape)
+    images = _check_images(path, arrays["images"])
     labels = _check_labels(path, arrays["labels"], len(images), n_classes)
     index = arrays.get("index")
     has_index = index is not None
@@ -65,42 +74,148 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
     return Dataset(images, labels, str(path), index, names, has_index)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with path.open("rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip; anything else np.load would try to unpickle
-            raise CellfuseError(f"{path}: not a readable .npz file (not a zip archive)")
+def check_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
+                  image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> int:
+    """`check_npz` for an npz; for a folder of class sub-folders, that it has images (no image is read).
+    Returns the number of rows (images)."""
+    path = Path(path)
+    if path.is_dir():
+        return len(_folder_files(path)[0])
+    return check_npz(path, n_classes, image_shape)
+
+
+def check_npz(path: str | Path, n_classes: int = len(CLASS_NAMES),
+              image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> int:
+    """Check a dataset npz from its headers and labels alone; return its number of rows.
+
+    Members, shapes, dtypes, sizes and the label range are checked without reading a pixel or importing
+    TensorFlow, so a command can refuse a bad file in well under a second, before its slow start.
+    Raises CellfuseError naming the file and the problem, as `load_dataset` would.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CellfuseError(f"{path}: no such file" + (" (a folder: use check_dataset)" if path.is_dir() else ""))
+    with _npz_errors(path), _open_npz(path) as archive:
+        headers = _npz_headers(path, archive)
+        n = _check_image_header(path, headers["images"], image_shape)
+        labels = _check_labels(path, _read_member(path, archive, "labels"), n, n_classes)
+        if "index" in headers:
+            _check_index_header(path, headers["index"], n)
+    return len(labels)
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What one .npy member of an npz says it holds."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize  # Python ints: a hostile shape cannot overflow
+
+
+def _read_npz(path: Path, image_shape) -> dict[str, np.ndarray]:
+    """The wanted members, each read only after its header has been checked against its size."""
+    with _npz_errors(path), _open_npz(path) as archive:
+        headers = _npz_headers(path, archive)
+        _check_image_header(path, headers["images"], image_shape)
+        return {name: _read_member(path, archive, name) for name in headers}
+
+
+@contextmanager
+def _npz_errors(path: Path):
+    """Zip and stream failures past the header checks: the file is damaged, say so in one line."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"images", "labels"} - set(npz.files)
-            if missing:
-                raise CellfuseError(
-                    f"{path}: missing key(s) {sorted(missing)}; found {sorted(npz.files)} "
-                    "(expected 'images' (N,96,96,3) uint8 and 'labels' (N,) or (N,1))")
-            return {k: npz[k] for k in npz.files if k in ("images", "labels", "index")}
-    except CellfuseError:
-        raise
-    except ValueError as e:  # object arrays refuse to load without pickle
-        raise CellfuseError(f"{path}: holds object arrays, which cannot be loaded safely ({e})") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+        yield
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as e:
         raise CellfuseError(f"{path}: not a readable .npz file (corrupt or truncated: {e})") from None
 
 
-def _check_images(path, images: np.ndarray, image_shape) -> np.ndarray:
-    if images.dtype == object:
-        raise CellfuseError(f"{path}: 'images' is an object array; expected uint8 pixels")
-    if images.ndim != 4:
-        raise CellfuseError(f"{path}: 'images' has shape {images.shape}; expected rank 4 (N,H,W,3)")
-    if images.shape[1] == 3 and images.shape[-1] != 3:
-        raise CellfuseError(f"{path}: 'images' has shape {images.shape}, which looks channels-first; "
+def _open_npz(path: Path) -> zipfile.ZipFile:
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip; anything else np.load would try to unpickle
+            raise CellfuseError(f"{path}: not a readable .npz file (not a zip archive)")
+    return zipfile.ZipFile(path)
+
+
+def _npz_headers(path: Path, archive: zipfile.ZipFile) -> dict[str, NpyHeader]:
+    """{member: header} for the members a data set uses, each checked against its size in the zip."""
+    found = {name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")}
+    missing = {"images", "labels"} - found
+    if missing:
+        raise CellfuseError(
+            f"{path}: missing key(s) {sorted(missing)}; found {sorted(found)} "
+            "(expected 'images' (N,96,96,3) uint8 and 'labels' (N,) or (N,1))")
+    return {name: _member_header(path, archive, archive.getinfo(f"{name}.npy"))
+            for name in NPZ_MEMBERS if name in found}
+
+
+def _check_zip_entry(path: Path, info: zipfile.ZipInfo) -> None:
+    """The zip's own sizes for a member are possible for this file (checked before reading a byte)."""
+    if info.header_offset + info.compress_size > path.stat().st_size:
+        raise CellfuseError(f"{path}: member {info.filename} runs past the end of the file; "
+                            "the file is truncated")
+    most = MAX_EXPANSION.get(info.compress_type)
+    if most is not None and info.file_size > most * info.compress_size:
+        raise CellfuseError(f"{path}: member {info.filename} claims {info.file_size} bytes from "
+                            f"{info.compress_size} in the file, more than its compression can hold; "
+                            "the file is corrupt")
+
+
+def _member_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyHeader:
+    """Shape and dtype from a member's .npy header, which must describe exactly the bytes it holds."""
+    _check_zip_entry(path, info)
+    member = f"{path}: member {info.filename}"
+    with archive.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _, dtype = read(f)
+        except ValueError as e:
+            raise CellfuseError(f"{member} is not a readable .npy array ({str(e)[:120]})") from None
+        header = NpyHeader(shape, dtype)
+        holds = info.file_size - f.tell()
+    if dtype.hasobject:
+        raise CellfuseError(f"{member} holds object arrays (Python objects), which cannot be loaded safely")
+    if any(n < 0 for n in shape) or header.nbytes != holds:
+        raise CellfuseError(f"{member} claims {header.nbytes} bytes (a {dtype} array of shape {shape}) "
+                            f"but holds {holds}; the file is truncated or corrupt")
+    return header
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    with archive.open(f"{name}.npy") as f:
+        try:
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except MemoryError:
+            raise CellfuseError(f"{path}: member {name}.npy does not fit in memory") from None
+
+
+def _check_image_header(path, header: NpyHeader, image_shape) -> int:
+    """Shape and dtype of 'images' from its header (before any pixel is read); returns N."""
+    shape, dtype = header.shape, header.dtype
+    if len(shape) != 4:
+        raise CellfuseError(f"{path}: 'images' has shape {shape}; expected rank 4 (N,H,W,3)")
+    if shape[1] == 3 and shape[-1] != 3:
+        raise CellfuseError(f"{path}: 'images' has shape {shape}, which looks channels-first; "
                             "expected channels-last (N,H,W,3)")
-    if tuple(images.shape[1:]) != tuple(image_shape):
-        raise CellfuseError(f"{path}: 'images' has shape {images.shape}; expected (N,{','.join(map(str, image_shape))})")
-    if len(images) == 0:
+    if tuple(shape[1:]) != tuple(image_shape):
+        raise CellfuseError(f"{path}: 'images' has shape {shape}; expected (N,{','.join(map(str, image_shape))})")
+    if shape[0] == 0:
         raise CellfuseError(f"{path}: 'images' is empty")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise CellfuseError(f"{path}: 'images' has dtype {dtype}; expected uint8")
+    return shape[0]
+
+
+def _check_images(path, images: np.ndarray) -> np.ndarray:
+    """Pixel values (shape and dtype were checked from the header): uint8 as is, numbers 0..255 rounded."""
     if images.dtype == np.uint8:
         return images
-    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
-        raise CellfuseError(f"{path}: 'images' has dtype {images.dtype}; expected uint8")
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
         raise CellfuseError(f"{path}: 'images' holds NaN or infinite values")
     lo, hi = float(images.min()), float(images.max())
@@ -134,34 +249,42 @@ def _check_labels(path, labels: np.ndarray, n: int, n_classes: int) -> np.ndarra
 
 
 def _check_index(path, index: np.ndarray, n: int) -> np.ndarray:
-    if not np.issubdtype(index.dtype, np.integer) or index.shape != (n,):
-        raise CellfuseError(f"{path}: 'index' must be (N,) integers; got {index.shape} {index.dtype}")
+    _check_index_header(path, NpyHeader(index.shape, index.dtype), n)
     return index.astype(np.int64)
+
+
+def _check_index_header(path, header: NpyHeader, n: int) -> None:
+    if not np.issubdtype(header.dtype, np.integer) or header.shape != (n,):
+        raise CellfuseError(f"{path}: 'index' must be (N,) integers; got {header.shape} {header.dtype}")
+
+
+def _folder_files(path: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """([(image file, label)], class names) of a folder of class sub-folders."""
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise CellfuseError(f"{path}: a data folder needs one sub-folder of images per class")
+    files = [(file, label) for label, name in enumerate(classes) for file in sorted((path / name).iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise CellfuseError(f"{path}: no images found in its class sub-folders")
+    return files, tuple(classes)
 
 
 def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if not classes:
-        raise CellfuseError(f"{path}: a data folder needs one sub-folder of images per class")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((path / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as im:
-                    im = im.convert("RGB")
-                    if im.size != image_shape[1::-1]:
-                        im = im.resize(image_shape[1::-1], Image.LANCZOS)
-                    images.append(np.asarray(im, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as e:
-                raise CellfuseError(f"{file}: unreadable image ({e})") from None
-            labels.append(label)
-    if not images:
-        raise CellfuseError(f"{path}: no images found in its class sub-folders")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes)
+    files, classes = _folder_files(path)
+    images = []
+    for file, _ in files:
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+                if im.size != image_shape[1::-1]:
+                    im = im.resize(image_shape[1::-1], Image.LANCZOS)
+                images.append(np.asarray(im, dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as e:
+            raise CellfuseError(f"{file}: unreadable image ({e})") from None
+    return np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -146,41 +146,43 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     from toolkit.ensemble import load_ensemble
 
     cfg = recipe.distill
-    start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console)  # train's set-up
+    start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console,  # train's set-up
+                        inputs=[ensemble_dir], kind="student")
     if start.complete is not None:
         return compare(recipe, start.run, Path(ensemble_dir), console)
     run, split, strategy, started = start.run, start.split, start.strategy, start.started
-    check_student_split(split, Path(ensemble_dir), recipe_path)
-    teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
-    with strategy.scope():
-        student = T.build_model(recipe, split.train.n_classes)
-        if cfg.init:
-            init_from_member(student, Path(ensemble_dir), cfg.init, console)
-    T.check_initial_loss(student, split.val["val"], recipe, console)
-    console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
-                  f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
-                  f"student {student.count_params():,} parameters")
-    fit = {"track_extra_val": True}
-    if cfg.mode == "function-matching":
-        fit["compile_fn"] = _compile_function_matching(teacher)  # a ConsistencyDistiller with consistency
-        if recipe.train.consistency:
-            fit["train_ds"] = consistency.make_dataset(split.train, recipe)
-    else:
-        n = split.train.n_classes
-        val = split.val["val"]
-        val_targets = np.concatenate([teacher_probs(teacher, val, run, Path(ensemble_dir), "val", console),
-                                      one_hot(val.labels, n)], 1)
-        fit.update(val_ds=T.make_dataset(val, recipe, training=False, targets=val_targets),
-                   compile_fn=_compile_cached(n))
-        if cfg.mode == "bank":
-            fit["train_ds"] = bank_dataset(*build_bank(teacher, split.train, recipe, run, Path(ensemble_dir),
-                                                       console), recipe)
+    with T.discard_failed_start(start):  # a start that fails before an epoch leaves nothing behind
+        check_student_split(split, Path(ensemble_dir), recipe_path)
+        teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
+        with strategy.scope():
+            student = T.build_model(recipe, split.train.n_classes)
+            if cfg.init:
+                init_from_member(student, Path(ensemble_dir), cfg.init, console)
+        T.check_initial_loss(student, split.val["val"], recipe, console)
+        console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
+                      f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
+                      f"student {student.count_params():,} parameters")
+        fit = {"track_extra_val": True}
+        if cfg.mode == "function-matching":
+            fit["compile_fn"] = _compile_function_matching(teacher)  # a ConsistencyDistiller with consistency
+            if recipe.train.consistency:
+                fit["train_ds"] = consistency.make_dataset(split.train, recipe)
         else:
-            targets = np.concatenate([teacher_probs(teacher, split.train, run, Path(ensemble_dir), "train", console),
-                                      one_hot(split.train.labels, n)], 1)
-            fit["train_ds"] = T.make_dataset(split.train, recipe, training=True, targets=targets)
-            fit.update(consistency.fit_arguments(recipe, split, fit["compile_fn"], targets))  # 3 views if on
-    T.fit_stages(student, recipe, split, run, strategy, console, **fit)
+            n = split.train.n_classes
+            val = split.val["val"]
+            val_targets = np.concatenate([teacher_probs(teacher, val, run, Path(ensemble_dir), "val", console),
+                                          one_hot(val.labels, n)], 1)
+            fit.update(val_ds=T.make_dataset(val, recipe, training=False, targets=val_targets),
+                       compile_fn=_compile_cached(n))
+            if cfg.mode == "bank":
+                fit["train_ds"] = bank_dataset(*build_bank(teacher, split.train, recipe, run, Path(ensemble_dir),
+                                                           console), recipe)
+            else:
+                targets = np.concatenate([teacher_probs(teacher, split.train, run, Path(ensemble_dir), "train", console),
+                                          one_hot(split.train.labels, n)], 1)
+                fit["train_ds"] = T.make_dataset(split.train, recipe, training=True, targets=targets)
+                fit.update(consistency.fit_arguments(recipe, split, fit["compile_fn"], targets))  # 3 views if on
+        T.fit_stages(student, recipe, split, run, strategy, console, **fit)
     T.finish_run(recipe, split, run, started, console)
     return compare(recipe, run, Path(ensemble_dir), console)
 
@@ -221,11 +223,10 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
     from rich.progress import Progress
 
     from toolkit.augment import make_batch_augmenter
-    from toolkit.runs import record_own, resolve_model_file
+    from toolkit.runs import make_own_dir, resolve_model_file
 
     key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
-    folder = record_own(run / "checkpoint" / f"bank_{key}")
-    folder.mkdir(exist_ok=True)
+    folder = make_own_dir(run / "checkpoint" / f"bank_{key}", "part")
     n, n_classes, k_views, batch = len(data), data.n_classes, recipe.distill.bank_views, 256
     predict = T.Predictor(teacher, batch)
     views = np.empty((k_views * n, *data.images.shape[1:]), np.uint8)  # one copy, filled view by view

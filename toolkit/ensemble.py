@@ -327,29 +327,28 @@ def member_file(dir, name: str) -> Path:
 
 def _prepare_out(out: Path, force: bool, inputs) -> Path:
     """The output directory; its cached predictions survive --force, earlier results do not.
-    Only a folder cellfuse wrote is ever written into (runs.check_only_own)."""
+    Only an ensemble folder cellfuse made, holding nothing else, is ever written into again."""
     from toolkit.runs import (
         MANIFEST,
-        check_only_own,
+        TMP_PREFIX,
+        check_replaceable,
         clear_own,
         fresh_dir,
-        record_own,
+        lock_output,
         refuse_inputs_inside,
     )
 
     out = Path(out)
+    if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+        return fresh_dir(out, inputs=inputs, kind="ensemble")
+    lock_output(out)
     refuse_inputs_inside(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise CellfuseError(f"{out}: exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return fresh_dir(out)
-    others = [p.name for p in out.iterdir() if p.name != CACHE and not p.name.startswith(".")]
+    check_replaceable(out, "ensemble")  # a user's predictions.npz is never taken for a cache
+    others = sorted(p.name for p in out.iterdir() if p.name not in (CACHE, MANIFEST)
+                    and not p.name.startswith(TMP_PREFIX))
     if others and not force:
-        raise CellfuseError(f"{out}: already holds {', '.join(sorted(others))}; pass --force to "
+        raise CellfuseError(f"{out}: already holds {', '.join(others)}; pass --force to "
                             "replace the ensemble (its cached predictions are reused)")
-    if not others and not (out / MANIFEST).is_file():
-        record_own(out / CACHE)  # only a prediction cache, as earlier versions left it
-    check_only_own(out, keep=(CACHE,))
     clear_own(out, keep=(CACHE,))
     return out
 

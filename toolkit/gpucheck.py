@@ -25,7 +25,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
 LITE = "efficientnet-lite0"
 
 
@@ -128,9 +127,10 @@ def synthetic_data(work: Path, n: int) -> Path:
 
 
 def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
+    from toolkit.catalog import shipped_recipe
     from toolkit.recipe import load_recipe
 
-    return load_recipe(ROOT / "recipes" / "tiny.toml", [
+    return load_recipe(shipped_recipe("tiny"), [
         f'name="{name}"', f'data.train="{data}"', f'model.backbone="{sizes.backbone}"', 'model.weights="none"',
         f"model.input_size={sizes.input_size}", f"train.batch_size={sizes.batch}",
         f"train.steps_per_epoch={sizes.steps}", f"train.checkpoint_every={10 * sizes.steps}",
@@ -205,6 +205,7 @@ def lite_member(work: Path, data: Path, sizes: Sizes) -> dict:
 def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
     """The pipeline's distill step: a one-member ensemble of the fastest run above, then a student
     trained against it for a few steps in function-matching mode."""
+    from toolkit.catalog import shipped_recipe
     from toolkit.data import load_dataset, save_dataset
     from toolkit.distill import distill_recipe
     from toolkit.ensemble import build_ensemble
@@ -216,7 +217,7 @@ def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
     build_ensemble([member], [val_file], work / "ensemble", views="none", rounds=1, force=True,
                    console=Console(quiet=True))
     student = work / "student.toml"
-    student.write_text((ROOT / "recipes" / "tiny.toml").read_text() + "\n[distill]\nmode = \"function-matching\"\n")
+    student.write_text(shipped_recipe("tiny").read_text() + "\n[distill]\nmode = \"function-matching\"\n")
     overrides = [f'data.train="{data}"', 'name="student"', f"train.steps_per_epoch={sizes.steps}",
                  f"train.batch_size={sizes.batch}", "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]"]
     result = distill_recipe(work / "ensemble", student, overrides, force=True, runs_root=runs,

@@ -531,7 +531,7 @@ def inspect_models(models, data, out, *, top: int = 16, per_class: int = 4, fami
     dataset = load_dataset(data)
     names = _subject_names(models)
     subjects = [load_subject(path, name, dataset) for path, name in zip(models, names, strict=True)]
-    out = fresh_dir(out, force, inputs=[*models, data])
+    out = fresh_dir(out, force, inputs=[*models, data], kind="inspect")
     with _progress(console) as progress:
         for subject in subjects:
             _inspect_one(subject, dataset, out, len(subjects) > 1, top, per_class, seed, batch_size, progress)

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+from toolkit.catalog import find_recipe, shipped_recipe
 from toolkit.errors import CellfuseError
-from toolkit.runs import fresh_dir, shared_dir
+from toolkit.runs import fresh_dir
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # Two different ImageNet backbones: the pair the ensemble's selection kept on the real data (Lite0 with
 # D4 views and the MobileNet; Lite1 got no weight), README Results.
-MEMBER_RECIPES = ("cpu-lite0.toml", "cpu-mobilenet.toml")
-STUDENT_RECIPE = "student-cpu.toml"
+MEMBER_RECIPES = ("cpu-lite0", "cpu-mobilenet")  # shipped recipes (toolkit.catalog)
+STUDENT_RECIPE = "student-cpu"
 
 
 @dataclass
@@ -59,18 +59,6 @@ def member_overrides(clean_npz: Path, val_corrupt: Path, extra: tuple[str, ...] 
     return [f'data.train="{clean_npz}"', f'data.extra_val=["{val_corrupt}"]', *extra]
 
 
-def shared_weights_override(recipe_file: Path) -> list[str]:
-    """Recipes that fine-tune the ImageNet MobileNet in shared/ find it wherever shared/ is (random
-    initialisation when it is missing, so the demo still runs on a bare machine)."""
-    import tomllib
-
-    weights = tomllib.loads(recipe_file.read_text()).get("model", {}).get("weights", "")
-    if not weights.endswith("mobilenet_2_5_128_tf.h5"):
-        return []
-    path = shared_dir() / "weights" / Path(weights).name
-    return [f'model.weights="{path}"'] if path.exists() else ['model.weights="none"']
-
-
 def common_split(recipes) -> tuple[float, int]:
     """The validation fraction and seed every member shares (the split files are written with them)."""
     splits = {(r.data.val_fraction, r.data.split_seed) for r in recipes}
@@ -99,10 +87,10 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p.done(f"{figures['clean'].get('kept', '?')} images kept", out / "clean" / "clean.npz")
     clean_npz = out / "clean" / "clean.npz"
 
-    member_paths = [Path(path) for path in members or [RECIPES / name for name in MEMBER_RECIPES]]
+    member_paths = ([find_recipe(recipe) for recipe in members] if members
+                    else [shipped_recipe(name) for name in MEMBER_RECIPES])
     val, val_corrupt = out / "clean" / "val.npz", out / "clean" / "val_corrupt.npz"
-    recipes = [load_recipe(path, member_overrides(clean_npz, val_corrupt,
-                                                  (*member_extra, *shared_weights_override(path))))
+    recipes = [load_recipe(path, member_overrides(clean_npz, val_corrupt, member_extra))
                for path in member_paths]
     fraction, seed = common_split(recipes)
 
@@ -123,10 +111,9 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p.done("selected members, views, temperatures", out / "ensemble" / "ensemble.json")
 
     p.step("distill")
-    student = Path(student or RECIPES / STUDENT_RECIPE)
+    student = find_recipe(student) if student else shipped_recipe(STUDENT_RECIPE)
     figures["distill"] = distill_recipe(out / "ensemble", student,
-                                        member_overrides(clean_npz, val_corrupt,
-                                                         (*student_extra, *shared_weights_override(student))),
+                                        member_overrides(clean_npz, val_corrupt, student_extra),
                                         force=force, console=console, runs_root=out / "runs")
     student_run = Path(figures["distill"]["student_run"])
     p.done(f"{figures['distill']['size_ratio']:.1f}x smaller, {figures['distill']['speed_ratio']:.1f}x faster",
@@ -154,7 +141,7 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
     console = console or Console()
     if data is not None and not Path(data).exists():
         raise CellfuseError(f"{data}: no such file")
-    out = fresh_dir(out, force, inputs=[data])  # the user's data is never inside what --force replaces
+    out = fresh_dir(out, force, inputs=[data], kind="demo")  # the user's data is never inside what --force replaces
     started = time.time()
     if data is None:
         console.print(Rule("[bold]synthesise"))

@@ -5,7 +5,9 @@ version, system info), the pickled state dict whose tensors are `torch._utils._r
 calls on storages named by persistent ids `("storage", torch.FloatStorage, key, location, numel)`,
 a pickled list of storage keys, then for each key an int64 element count and the raw little-endian
 data. The unpickler below resolves only the globals such a state dict needs; anything else (os.system,
-builtins.eval, ...) is refused, so reading a hostile file never runs its code.
+builtins.eval, ...) is refused, so reading a hostile file never runs its code. Every tensor's offset,
+sizes and strides are checked to stay inside its storage before its memory is viewed, so a hostile file
+cannot make the reader touch memory outside the bytes it read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ class _TensorRef:
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_requires_grad_and_hooks):
-    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _TensorRef(storage, storage_offset, size, stride)  # checked by _check_layout/_check_tensor
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -67,6 +70,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor_v2
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
+        if module == "torch" and name.endswith("Storage"):
+            raise CellfuseError(f"{self.path}: unsupported tensor type torch.{name}; "
+                                f"known: {', '.join(sorted(STORAGE_DTYPES))}")
         raise CellfuseError(f"{self.path}: refused to load: its pickle asks for {module}.{name}, "
                             "which a PyTorch state dict never needs")
 
@@ -106,11 +112,15 @@ def _parse(f: io.BytesIO, path: Path) -> dict[str, np.ndarray]:
     state = _RestrictedUnpickler(f, path).load()
     if not isinstance(state, dict) or not all(isinstance(v, _TensorRef) for v in state.values()):
         raise CellfuseError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    for name, ref in state.items():
+        _check_layout(path, name, ref)
     keys = _RestrictedUnpickler(f, path).load()
     storages = {}
     wanted = {ref.storage.key: ref.storage for ref in state.values()}
     for key in keys:
         (numel,) = struct.unpack("<q", f.read(8))
+        if numel < 0:
+            raise CellfuseError(f"{path}: storage {key} has a negative element count ({numel})")
         storage = wanted.get(key)
         itemsize = np.dtype(storage.dtype if storage else np.uint8).itemsize
         raw = f.read(numel * itemsize)
@@ -122,17 +132,48 @@ def _parse(f: io.BytesIO, path: Path) -> dict[str, np.ndarray]:
     missing = set(wanted) - set(storages)
     if missing:
         raise CellfuseError(f"{path}: storages {sorted(missing)[:3]} are listed by tensors but not stored")
+    for name, ref in state.items():
+        _check_tensor(path, name, ref, len(storages[ref.storage.key]))
     return {name: _materialise(ref, storages[ref.storage.key]) for name, ref in state.items()}
 
 
+def _check_layout(path: Path, name: str, ref: _TensorRef) -> None:
+    """Offset, sizes and strides are non-negative integers, one stride per dimension."""
+    def ints(xs):
+        return isinstance(xs, tuple) and all(type(x) is int for x in xs)
+
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(ref.storage, _Storage):
+        raise CellfuseError(f"{where} has no storage (got {type(ref.storage).__name__})")
+    if type(ref.offset) is not int or not ints(ref.size) or not ints(ref.stride) or len(ref.size) != len(ref.stride):
+        raise CellfuseError(f"{where} has a malformed layout (offset {ref.offset!r:.40}, size {ref.size!r:.80}, "
+                            f"stride {ref.stride!r:.80})")
+    if ref.offset < 0 or any(n < 0 for n in ref.size + ref.stride):
+        raise CellfuseError(f"{where} has a negative offset, size or stride (offset {ref.offset}, size "
+                            f"{ref.size}, stride {ref.stride})")
+
+
+def _check_tensor(path: Path, name: str, ref: _TensorRef, storage_len: int) -> None:
+    """Every element the tensor's view can reach lies inside its storage (checked before viewing memory)."""
+    where = f"{path}: tensor {name!r} (offset {ref.offset}, size {ref.size}, stride {ref.stride})"
+    count = math.prod(ref.size)  # Python ints: no overflow, however large the claimed size
+    # A saved state dict never repeats elements (stride 0); refusing more elements than the storage holds
+    # also bounds the memory a small file can make the reader allocate.
+    if count > storage_len:
+        raise CellfuseError(f"{where} has {count} elements, more than its storage's {storage_len}")
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+    if ref.offset > storage_len or (count and last >= storage_len):
+        raise CellfuseError(f"{where} reaches element {max(last, ref.offset)} of a storage of {storage_len}")
+
+
 def _materialise(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
-    count = int(np.prod(ref.size)) if ref.size else 1
-    span = 1 + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True)) if count else 0
-    if ref.offset < 0 or ref.offset + span > len(flat):
-        raise ValueError(f"tensor of size {ref.size} at offset {ref.offset} overruns its storage")
-    view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.size,
-                                           strides=[s * flat.itemsize for s in ref.stride])
-    return np.array(view, dtype=flat.dtype.newbyteorder("="))
+    dtype = flat.dtype.newbyteorder("=")
+    if math.prod(ref.size) == 0:
+        return np.empty(ref.size, dtype)
+    # A dimension of size 1 never steps, so its stride (unchecked by the bounds, possibly huge) is unused.
+    strides = [s * flat.itemsize if n > 1 else 0 for n, s in zip(ref.size, ref.stride, strict=True)]
+    view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.size, strides=strides)
+    return np.array(view, dtype=dtype)
 
 
 def sha256_prefix_in_name(path: str | Path) -> str | None:

@@ -1,21 +1,32 @@
-"""Recipes: TOML -> frozen dataclasses, strict keys, typed `--set section.key=value` overrides.
+"""Recipes: TOML -> frozen dataclasses, strict keys, checked values, typed `--set key=value` overrides.
 
 A recipe fully describes a run. Every key has a default here, with a comment saying what it does,
-so a recipe file only names what it changes. Unknown keys are errors, never silently ignored.
+so a recipe file only names what it changes. Unknown keys are errors (with a did-you-mean), never
+silently ignored, and every value is checked at load against RULES, so a bad number stops the
+command in one line naming the file (or the `--set`) and the key, before anything trains.
 
-One override is a shortcut rather than a key: `--set train.epochs=N` sets the last stage's epochs
-(earlier stages, such as a head-only warm-up, keep theirs).
+`--set` and sweep spaces share one key-path grammar: `section.key`, with `[i]` picking a list entry,
+e.g. `--set 'train.stages[1].lr=1e-4'` (key_segments, get_key, set_key). One override is a shortcut
+rather than a key: `--set train.epochs=N` sets the last stage's epochs (earlier stages, such as a
+head-only warm-up, keep theirs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
 import tomllib
 
+from toolkit.augment import DEFAULTS as AUGMENT_DEFAULTS
+from toolkit.augment import check_section
+from toolkit.catalog import find_recipe
 from toolkit.errors import CellfuseError
 
 
@@ -102,73 +113,240 @@ class Recipe:
     distill: DistillConfig | None = None
 
     def to_toml(self) -> str:
-        return dump_toml(as_dict(self))
+        """The recipe as run, every key written out: loading it gives this Recipe back."""
+        return tomli_w.dumps(as_dict(self))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "distill": DistillConfig}
-CHOICES = {
-    ("model", "head"): {"seed", "linear"},
-    ("train", "optimizer"): {"adamw", "lion", "sgd"},
-    ("train", "schedule"): {"cosine", "plateau", "constant"},
-    ("train", "class_weights"): {"none", "balanced"},
-    ("train", "monitor"): {"val_auc", "val_accuracy"},
-    ("train", "mixed_precision"): {"auto", "on", "off"},
-    ("train", "distribute"): {"auto", "mirrored", "multi-worker", "none"},
-    ("distill", "mode"): {"cached", "function-matching", "bank"},
+TOP_KEYS = ("name", *SECTIONS, "augment")
+# Keys `--set` accepts that are not fields: listed among the known keys, and offered as did-you-mean.
+SHORTCUTS = {"train": {"epochs": "epochs (--set only: the last stage's epochs)"}}
+
+
+# ---------------------------------------------------------------- the rules every value obeys
+
+@dataclass(frozen=True)
+class Bound:
+    """The interval a number must lie in; `also` is one more value accepted (a 0 meaning "default")."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself refused
+    high_open: bool = False  # high itself refused
+    also: float | None = None
+
+    def allows(self, value) -> bool:
+        if value == self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return text if self.also is None else f"{_number(self.also)} or {text}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Bound(0), Bound(1), Bound(0, low_open=True)
+FRACTION = Bound(0, 1, high_open=True)  # [0, 1)
+SEED = Bound(0, 2**32 - 1)  # numpy refuses seeds outside it
+# One rule per key: a Bound for numbers, a set of choices for strings. List entries share their
+# list's rule (train.stages[1].lr is checked as train.stages.lr).
+RULES: dict[str, Bound | frozenset] = {
+    "data.val_fraction": Bound(0, 1, low_open=True, high_open=True),
+    "data.split_seed": SEED,
+    "data.n_classes": Bound(2),
+    "data.limit": AT_LEAST_0,
+    "model.head": frozenset({"seed", "linear"}),
+    "model.input_size": Bound(32, also=0),  # smaller inputs vanish under the backbones' strides
+    "model.dropout": FRACTION,
+    "model.bn_momentum": FRACTION,
+    "model.width": ABOVE_0,
+    "model.depth": ABOVE_0,
+    "train.batch_size": AT_LEAST_1,
+    "train.stages.epochs": AT_LEAST_1,  # a 0-epoch stage would be skipped; all of them, an untrained model
+    "train.stages.lr": ABOVE_0,
+    "train.stages.unfreeze": Bound(0, 1),
+    "train.optimizer": frozenset({"adamw", "lion", "sgd"}),
+    "train.weight_decay": AT_LEAST_0,
+    "train.schedule": frozenset({"cosine", "plateau", "constant"}),
+    "train.warmup_epochs": AT_LEAST_0,
+    "train.label_smoothing": FRACTION,
+    "train.consistency": AT_LEAST_0,
+    "train.class_weights": frozenset({"none", "balanced"}),
+    "train.early_stopping": AT_LEAST_0,
+    "train.monitor": frozenset({"val_auc", "val_accuracy"}),
+    "train.mixed_precision": frozenset({"auto", "on", "off"}),
+    "train.distribute": frozenset({"auto", "mirrored", "multi-worker", "none"}),
+    "train.steps_per_epoch": AT_LEAST_0,
+    "train.checkpoint_every": AT_LEAST_1,
+    "train.seed": SEED,
+    "distill.mode": frozenset({"cached", "function-matching", "bank"}),
+    "distill.bank_views": AT_LEAST_1,
+    "distill.temperature": ABOVE_0,
+    "distill.alpha": Bound(0, 1),
 }
+# A run's name is its folder's name: one plain path component, never ".", "..", "a/b" or hidden.
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _check_rule(key: str, value, where: str):
+    rule = RULES.get(re.sub(r"\[\d+\]", "", key))
+    if isinstance(rule, Bound) and not rule.allows(value):
+        raise CellfuseError(f"{where}: {key} = {value!r}: must be {rule}")
+    if isinstance(rule, frozenset) and value not in rule:
+        raise CellfuseError(f"{where}: {key} = {value!r}; choose one of {sorted(rule)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a recipe's values came from, so a message blames the right one: the file or a `--set`."""
+    path: Path
+    overrides: tuple[tuple[str, str], ...] = ()  # (key path written, the --set text), in order
+    file_keys: frozenset[str] = frozenset()  # every key path the file itself writes
+
+    def of(self, key: str) -> str:
+        """`--set ...` when the last override to write `key` (or a table or list holding it) did, or when
+        the file lacks `key` and an override wrote inside it (a section `--set` made up); else the file."""
+        for written, item in reversed(self.overrides):
+            if _within(key, written) or (key not in self.file_keys and _within(written, key)):
+                return f"--set {item}"
+        return str(self.path)
+
+    def of_table(self, table: str) -> str:
+        """The file, plus every `--set` that wrote into `table`: for checks that see the table whole."""
+        items = [item for written, item in self.overrides if _within(written, table)]
+        return f"{self.path} (with --set {', '.join(items)})" if items else str(self.path)
+
+
+def _within(key: str, table: str) -> bool:
+    """`key` is `table` or lies inside it (train.stages[1].lr is within train.stages and train)."""
+    return key == table or key.startswith((f"{table}.", f"{table}["))
+
+
+def _key_paths(node, at: str = "") -> set[str]:
+    """Every key path in a parsed recipe: train, train.stages, train.stages[0], train.stages[0].lr..."""
+    if isinstance(node, dict):
+        children = [(_join(at, k), v) for k, v in node.items()]
+    elif isinstance(node, list):
+        children = [(f"{at}[{i}]", v) for i, v in enumerate(node)]
+    else:
+        return set()
+    return {path for key, value in children for path in (key, *_key_paths(value, key))}
+
+
+# ---------------------------------------------------------------- loading
+
+def read_toml(path: str | Path, what: str = "recipe") -> dict:
+    """A TOML file as a dict; a missing, unreadable or malformed file is one line naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CellfuseError(f"{path}: no such {what} (the file does not exist)") from None
+    except IsADirectoryError:
+        raise CellfuseError(f"{path}: is a folder, not a {what} file") from None
+    except OSError as e:
+        raise CellfuseError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CellfuseError(f"{path}: not valid TOML ({e})") from None
+
+
+def read_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> tuple[dict, Origin]:
+    """The recipe file (a path, or a shipped recipe's name) as parsed TOML with `--set` overrides
+    applied (not yet checked), and their origin."""
+    path = find_recipe(path)
+    raw = read_toml(path)
+    file_keys = frozenset(_key_paths(raw))
+    written = tuple((apply_override(raw, item), item) for item in overrides)
+    return raw, Origin(path, written, file_keys)
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Parse a recipe file, apply `section.key=value` overrides, check every key and type."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CellfuseError(f"{path}: no such recipe") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise CellfuseError(f"{path}: not valid TOML ({e})") from None
-    for item in overrides:
-        apply_override(raw, item, path)
-    return build_recipe(raw, path)
+    """Parse a recipe file, apply `key=value` overrides, check every key, type and value."""
+    raw, origin = read_recipe(path, overrides)
+    return build_recipe(raw, origin.path, origin)
 
 
-def build_recipe(raw: dict, path: Path) -> Recipe:
+def build_recipe(raw: dict, path: Path, origin: Origin | None = None) -> Recipe:
+    """A parsed recipe (with any overrides applied) -> Recipe, every key, type and value checked."""
+    origin = origin or Origin(Path(path))
     raw = dict(raw)
-    name = raw.pop("name", path.stem)
-    unknown = set(raw) - set(SECTIONS) - {"augment"}
-    if unknown:
-        raise CellfuseError(f"{path}: unknown section(s) {sorted(unknown)}; "
-                            f"known: name, {', '.join(SECTIONS)}, augment")
-    sections = {key: _section(cls, raw.get(key, {}), path, key) for key, cls in SECTIONS.items()
+    name = _check_name(raw.pop("name", None), Path(path), origin)
+    _refuse_unknown(raw, list(TOP_KEYS), "", origin)
+    sections = {key: _section(cls, raw.get(key, {}), key, origin) for key, cls in SECTIONS.items()
                 if key in raw or key != "distill"}
-    from toolkit.augment import check_section
-
-    augment = check_section(raw.get("augment", {}), f"{path} [augment]")
-    return Recipe(name=str(name), path=str(path), augment=augment, **sections)
+    augment = _augment(raw.get("augment", {}), origin)
+    return Recipe(name=name, path=str(path), augment=augment, **sections)
 
 
-def _section(cls, values, path: Path, key: str):
+def _check_name(name, path: Path, origin: Origin) -> str:
+    if name is None:
+        name, whence = path.stem, " (the recipe file's name; set name = \"...\" in it)"
+    else:
+        whence = ""
+    if type(name) is int:  # `--set name=2024` parses as a number
+        name = str(name)
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise CellfuseError(f"{origin.of('name')}: name = {name!r}{whence}: must be one plain folder name "
+                            "(letters, digits, '.', '_', '-', not starting with '.'), as it names the run's folder")
+    return name
+
+
+def _section(cls, values, table: str, origin: Origin):
     if not isinstance(values, dict):
-        raise CellfuseError(f"{path}: [{key}] must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        hint = "; epochs are per stage (train.stages), and --set train.epochs=N sets the last stage's" \
-            if key == "train" and "epochs" in unknown else ""
-        raise CellfuseError(f"{path}: unknown key(s) {sorted(unknown)} in [{key}]; "
-                            f"known: {', '.join(fields)}{hint}")
+        raise CellfuseError(f"{origin.of(table)}: [{table}] must be a table, got {values!r}")
+    _refuse_unknown(values, [f.name for f in dataclasses.fields(cls)], table, origin)
     hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{path}: {key}.{k}") for k, v in values.items()}
-    for k, v in kwargs.items():
-        allowed = CHOICES.get((key, k))
-        if allowed and v not in allowed:
-            raise CellfuseError(f"{path}: {key}.{k} = {v!r}; choose one of {sorted(allowed)}")
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{table}.{k}"
+        kwargs[k] = _check_rule(key, _coerce(v, hints[k], key, origin), origin.of(key))
     return cls(**kwargs)
 
 
-def _coerce(value, hint, where: str):
+def _augment(values, origin: Origin) -> dict:
+    if isinstance(values, dict):
+        _refuse_unknown(values, list(AUGMENT_DEFAULTS), "augment", origin)
+    return check_section(values, f"{origin.of_table('augment')} [augment]")
+
+
+def _refuse_unknown(values: dict, known: list[str], table: str, origin: Origin) -> None:
+    """Unknown keys are errors, with a did-you-mean; one origin at a time, so the right one is blamed."""
+    unknown = sorted(set(values) - set(known))
+    if not unknown:
+        return
+    where = origin.of(_join(table, unknown[0]))
+    unknown = [k for k in unknown if origin.of(_join(table, k)) == where]
+    shortcuts = SHORTCUTS.get(table, {})
+    hint = ("; epochs are per stage (train.stages), and --set train.epochs=N sets the last stage's"
+            if table == "train" and "epochs" in unknown else "")
+    what = f"key(s) {unknown} in [{table}]" if table else f"section(s) {unknown}"
+    raise CellfuseError(f"{where}: unknown {what}{_did_you_mean(unknown, [*known, *shortcuts])}; "
+                        f"known: {', '.join([*known, *shortcuts.values()])}{hint}")
+
+
+def _did_you_mean(unknown: list[str], known: list[str]) -> str:
+    guesses = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+    found = [f"{m[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k, m in guesses.items() if m]
+    return f" (did you mean {', '.join(found)}?)" if found else ""
+
+
+def _join(table: str, key: str) -> str:
+    return f"{table}.{key}" if table else key
+
+
+def _coerce(value, hint, key: str, origin: Origin):
     """Check a TOML value against a dataclass field's type; ints widen to floats, lists to tuples."""
-    origin = typing.get_origin(hint)
+    where = f"{origin.of(key)}: {key}"
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and type(value) is not bool:
@@ -176,48 +354,134 @@ def _coerce(value, hint, where: str):
     if hint in (int, str, bool, float):
         if type(value) is not hint:
             raise CellfuseError(f"{where} must be {hint.__name__}, got {value!r}")
+        if hint is float and not math.isfinite(value):
+            raise CellfuseError(f"{where} must be a finite number, got {value!r}")
         return value
-    if origin is tuple:
+    if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
             raise CellfuseError(f"{where} must be a list, got {value!r}")
         item = typing.get_args(hint)[0]
         if item is Stage:
-            return tuple(_section(Stage, v, Path(where.split(":")[0]), "train.stages") for v in value)
-        return tuple(_coerce(v, item, where) for v in value)
+            if not value:
+                raise CellfuseError(f"{where} = []: needs at least one stage")
+            return tuple(_section(Stage, v, f"{key}[{i}]", origin) for i, v in enumerate(value))
+        return tuple(_coerce(v, item, key, origin) for v in value)
     raise CellfuseError(f"{where}: unsupported type {hint}")
 
 
-def apply_override(raw: dict, item: str, path: Path) -> None:
-    """`section.key=value`, value parsed as TOML (so 3, 1e-3, true, "x", [..] work), else a string."""
+# ---------------------------------------------------------------- overrides: one key-path grammar
+
+_SEGMENT = r"([A-Za-z_]\w*)(?:\[(\d+)\])?"
+KEY_PATH = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
+EXAMPLE_KEYS = '"train.label_smoothing" or "train.stages[1].lr"'
+
+
+def key_segments(key: str, where: str) -> list[tuple[str, int | None]]:
+    """`train.stages[1].lr` -> [("train", None), ("stages", 1), ("lr", None)]."""
+    if not isinstance(key, str) or not KEY_PATH.fullmatch(key):
+        raise CellfuseError(f"{where}: not a recipe key like {EXAMPLE_KEYS}")
+    return [(m.group(1), None if m.group(2) is None else int(m.group(2))) for m in re.finditer(_SEGMENT, key)]
+
+
+def get_key(tree: dict, key: str, where: str):
+    """The value at `key` in a recipe as a dict (as_dict): an unknown key or a missing entry is an error."""
+    node, at = tree, ""
+    for name, index in key_segments(key, where):
+        if not isinstance(node, dict) or name not in node:
+            known = list(node) if isinstance(node, dict) else []
+            raise CellfuseError(f"{where}: unknown key {name!r} in [{at or 'recipe'}]"
+                                f"{_did_you_mean([name], known)}; known: {', '.join(known) or 'nothing (not a table)'}")
+        node, at = node[name], _join(at, name)
+        if index is not None:
+            node, at = _entry(node, index, at, where), f"{at}[{index}]"
+    return node
+
+
+def set_key(raw: dict, key: str, value, where: str) -> None:
+    """Write `value` at `key` in a parsed recipe. A list the file leaves to its default (the stages) is
+    copied in first, so `train.stages[1].lr` changes one entry of the written or the default list."""
+    segments = key_segments(key, where)
+    node, at = raw, ""
+    for depth, (name, index) in enumerate(segments):
+        last = depth == len(segments) - 1
+        if not isinstance(node, dict):
+            raise CellfuseError(f"{where}: [{at}] is not a table")
+        at = _join(at, name)
+        if index is None:
+            if last:
+                node[name] = value
+                return
+            node = node.setdefault(name, {})
+            continue
+        if name not in node:
+            node[name] = _plain(_default(at))
+        _entry(node[name], index, at, where)
+        if last:
+            node[name][index] = value
+            return
+        node, at = node[name][index], f"{at}[{index}]"
+
+
+def _entry(node, index: int, at: str, where: str):
+    if not isinstance(node, (list, tuple)) or index >= len(node):
+        size = len(node) if isinstance(node, (list, tuple)) else "no"
+        raise CellfuseError(f"{where}: {at} has {size} entries (index from 0)")
+    return node[index]
+
+
+def _default(at: str):
+    """The default value at a key path (indices dropped), or None for a key without one."""
+    node = as_dict(Recipe(name="", path="", augment=dict(AUGMENT_DEFAULTS), distill=DistillConfig()))
+    for name in re.sub(r"\[\d+\]", "", at).split("."):
+        node = node.get(name) if isinstance(node, dict) else None
+    return node
+
+
+def _plain(value):
+    """Tuples as lists, recursively: a value as parsed TOML holds it, so entries can be set."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """One `--set key=value`, the value parsed as TOML (3, 1e-3, true, "x", [..]), else kept as a string.
+    Returns the key path written, so a message about that value can blame this `--set`."""
     key, sep, text = item.partition("=")
-    if not sep or "." not in key and key != "name":
-        raise CellfuseError(f"--set {item!r}: expected section.key=value, e.g. train.batch_size=32")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    if key == "name":
-        raw["name"] = str(value)
-        return
+    key = key.strip()
+    if not sep:
+        raise CellfuseError(f"--set {item}: expected key=value, e.g. train.batch_size=32 or 'train.stages[1].lr=1e-4'")
+    value = _parse_value(text)
     if key == "train.epochs":
-        set_last_stage_epochs(raw, value, path)
-        return
-    section, _, name = key.partition(".")
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise CellfuseError(f"{path}: cannot override {key}: [{section}] is not a table")
-    target[name] = value
+        return set_last_stage_epochs(raw, value, item)
+    segments = key_segments(key, f"--set {item}")
+    if len(segments) == 1 and key != "name":
+        homes = [f"{s}.{key}" for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        raise CellfuseError(f"--set {item}: expected section.key=value" +
+                            (f"; did you mean {' or '.join(homes)}?" if homes else ", e.g. train.batch_size=32"))
+    set_key(raw, key, value, f"--set {item}")
+    return key
 
 
-def set_last_stage_epochs(raw: dict, epochs, path: Path) -> None:
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_last_stage_epochs(raw: dict, epochs, item: str) -> str:
     """`--set train.epochs=N`: the last stage trains N epochs; earlier stages (a head warm-up) stay."""
     if type(epochs) is not int or epochs < 1:
-        raise CellfuseError(f"--set train.epochs={epochs!r}: expected a whole number of epochs, at least 1")
+        raise CellfuseError(f"--set {item}: expected a whole number of epochs, at least 1")
     train = raw.setdefault("train", {})
-    stages = train.get("stages", [{}]) if isinstance(train, dict) else None
+    stages = train.get("stages", _plain(_default("train.stages"))) if isinstance(train, dict) else None
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
-        raise CellfuseError(f"{path}: cannot set train.epochs: train.stages is not a list of tables")
+        raise CellfuseError(f"--set {item}: cannot set the last stage's epochs: train.stages is not a list of tables")
     train["stages"] = [*stages[:-1], {**stages[-1], "epochs": epochs}]
+    return f"train.stages[{len(stages) - 1}].epochs"
 
 
 def as_dict(recipe: Recipe) -> dict:
@@ -228,30 +492,3 @@ def as_dict(recipe: Recipe) -> dict:
             out[key] = dataclasses.asdict(section)
     out["augment"] = recipe.augment
     return out
-
-
-def dump_toml(data: dict) -> str:
-    """A minimal TOML writer for the recipe snapshot (tomllib only reads)."""
-    lines = []
-    for key, value in data.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")

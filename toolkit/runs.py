@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from toolkit.errors import CellfuseError
 
 OUTPUTS = Path("outputs")
@@ -20,15 +22,23 @@ OUTPUTS = Path("outputs")
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file beside `path`, then rename: readers never see half a file.
     The file is recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _claim_file(path)
     _write_replacing(path, data)
-    record_own(path)
     return path
 
 
+def _claim_file(path: str | Path) -> Path:
+    """Record a file about to be written; the last guard: a file cellfuse did not write is never replaced."""
+    path = Path(path)
+    _ensure_dir(path.parent)
+    if (path.exists() or path.is_symlink()) and not is_own(path):
+        raise CellfuseError(f"{path}: exists and was not written by cellfuse; refusing to replace it "
+                            "(move it, or choose another --out)")
+    return record_own(path)
+
+
 def _write_replacing(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -81,37 +91,108 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------- what cellfuse wrote
-# Every folder cellfuse writes into holds MANIFEST: the names it wrote there. --force replaces only
-# those; a folder with anything else in it, or an input inside it, is refused whatever the flags.
+# The ownership rule, in this one place: cellfuse replaces or deletes a path only if it recorded that
+# exact path when it wrote it.
+# - A folder cellfuse made holds MANIFEST, written as it made the folder, with the folder's kind
+#   ("run", "clean", ...) and the name of every file and subfolder cellfuse wrote in it.
+# - A file cellfuse writes into a folder it did not make (`--out FILE` in a user's folder) is named in
+#   a MANIFEST there that has no kind: it claims that file, never the folder.
+# - A folder is deleted only when everything in it, all the way down, is recorded; its kind must be
+#   the one the command replaces (`train --force` never replaces a `clean` output).
+# Commands check their inputs first and claim outputs last (fresh_dir, make_run_dir, check_new_file),
+# holding a lock on each output (lock_output) so that two commands never write one place.
 
 MANIFEST = ".cellfuse.json"
+TMP_PREFIX = ".cellfuse-tmp."  # temporary files of atomic writes: a crash may leave one behind
 
 
 def _manifest(folder: Path) -> dict:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return manifest if isinstance(manifest, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def record_own(path: str | Path) -> Path:
-    """Remember that cellfuse wrote `path` (a file, or a folder its libraries fill, e.g. TensorBoard's)."""
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    _write_replacing(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """The kind of output a folder holds when cellfuse made it ("run", "clean", ...), else None."""
+    folder = Path(folder)
+    return None if folder.is_symlink() else _manifest(folder).get("kind")
+
+
+def make_own_dir(path: str | Path, kind: str) -> Path:
+    """Make a new folder as cellfuse's: its manifest names its kind, and a parent cellfuse made
+    records it. A folder that exists already must be cellfuse's, of this kind."""
     path = Path(path)
-    manifest = _manifest(path.parent)
-    names = set(manifest.get("own", []))
-    if path.name not in names:
-        manifest["own"] = sorted(names | {path.name})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_replacing(path.parent / MANIFEST, json.dumps(manifest, indent=1).encode())
+    if path.exists() or path.is_symlink():
+        if folder_kind(path) != kind:
+            raise CellfuseError(f"{path}: exists and is not a cellfuse {kind} folder; choose another --out")
+        return path
+    _ensure_dir(path.parent)
+    path.mkdir()
+    _write_manifest(path, {"kind": kind, "own": []})
+    if folder_kind(path.parent):
+        record_own(path)
     return path
 
 
-def is_own(path: str | Path) -> bool:
-    """Did cellfuse write this file or folder? Folders made by fresh_dir carry their own manifest."""
+def _ensure_dir(folder: Path) -> None:
+    """Make missing folders; one made inside a cellfuse folder is cellfuse's too."""
+    if folder.is_dir():
+        return
+    if folder_kind(folder.parent) or not folder.parent.is_dir():
+        _ensure_dir(folder.parent)
+    if folder_kind(folder.parent):
+        make_own_dir(folder, "part")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def record_own(path: str | Path) -> Path:
+    """Record that cellfuse wrote `path` (or is about to: a file a library writes for it)."""
+    import fcntl
+
     path = Path(path)
-    if path.is_dir() and (path / MANIFEST).is_file():
-        return True
-    return path.name in _manifest(path.parent).get("own", [])
+    if path.name in _manifest(path.parent).get("own", []):
+        return path
+    fd = os.open(path.parent, os.O_RDONLY)  # several processes (parallel trials) record into one folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        manifest = _manifest(path.parent)
+        manifest["own"] = sorted(set(manifest.get("own", [])) | {path.name})
+        _write_manifest(path.parent, manifest)
+    finally:
+        os.close(fd)
+    return path
+
+
+def adopt_library_files(folder: str | Path) -> None:
+    """Record the files a library (TensorBoard, Keras' backups) wrote into a folder cellfuse made for
+    it, as they are now: a file put there later is not cellfuse's."""
+    folder = Path(folder)
+    if folder_kind(folder) is None:
+        return
+    for sub in sorted(folder.iterdir()):
+        if sub.name == MANIFEST or sub.name.startswith(TMP_PREFIX) or sub.is_symlink():
+            continue
+        if sub.is_dir():
+            if folder_kind(sub) is None and sub.name not in _manifest(folder).get("own", []):
+                _write_manifest(sub, {"kind": "part", "own": []})
+            adopt_library_files(sub)
+        record_own(sub)
+
+
+def is_own(path: str | Path) -> bool:
+    """Did cellfuse record this file or folder where it wrote it?"""
+    path = Path(path)
+    recorded = path.name in _manifest(path.parent).get("own", [])
+    if path.is_dir() and not path.is_symlink():
+        return recorded and folder_kind(path) is not None
+    return recorded
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -130,60 +211,103 @@ def refuse_inputs_inside(out: Path, inputs) -> None:
                                 "choose an --out that holds none of the inputs")
 
 
-def fresh_dir(path: str | Path, force: bool = False, inputs=()) -> Path:
-    """An empty output folder. With `force`, an existing one is replaced only when everything in it
-    is cellfuse's own (recorded in its manifest); user files and inputs inside it are refused."""
+def fresh_dir(path: str | Path, force: bool = False, inputs=(), kind: str = "output") -> Path:
+    """An empty output folder of `kind`, locked for this command. With `force`, an existing one is
+    emptied only when cellfuse made it as the same kind and everything in it is cellfuse's own."""
     path = Path(path)
+    lock_output(path)
     refuse_inputs_inside(path, inputs)
+    if path.is_symlink():
+        raise CellfuseError(f"{path}: is a symbolic link; cellfuse writes only into a real folder, "
+                            "so give the folder it points to, or another --out")
     if path.exists() and not path.is_dir():
         raise CellfuseError(f"{path}: exists and is not a directory")
-    if path.exists() and any(path.iterdir()):
+    if not path.exists():
+        return make_own_dir(path, kind)
+    if any(path.iterdir()):
+        check_replaceable(path, kind)
         if not force:
             raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
-        remove_own(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _write_replacing(path / MANIFEST, json.dumps({"own": []}).encode())
+        _delete_contents(path)
+    # an empty folder (the user's, maybe): cellfuse fills it and owns what it writes, not the folder
+    _write_manifest(path, {"kind": kind, "own": [], "kept": True})
     return path
 
 
-def remove_own(path: str | Path, leftovers=()) -> None:
-    """Delete a folder cellfuse wrote, after checking that everything in it is cellfuse's own (or one
-    of `leftovers`: names an older cellfuse wrote before folders had a manifest). The one place
+def check_replaceable(folder: Path, kind: str) -> None:
+    """Refuse, in one line, to replace a folder that is not wholly cellfuse's, or of another kind."""
+    found = folder_kind(folder)
+    if found is None:
+        raise CellfuseError(f"{folder}: exists and was not made by cellfuse, so it will not be replaced; "
+                            "choose another --out (or name) or remove it yourself")
+    if found != kind:
+        raise CellfuseError(f"{folder}: holds a cellfuse {found} output, not a {kind}; "
+                            "choose another --out (or name)")
+    check_only_own(folder)
+
+
+def remove_own(path: str | Path, kind: str | None = None) -> None:
+    """Delete a folder cellfuse made, after checking that everything in it is recorded as its own
+    (a folder that existed before cellfuse wrote into it is emptied, not deleted). The one place
     cellfuse deletes a folder."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    if (path / MANIFEST).is_file() or {p.name for p in path.iterdir()} - set(leftovers):
-        check_only_own(path, keep=leftovers)  # refuses a folder without a manifest, naming it
-    shutil.rmtree(path)
+    check_replaceable(path, kind or folder_kind(path) or "folder")
+    kept = _manifest(path).get("kept", False)
+    _delete_contents(path)
+    if not kept:
+        (path / MANIFEST).unlink()
+        path.rmdir()
+
+
+def _delete_contents(folder: Path) -> None:
+    """Everything in a folder check_replaceable passed, except its manifest, which is reset."""
+    manifest = _manifest(folder)
+    for sub in folder.iterdir():
+        if sub.name == MANIFEST:
+            continue
+        if sub.is_dir() and not sub.is_symlink():
+            shutil.rmtree(sub)
+        else:
+            sub.unlink()
+    _write_manifest(folder, {**manifest, "own": []})
 
 
 def clear_own(folder: str | Path, keep=()) -> None:
     """Delete the files cellfuse recorded in `folder` (not `keep`): a rebuild leaves no stale results."""
     folder = Path(folder)
-    for name in _manifest(folder).get("own", []):
+    manifest = _manifest(folder)
+    for name in manifest.get("own", []):
         path = folder / name
-        if name not in keep and path.is_file():
+        if name not in keep and path.is_file() and not path.is_symlink():
             path.unlink()
+    manifest["own"] = [n for n in manifest.get("own", []) if (folder / n).exists()]
+    _write_manifest(folder, manifest)
 
 
 def remove_scratch(path: str | Path) -> None:
-    """Delete a temporary folder cellfuse made for itself (e.g. a non-chief worker's run copy)."""
+    """Delete a folder cellfuse made for its own temporary use (a worker's copy, a dropped backup)."""
+    path = Path(path)
+    if path.exists() and folder_kind(path) is None:
+        raise CellfuseError(f"{path}: was not made by cellfuse; not deleting it")
     shutil.rmtree(path, ignore_errors=True)
 
 
 def check_only_own(folder: Path, keep=()) -> None:
-    """Refuse to replace a folder holding anything cellfuse did not write there (except `keep`)."""
-    if not (folder / MANIFEST).is_file():
-        raise CellfuseError(f"{folder}: was not written by cellfuse (no {MANIFEST} in it), so --force "
-                            "will not delete it; choose another --out or remove it yourself")
+    """Refuse to replace a folder holding anything cellfuse did not record there (except `keep`)."""
+    if folder_kind(folder) is None:
+        raise CellfuseError(f"{folder}: was not made by cellfuse (no {MANIFEST} naming its kind), so "
+                            "--force will not delete it; choose another --out or remove it yourself")
     own = set(_manifest(folder).get("own", [])) | {MANIFEST, *keep}
-    for sub in folder.iterdir():  # a folder with its own manifest is checked the same way, all the way down
-        if sub.is_dir() and (sub / MANIFEST).is_file():
-            check_only_own(sub)
-    foreign = sorted(p.name for p in folder.iterdir()
-                     if p.name not in own and not (p.is_dir() and (p / MANIFEST).is_file())
-                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    foreign = []
+    for sub in sorted(folder.iterdir()):
+        if sub.name.startswith(TMP_PREFIX) and sub.is_file() and not sub.is_symlink():
+            continue
+        if sub.name not in own or (sub.is_dir() and not sub.is_symlink() and folder_kind(sub) is None):
+            foreign.append(sub.name)
+        elif sub.is_dir() and not sub.is_symlink():
+            check_only_own(sub)  # all the way down
     if foreign:
         raise CellfuseError(f"{folder}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
                             "which cellfuse did not write; --force replaces only cellfuse's own files. "
@@ -191,13 +315,18 @@ def check_only_own(folder: Path, keep=()) -> None:
 
 
 def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Path:
-    """An output file path: the right suffix, not a folder, not an input, and no existing file replaced
-    unless --force is given and cellfuse wrote it."""
+    """An output file path, locked for this command: the right suffix, not a folder, not an input, and
+    no existing file replaced unless --force is given and cellfuse wrote it."""
     out = Path(out)
     if suffix and out.suffix != suffix:
         raise CellfuseError(f"{out}: expected a {suffix} file name")
+    lock_output(out)
+    if out.is_symlink():
+        raise CellfuseError(f"{out}: is a symbolic link; write the output to a plain file name")
     if out.is_dir():
         raise CellfuseError(f"{out}: is a directory")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise CellfuseError(f"{out.parent}: is not a directory")
     for item in inputs:
         if item is not None and Path(item).exists() and out.exists() and Path(item).resolve() == out.resolve():
             raise CellfuseError(f"{out}: is also an input; write the output elsewhere")
@@ -210,15 +339,90 @@ def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Pat
     return out
 
 
+# ---------------------------------------------------------------- one writer per output
+
+_LOCKS: dict[str, int] = {}  # resolved output path -> locked file descriptor, held by this process
+
+
+def lock_output(path: str | Path) -> None:
+    """Hold an exclusive lock on an output path until release_locks() or the end of the process: a
+    second cellfuse command writing the same place refuses, naming the holder. The kernel drops the
+    lock of a dead process, so a stale lock is taken over. Lock files live in the temporary folder,
+    never among the user's files."""
+    import fcntl
+    import hashlib
+
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return
+    folder = Path(tempfile.gettempdir()) / f"cellfuse-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "a process that is starting"
+        os.close(fd)
+        raise CellfuseError(f"{path}: in use by another cellfuse command ({holder}); wait for it to "
+                            "finish, or choose another --out or name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()}: {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}"
+              .encode()[:300], 0)
+    _LOCKS[key] = fd
+
+
+def release_locks() -> None:
+    """Let go of every output this process locked (the command is over)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
+
+
 def save_model_atomic(model, path: str | Path) -> Path:
     """model.save through a temporary name, then rename: the one way cellfuse writes .keras files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    path = _claim_file(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.stem}.keras")
     model.save(tmp)
     os.replace(tmp, path)
-    record_own(path)
     return path
+
+
+def save_weights(model, path: str | Path) -> Path:
+    """A checkpoint of `model`'s weights keyed by each variable's path (layer/variable), written
+    atomically: a model whose layers come in another order loads by name, never by position."""
+    import io
+
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        for v in model.weights:
+            f.create_dataset(v.path, data=np.asarray(v))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Load a save_weights checkpoint; refused in one line unless every variable is matched by path
+    and shape, both ways."""
+    import h5py
+
+    path = Path(path)
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                         if isinstance(item, h5py.Dataset) else None)
+    except OSError as e:
+        raise CellfuseError(f"{path}: not a readable checkpoint ({e})") from None
+    wanted = {v.path: v for v in model.weights}
+    missing, extra = sorted(set(wanted) - set(arrays)), sorted(set(arrays) - set(wanted))
+    if missing or extra:
+        raise CellfuseError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                            "it was saved from another architecture")
+    for key, v in wanted.items():
+        if tuple(arrays[key].shape) != tuple(v.shape):
+            raise CellfuseError(f"{path}: {key} has shape {arrays[key].shape}, the model wants {tuple(v.shape)}")
+    for key, v in wanted.items():
+        v.assign(arrays[key])
 
 
 def git_commit() -> str | None:

@@ -4,6 +4,10 @@
         -> trials, each an ordinary run directory DIR/trials/<recipe>-tNNN trained by toolkit.train
         -> sweep.csv, sweep.png, best.toml (the best trial's recipe, ready for `cellfuse train`)
 
+Data and recipe are checked before the first trial; the console gets one line per trial (each
+trial's training output goes to DIR/logs/trialNNN.log) and ends with the best trial and best.toml.
+A sweep none of whose trials finished exits with an error.
+
 Optuna's TPE sampler proposes the values; a Hyperband pruner stops a trial whose per-epoch objective
 falls behind the others at the same epoch; a trial whose loss diverges stops at once. A stopped
 trial's run directory holds stopped.json saying why (and no best.keras: it never finished).
@@ -16,22 +20,31 @@ import csv
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
-import tomllib
 from rich.console import Console
-from rich.table import Table
 
+from toolkit.catalog import find_recipe
+from toolkit.data import check_dataset, load_dataset
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Recipe, apply_override, as_dict, build_recipe, load_recipe
+from toolkit.recipe import (
+    Recipe,
+    as_dict,
+    build_recipe,
+    get_key,
+    key_segments,
+    read_recipe,
+    read_toml,
+    set_key,
+)
 from toolkit.runs import OUTPUTS, atomic_write_text, write_csv, write_json
 
 SWEEPS = OUTPUTS / "sweeps"
@@ -45,7 +58,6 @@ KINDS = ("range", "log", "choice")
 FIXED_SECTIONS = ("data", "name")
 # An epoch whose mean training loss is this many times the untrained model's ln(n_classes) diverged.
 DIVERGED_LOSS = 3.0
-_KEY = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+(\[\d+\])?)+$")
 
 
 # ---------------------------------------------------------------- the search space
@@ -71,21 +83,10 @@ class Space:
         return METRICS[self.objective.partition(".")[2]]
 
 
-def read_toml(path: Path, what: str) -> dict:
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CellfuseError(f"{path}: no such {what}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise CellfuseError(f"{path}: not valid TOML ({e})") from None
-
-
 def raw_recipe(path: Path, overrides=()) -> dict:
-    """The recipe file as parsed TOML with `--set` overrides applied (checked by load_recipe first)."""
-    load_recipe(path, overrides)  # every key and type checked, with the recipe's own messages
-    raw = read_toml(path, "recipe")
-    for item in overrides:
-        apply_override(raw, item, Path(path))
+    """The recipe file as parsed TOML with `--set` overrides applied, every key and value checked."""
+    raw, origin = read_recipe(path, overrides)
+    build_recipe(copy.deepcopy(raw), Path(path), origin)  # the recipe's own messages, blaming file or --set
     return raw
 
 
@@ -98,7 +99,7 @@ def parse_space(doc: dict, where: str, raw: dict, recipe_path: str) -> Space:
     if not isinstance(table, dict) or not table:
         raise CellfuseError(f'{where}: needs a [space] table, e.g. "train.label_smoothing" = {{ range = [0.0, 0.2] }}')
     base = build_recipe(copy.deepcopy(raw), Path(recipe_path))
-    resolved = _plain(as_dict(base))
+    resolved = as_dict(base)
     params = tuple(_param(where, key, spec, raw, recipe_path, resolved) for key, spec in table.items())
     objective = doc.get("objective", default_objective(base))
     _check_objective(where, objective, base)
@@ -112,11 +113,11 @@ def parse_space(doc: dict, where: str, raw: dict, recipe_path: str) -> Space:
 
 
 def _param(where: str, key: str, spec, raw: dict, recipe_path: str, resolved: dict) -> Param:
-    segments = _segments(where, key)
-    if segments[0][0] in FIXED_SECTIONS:
-        raise CellfuseError(f'{where}: "{key}": a sweep may not change [{segments[0][0]}] (the data and its '
+    section = key_segments(key, f'{where}: "{key}"')[0][0]
+    if section in FIXED_SECTIONS:
+        raise CellfuseError(f'{where}: "{key}": a sweep may not change [{section}] (the data and its '
                             "validation split must be the same for every trial, or their scores are incomparable)")
-    current = _get(where, key, segments, resolved)
+    current = get_key(resolved, key, f'{where}: "{key}"')
     kinds = set(spec) & set(KINDS) if isinstance(spec, dict) else set()
     if len(kinds) != 1 or set(spec) - kinds:
         raise CellfuseError(f'{where}: "{key}" must be one of {{ range = [low, high] }}, '
@@ -168,66 +169,11 @@ def _check_objective(where: str, objective, recipe: Recipe) -> None:
                             f"{sets} (the recipe's validation sets) and metric one of {list(METRICS)}")
 
 
-# ---------------------------------------------------------------- keys like train.stages[1].lr
-
-def _segments(where: str, key: str) -> list[tuple[str, int | None]]:
-    if not isinstance(key, str) or not _KEY.match(key):
-        raise CellfuseError(f'{where}: "{key}" is not a recipe key like "train.label_smoothing" '
-                            'or "train.stages[1].lr"')
-    return [(m.group(1), None if m.group(2) is None else int(m.group(2)))
-            for m in re.finditer(r"([a-z_]+)(?:\[(\d+)\])?", key)]
-
-
-def _get(where: str, key: str, segments, resolved: dict):
-    """The recipe's current value at `key`: unknown keys and out-of-range stages are errors."""
-    node, path = resolved, ""
-    for name, index in segments:
-        if not isinstance(node, dict) or name not in node:
-            known = ", ".join(node) if isinstance(node, dict) else "nothing (not a table)"
-            raise CellfuseError(f'{where}: "{key}": unknown key {name!r} in [{path or "recipe"}]; known: {known}')
-        node, path = node[name], f"{path}.{name}".lstrip(".")
-        if index is not None:
-            if not isinstance(node, list) or index >= len(node):
-                size = len(node) if isinstance(node, list) else "no"
-                raise CellfuseError(f'{where}: "{key}": {path} has {size} entries (index from 0)')
-            node, path = node[index], f"{path}[{index}]"
-    return node
-
-
-def _set(raw: dict, segments, value, resolved: dict) -> None:
-    """Set `value` in the raw recipe; a list the file leaves to defaults (stages) is copied in first."""
-    node, ref = raw, resolved
-    for depth, (name, index) in enumerate(segments):
-        last = depth == len(segments) - 1
-        if index is None:
-            if last:
-                node[name] = value
-                return
-            node, ref = node.setdefault(name, {}), ref[name]
-            continue
-        if name not in node:
-            node[name] = copy.deepcopy(ref[name])
-        if last:
-            node[name][index] = value
-            return
-        node, ref = node[name][index], ref[name][index]
-
-
-def _plain(value):
-    """as_dict output with tuples as lists, like parsed TOML."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def trial_recipe(raw: dict, recipe_path: str, values: dict, name: str | None = None) -> Recipe:
     """The base recipe with one trial's values (and run name), checked like any recipe."""
     raw = copy.deepcopy(raw)
-    resolved = _plain(as_dict(build_recipe(copy.deepcopy(raw), Path(recipe_path))))
     for key, value in values.items():
-        _set(raw, _segments("", key), value, resolved)
+        set_key(raw, key, value, f'"{key}"')
     if name:
         raw["name"] = name
     return build_recipe(raw, Path(recipe_path))
@@ -263,26 +209,24 @@ class Sweep:
         return cls(Path(out), rec["recipe"], rec["raw"], rec["space"], rec["space_file"])
 
 
-def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool) -> None:
-    """A new sweep directory, or the same sweep's when resuming; --force only replaces a sweep's."""
-    from toolkit.runs import fresh_dir, record_own
+def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool, inputs=()) -> None:
+    """A new sweep directory, or the same sweep's when resuming; --force only replaces a sweep's,
+    and never one holding an input (`inputs`: the recipe, the space, the data)."""
+    from toolkit.runs import folder_kind, fresh_dir, lock_output, make_own_dir, record_own
 
     out, marker = sweep.out, sweep.out / MARKER
-    if out.exists() and any(out.iterdir()):
-        if not marker.exists():
-            raise CellfuseError(f"{out}: exists and is not a sweep directory (no {MARKER}); "
-                                "refusing to touch it: choose another --out")
-        if resume:
-            old = json.loads(marker.read_text())
-            if (old["raw"], old["space"]) != (sweep.raw, sweep.space_doc):
-                raise CellfuseError(f"{out}: the recipe, its --set overrides or the space changed since this "
-                                    "sweep started; resume needs the same ones (or --force to start over)")
-            return
-        if not force:
-            raise CellfuseError(f"{out}: already exists; --resume to continue it, --force to start over")
-    fresh_dir(out, force=True)  # replaces only a sweep folder holding nothing but cellfuse's files
-    for name in ("study.journal", "trials", "logs"):  # written by Optuna and by the trials
+    if resume and marker.exists() and folder_kind(out) == "sweep":
+        lock_output(out)
+        old = json.loads(marker.read_text())
+        if (old["raw"], old["space"]) != (sweep.raw, sweep.space_doc):
+            raise CellfuseError(f"{out}: the recipe, its --set overrides or the space changed since this "
+                                "sweep started; resume needs the same ones (or --force to start over)")
+        return
+    fresh_dir(out, force, inputs=[sweep.recipe_path, sweep.space_file, *inputs], kind="sweep")
+    for name in ("study.journal", "study.journal.lock"):  # Optuna writes them for the sweep
         record_own(out / name)
+    make_own_dir(out / "trials", "runs")
+    make_own_dir(out / "logs", "logs")
     write_json(marker, sweep.record())
 
 
@@ -364,17 +308,12 @@ class TrialStopped(Exception):
         self.state, self.epoch, self.why = state, epoch, why
 
 
-def _callback_base():
-    import keras
-
-    return keras.callbacks.Callback
-
-
-class TrialReporter(_callback_base()):
+class TrialReporter:
     """Reports the objective to Optuna after every epoch; stops the trial when pruned or diverged.
 
     Runs after cellfuse's own callbacks (history.csv and the best checkpoint are written first),
-    so a stopped run directory still shows every epoch it trained.
+    so a stopped run directory still shows every epoch it trained. A Keras callback through
+    make_reporter, so that importing this module (and checking a sweep's inputs) loads no TensorFlow.
     """
 
     def __init__(self, trial, recipe: Recipe, run: Path, objective: str):
@@ -422,7 +361,6 @@ class TrialReporter(_callback_base()):
     def _data(self):
         """The objective's validation set: an extra_val file, or the split (rebuilt the way train makes it)."""
         if self.data is None:
-            from toolkit.data import load_dataset
             from toolkit.train import load_split
 
             files = {Path(p).stem: p for p in self.recipe.data.extra_val}
@@ -431,9 +369,20 @@ class TrialReporter(_callback_base()):
         return self.data
 
     def _stage_offset(self) -> int:
-        """Epochs before the stage now fitting: train marks each finished stage with checkpoint/stage<i>.npz."""
+        """Epochs before the stage now fitting: train marks each finished stage with checkpoint/stage<i>.weights.h5."""
         return sum(s.epochs for i, s in enumerate(self.recipe.train.stages)
-                   if (self.run / "checkpoint" / f"stage{i}.npz").exists())
+                   if (self.run / "checkpoint" / f"stage{i}.weights.h5").exists())
+
+
+def make_reporter(trial, recipe: Recipe, run: Path, objective: str):
+    return _keras_callback(TrialReporter)(trial, recipe, run, objective)
+
+
+@cache
+def _keras_callback(cls: type) -> type:
+    import keras
+
+    return type(cls.__name__, (cls, keras.callbacks.Callback), {})
 
 
 def run_trial(sweep: Sweep, study, trial, console: Console) -> None:
@@ -448,7 +397,7 @@ def run_trial(sweep: Sweep, study, trial, console: Console) -> None:
     trial.set_user_attr("run", recipe.name)
     trial.set_user_attr("epochs_planned", total_epochs(recipe))
     console.rule(f"trial {number}: " + ", ".join(f"{k} = {_show(v)}" for k, v in trial.params.items()))
-    reporter = TrialReporter(trial, recipe, run, sweep.space.objective)
+    reporter = make_reporter(trial, recipe, run, sweep.space.objective)
     started = time.time()
     try:
         train_recipe(recipe, resume="resume_of" in trial.user_attrs, runs_root=run.parent, console=console,
@@ -461,6 +410,8 @@ def run_trial(sweep: Sweep, study, trial, console: Console) -> None:
         trial.set_user_attr("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
         trial.set_user_attr("seconds", round(time.time() - started, 1))
         console.print(f"[red]trial {number} failed:[/] {e}")
+        if not isinstance(e, CellfuseError):  # a bug, or TensorFlow failing: the traceback, for a report
+            console.print(traceback.format_exc(), markup=False)
         study.tell(trial, state=TrialState.FAIL)
         return
     value = read_objective(run, sweep.space.objective)
@@ -495,41 +446,70 @@ def _epochs_done(run: Path) -> int:
 
 def run_sweep(recipe_path, space_path, *, overrides=(), out=None, trials=20, parallel=1, resume=False,
               force=False, console=None) -> dict:
-    """Run (or resume) a sweep of `trials` trials, `parallel` at a time; write its outputs after each."""
+    """Run (or resume) a sweep of `trials` trials, `parallel` at a time; write its outputs after each.
+
+    The console gets one line per trial (its training output goes to DIR/logs/), then the best trial
+    and its best.toml. Raises CellfuseError when no trial finished: all of them failed."""
     console = console or Console()
     raw = raw_recipe(Path(recipe_path), overrides)
-    space_doc = read_toml(Path(space_path), "space file")
+    space_path = find_recipe(space_path)  # a file, or a shipped space's name (spaces/tiny)
+    space_doc = read_toml(space_path, "space file")
     parse_space(space_doc, str(space_path), raw, str(recipe_path))  # all errors before any directory
     base = build_recipe(copy.deepcopy(raw), Path(recipe_path))
+    check_data_files(base)  # a missing or broken data file is one line now, not a failure per trial
     sweep = Sweep(Path(out or SWEEPS / base.name), str(recipe_path), raw, space_doc, str(space_path))
-    prepare_sweep_dir(sweep, resume, force)
+    prepare_sweep_dir(sweep, resume, force, inputs=[base.data.train, *base.data.extra_val])
     study = open_study(sweep)
-    requeued = requeue_interrupted(study)
-    if requeued:
-        console.print(f"resuming {requeued} interrupted trial(s) from their checkpoints")
+    log = TrialLog(sweep, console)
+    log.start(study, trials, requeued=requeue_interrupted(study))
     asks = trials_to_ask(study, trials)
     started = time.time()
     if parallel > 1:
-        _run_parallel(sweep, study, asks, parallel, console)
+        _run_parallel(sweep, study, asks, parallel, log)
     else:
         for _ in range(asks):
             trial = study.ask()
             suggest(trial, sweep.space)
-            run_trial(sweep, study, trial, console)
+            with _log_path(sweep, trial).open("w") as trial_log:
+                run_trial(sweep, study, trial, Console(file=trial_log, width=120, soft_wrap=True))
             _clear_session()
-            console.print(write_outputs(sweep, study))
-    if not asks:  # nothing left to run: show where the sweep stands
-        console.print(write_outputs(sweep, study))
-    return summarize(sweep, study, time.time() - started)
+            write_outputs(sweep, study)
+            log.finished(study, trial)
+    write_outputs(sweep, study)
+    summary = summarize(sweep, study, time.time() - started)
+    log.end(summary)
+    refuse_all_failed(sweep, study)
+    return summary
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """The training file and every extra validation file exist and hold a data set: checked from their
+    headers, so a typo fails in a second, not once per trial."""
+    for path in (recipe.data.train, *recipe.data.extra_val):
+        check_dataset(path, n_classes=recipe.data.n_classes)
+
+
+def refuse_all_failed(sweep: Sweep, study) -> None:
+    """A sweep none of whose trials finished is a failure, not a result (stopped trials did finish)."""
+    rows = trial_rows(sweep, study)
+    if rows and all(r["state"] == "failed" for r in rows):
+        raise CellfuseError(f"{sweep.out}: no trial finished: all {len(rows)} failed, the first with "
+                            f"{rows[0]['note'] or 'no message'!r}; each trial's output is in {sweep.out / 'logs'}")
+
+
+def _log_path(sweep: Sweep, trial) -> Path:
+    from toolkit.runs import record_own
+
+    return record_own(sweep.out / "logs" / f"trial{trial.number:03d}.log")
 
 
 def _clear_session() -> None:
-    import keras
+    """One process trains many models: free the last one's graph (when a trial got as far as Keras)."""
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
 
-    keras.backend.clear_session()  # one process trains many models: free the last one's graph
 
-
-def _run_parallel(sweep: Sweep, study, asks: int, parallel: int, console: Console) -> None:
+def _run_parallel(sweep: Sweep, study, asks: int, parallel: int, log: TrialLog) -> None:
     """One worker process per trial, `parallel` at a time; each gets its own GPU when there are GPUs."""
     import tensorflow as tf
     from optuna.trial import TrialState
@@ -548,21 +528,19 @@ def _run_parallel(sweep: Sweep, study, asks: int, parallel: int, console: Consol
                 continue
             del running[slot]
             if trial.number in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
-                console.print(f"[red]trial {run_number(trial)}: worker exited with {proc.returncode}[/]; "
-                              f"see {sweep.out / 'logs'}")
+                trial.set_user_attr("error", f"its worker exited with {proc.returncode}; see {_log_path(sweep, trial)}")
                 study.tell(trial.number, state=TrialState.FAIL)
-            console.print(write_outputs(sweep, study))
+            write_outputs(sweep, study)
+            log.finished(study, trial)
 
 
 def _spawn(sweep: Sweep, trial, gpu: int | None):
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    logs = sweep.out / "logs"
-    logs.mkdir(exist_ok=True)
     # optuna keeps no public trial id; the number is only unique within a study, the id across the storage
     cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial._trial_id), str(os.getpid())]
-    with (logs / f"trial{trial.number:03d}.log").open("w") as log:  # a file, not a pipe: a full pipe stalls the child
+    with _log_path(sweep, trial).open("w") as log:  # a file, not a pipe: a full pipe stalls the child
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # the child keeps its copy
 
 
@@ -612,14 +590,13 @@ def _state(trial) -> str:
     return {"fail": "failed"}.get(name, name)
 
 
-def write_outputs(sweep: Sweep, study) -> Table:
-    """sweep.csv, sweep.png and best.toml as they stand; returns the table to print."""
+def write_outputs(sweep: Sweep, study) -> None:
+    """sweep.csv, sweep.png and best.toml as they stand."""
     rows = trial_rows(sweep, study)
     write_csv(sweep.out / "sweep.csv", rows)
     if any(r["objective"] != "" for r in rows):
         plot_sweep(rows, sweep.space, sweep.out / "sweep.png")
         write_best_recipe(sweep, rows)
-    return sweep_table(rows, sweep.space)
 
 
 def best_row(rows: list[dict], direction: str) -> dict | None:
@@ -683,16 +660,57 @@ def plot_sweep(rows: list[dict], space: Space, path: Path) -> Path:
     return out
 
 
-def sweep_table(rows: list[dict], space: Space) -> Table:
-    table = Table(title=f"sweep: {space.objective} ({space.direction})")
-    for col in ["trial", *(p.key for p in space.params), "objective", "epochs", "state"]:
-        table.add_column(col, justify="right" if col != "state" else "left")
-    best = best_row(rows, space.direction)
-    for r in rows:
-        cells = [str(r["trial"]), *(_show(r[p.key]) for p in space.params),
-                 _show(r["objective"]), f"{r['epochs']}/{r['epochs_planned']}", r["state"]]
-        table.add_row(*cells, style="bold green" if r is best else None)
-    return table
+class TrialLog:
+    """The sweep's console: a header, one line per trial as it ends, then the best trial and best.toml.
+
+    Plain lines, never wrapped or truncated, so a piped or logged sweep reads the same."""
+
+    def __init__(self, sweep: Sweep, console: Console):
+        self.sweep, self.console = sweep, console
+        self.columns = ["trial", *(p.key for p in sweep.space.params), sweep.space.objective]
+
+    def start(self, study, trials: int, requeued: int = 0) -> None:
+        space = self.sweep.space
+        self._print(f"sweep of {self.sweep.recipe_path}: {trials} trial(s) over {len(space.params)} "
+                    f"parameter(s), {space.objective} ({space.direction}); each trial's output in "
+                    f"{self.sweep.out / 'logs'}")
+        if requeued:
+            self._print(f"resuming {requeued} interrupted trial(s) from their checkpoints")
+        self._print(self._cells([*self.columns, "state"]))
+        for row in trial_rows(self.sweep, study):  # a resumed sweep lists what it already has
+            if row["state"] not in ("running", "waiting"):
+                self._row(row)
+
+    def finished(self, study, trial) -> None:
+        number = run_number(trial)
+        self._row(next(r for r in trial_rows(self.sweep, study) if r["trial"] == number))
+
+    def end(self, summary: dict) -> None:
+        best = summary["best"]
+        if best is None:
+            self._print(f"best: none, no trial completed (see {self.sweep.out / 'sweep.csv'})")
+            return
+        self._print(f"best: trial {best['trial']}, {summary['objective']} = {best['value']:.4f}; "
+                    f"its recipe: {best['recipe']} (cellfuse train {best['recipe']})")
+
+    def _row(self, r: dict) -> None:
+        state = r["state"]
+        if r["epochs"] != "":
+            state += f" {r['epochs']}/{r['epochs_planned']} epochs"
+        if r["seconds"] != "":
+            state += f", {r['seconds']} s"
+        if r["note"]:
+            state += f": {r['note']}"
+        values = [str(r["trial"]), *(_show(r[p.key]) for p in self.sweep.space.params), _show(r["objective"]) or "-"]
+        self._print(self._cells([*values, state]))
+
+    def _cells(self, cells: list[str]) -> str:
+        """Right-aligned under the column names; the last cell (the state) as it comes."""
+        widths = [max(len(c), 6) for c in self.columns]
+        return "  ".join([*(c.rjust(w) for c, w in zip(cells, widths, strict=False)), cells[-1]])
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _show(value) -> str:

@@ -10,6 +10,7 @@ probs_*.npz (validation probabilities).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from rich.console import Console
 from rich.panel import Panel
 
@@ -29,15 +31,20 @@ from toolkit.data import Dataset, load_dataset, one_hot, save_npz, stratified_sp
 from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe, load_recipe
 from toolkit.runs import (
+    MANIFEST,
     OUTPUTS,
+    adopt_library_files,
     atomic_write_text,
     env_info,
-    fresh_dir,
-    is_own,
-    record_own,
+    folder_kind,
+    load_weights,
+    lock_output,
+    make_own_dir,
+    refuse_inputs_inside,
     remove_own,
     remove_scratch,
     save_model_atomic,
+    save_weights,
     write_csv,
     write_json,
 )
@@ -75,14 +82,15 @@ def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, run
     start = start_run(recipe, runs_root, resume=resume, force=force, console=console)
     if start.complete is not None:
         return start.complete
-    with start.strategy.scope():
-        model = build_model(recipe, start.split.train.n_classes)
-    check_initial_loss(model, start.split.val["val"], recipe, console)
-    # [train] consistency > 0: AugMix views and the JSD loss
-    from toolkit.consistency import fit_arguments
+    with discard_failed_start(start):
+        with start.strategy.scope():
+            model = build_model(recipe, start.split.train.n_classes)
+        check_initial_loss(model, start.split.val["val"], recipe, console)
+        # [train] consistency > 0: AugMix views and the JSD loss
+        from toolkit.consistency import fit_arguments
 
-    fit_stages(model, recipe, start.split, start.run, start.strategy, console, extra_callbacks=extra_callbacks,
-               **fit_arguments(recipe, start.split))
+        fit_stages(model, recipe, start.split, start.run, start.strategy, console,
+                   extra_callbacks=extra_callbacks, **fit_arguments(recipe, start.split))
     if not start.cluster.is_chief:
         return finish_worker(model, recipe, start, console)
     return finish_run(recipe, start.split, start.run, start.started, console)
@@ -97,10 +105,13 @@ class RunStart:
     cluster: Cluster
     started: float
     complete: dict | None = None  # the summary of a run that had already finished (--resume)
+    created: bool = False  # this process made the run directory (so it removes it if the start fails)
 
 
-def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, console=None) -> RunStart:
-    """Strategy, validated inputs, then the run directory: a failed start leaves nothing in the way.
+def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, console=None, inputs=(),
+              kind: str = "run") -> RunStart:
+    """Strategy, validated inputs, then the run directory (a folder of `kind`; `inputs` are files the
+    command reads besides the recipe's, which the run directory must not hold).
 
     The strategy comes first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
     A complete run (summary.json, written last) is returned as is on --resume.
@@ -113,18 +124,36 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
     if not cluster.is_chief:
         root = worker_temp_root(root, cluster)  # Keras' multi-worker convention: only the chief writes
     existing = read_summary(root / recipe.name)
-    if existing is not None and resume:
+    if existing is not None and resume and folder_kind(root / recipe.name) == kind:
+        lock_output(root / recipe.name)
         check_same_recipe(root / recipe.name, recipe)
         console.print(f"[green]{root / recipe.name}[/] is already complete; nothing to resume.")
         return RunStart(root / recipe.name, None, strategy, cluster, started, complete=existing)
     _seed_everything(recipe.train.seed)
     split = load_split(recipe, console)
     check_model_config(recipe)
-    run = prepare_run_dir(recipe, root, resume, force,
-                          extra_env={"distribution": describe_strategy(strategy, cluster)})
-    check_data(split, recipe, console)
-    _set_precision(recipe.train, console)
-    return RunStart(run, split, strategy, cluster, started)
+    inputs = [recipe.path, recipe.data.train, *recipe.data.extra_val, *inputs]
+    run, created = prepare_run_dir(recipe, root, resume, force, inputs=inputs, kind=kind,
+                                   extra_env={"distribution": describe_strategy(strategy, cluster)})
+    start = RunStart(run, split, strategy, cluster, started, created=created)
+    with discard_failed_start(start):
+        check_data(split, recipe, console)
+        _set_precision(recipe.train, console)
+    return start
+
+
+@contextlib.contextmanager
+def discard_failed_start(start: RunStart):
+    """A run directory this process made and that never finished an epoch holds nothing worth
+    keeping: on any failure (Ctrl-C included) the command that made it removes it, so a corrected
+    retry is not refused. Nothing else ever guesses that a folder is a failed start."""
+    try:
+        yield
+    except BaseException:
+        if start.created and _never_trained(start.run):
+            adopt_library_files(start.run / "tb")  # written by this process since it made the run
+            remove_own(start.run)
+        raise
 
 
 def _check_distinct_names(recipes: list[Recipe]) -> None:
@@ -139,43 +168,70 @@ def _check_distinct_names(recipes: list[Recipe]) -> None:
 
 # ---------------------------------------------------------------- run directory
 
-def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, extra_env=None) -> Path:
-    """A new run directory, or the existing one when resuming the same recipe.
-
-    A directory from a start that never finished an epoch (no history, no backup) holds nothing
-    worth keeping: it is replaced, so a corrected retry is not refused."""
+def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, inputs=(), kind="run",
+                    extra_env=None) -> tuple[Path, bool]:
+    """The run directory, locked for this process: a new one (made True), or the existing run of the
+    same recipe on --resume, or a replaced one on --force. Anything that is not a cellfuse run of this
+    kind, or that holds an input, is refused in one line before anything is written."""
     run = root / recipe.name
-    snapshot = recipe.to_toml()
-    record_own(root)  # the runs folder and each run in it are cellfuse's (a demo folder holding them is)
-    record_own(root / recipe.name)
-    if run.exists() and any(run.iterdir()) and not _never_trained(run):
+    lock_output(run)
+    exists = run.exists() or run.is_symlink()
+    if exists:
+        _check_is_run(run, kind)
         if resume:
             check_same_recipe(run, recipe)
         elif force:
-            fresh_dir(run, force=True)  # only a run folder cellfuse wrote, holding nothing else
+            refuse_inputs_inside(run, inputs)
+            remove_own(run, kind)
         else:
             raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
-    else:  # absent, or a start that never finished an epoch
-        remove_own(run, leftovers=("recipe.toml", "env.json"))
-        fresh_dir(run)
-    atomic_write_text(run / "recipe.toml", snapshot)
+    made = not (exists and resume)
+    if made:
+        if not root.exists():
+            make_own_dir(root, "runs")
+        make_own_dir(run, kind)
+        atomic_write_text(run / "recipe.toml", recipe.to_toml())
     write_json(run / "env.json", {**env_info(), **(extra_env or {})})
-    return run
+    return run, made
+
+
+def _check_is_run(run: Path, kind: str) -> None:
+    found = folder_kind(run)
+    if found != kind:
+        what = f"a cellfuse {found} output" if found else "a folder cellfuse did not make"
+        raise CellfuseError(f"{run}: is {what}, not a {kind}; choose another name (--set name=...) or --out")
 
 
 def check_same_recipe(run: Path, recipe: Recipe) -> None:
-    """--resume continues the recipe a run started with, or nothing."""
-    old = (run / "recipe.toml").read_text() if (run / "recipe.toml").exists() else None
-    if old is not None and old != recipe.to_toml():
-        raise CellfuseError(f"{run}: the recipe changed since this run started; "
-                            "resume needs the same recipe (or --force to start over)")
+    """--resume continues the recipe a run started with, or nothing (compared as parsed TOML, so a
+    snapshot written by an older cellfuse compares by value, not by layout)."""
+    snapshot = run / "recipe.toml"
+    if not snapshot.exists():
+        return
+    changed = changed_keys(tomllib.loads(snapshot.read_text()), tomllib.loads(recipe.to_toml()))
+    if changed:
+        raise CellfuseError(f"{run}: the recipe changed since this run started ({'; '.join(changed[:6])}); "
+                            f"resume needs the same recipe: `cellfuse train {snapshot} --out {run.parent} "
+                            "--resume` continues it as it was, --force starts over")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two parsed recipes, as "key: old -> new"."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _never_trained(run: Path) -> bool:
     """No finished epoch (history.csv) and no backup inside one: nothing a resume could use."""
     backups = run / "checkpoint"
     return not (run / "history.csv").exists() and not (
-        backups.is_dir() and any(f.is_file() for f in backups.rglob("*")))
+        backups.is_dir() and any(f.is_file() and f.name != MANIFEST for f in backups.rglob("*")))
 
 
 def read_summary(run: Path) -> dict | None:
@@ -320,7 +376,7 @@ def cluster_from_env() -> Cluster:
 def worker_temp_root(root: Path, cluster: Cluster) -> Path:
     """Where a non-chief worker writes: a folder of its own beside the runs, kept until the run ends
     so that its backups survive a restart (its weights equal the chief's; nothing there is a result)."""
-    return record_own(root / ".workertemp") / f"{cluster.task_type}{cluster.task_index}"
+    return make_own_dir(root / ".workertemp", "scratch") / f"{cluster.task_type}{cluster.task_index}"
 
 
 _STRATEGIES: dict = {}  # one multi-worker strategy per process: TensorFlow allows no second
@@ -420,7 +476,7 @@ def build_model(recipe: Recipe, n_classes: int):
     return build_classifier(recipe.model, n_classes)
 
 
-def inference_model(recipe: Recipe, n_classes: int, weights: list):
+def inference_model(recipe: Recipe, n_classes: int, checkpoint: Path):
     """The trained weights in a fresh float32 model with no optimizer: what best.keras holds."""
     import keras
 
@@ -428,7 +484,7 @@ def inference_model(recipe: Recipe, n_classes: int, weights: list):
 
     keras.mixed_precision.set_global_policy("float32")
     model = build_classifier(dataclasses.replace(recipe.model, weights="none"), n_classes)
-    model.set_weights(weights)
+    load_weights(model, checkpoint)
     return model
 
 
@@ -482,8 +538,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     """
     from toolkit.backbones import set_trainable
 
-    ckpt = run / "checkpoint"
-    record_own(ckpt).mkdir(exist_ok=True)  # Keras' backups fill it
+    ckpt = make_own_dir(run / "checkpoint", "part")
     train_ds = train_ds or make_dataset(split.train, recipe, training=True)
     check_batch(next(iter(train_ds))[0], console)
     calibration = _calibration_images(train_ds) if recipe.train.ema else None
@@ -492,12 +547,12 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     steps = steps_per_epoch(recipe, len(split.train))
     offset = 0
     for i, stage in enumerate(recipe.train.stages):
-        done = ckpt / f"stage{i}.npz"
+        done = ckpt / f"stage{i}.weights.h5"
         if done.exists():
             offset += stage.epochs
             continue
         if i > 0:
-            _load_weights_npz(model, ckpt / f"stage{i - 1}.npz")
+            load_weights(model, ckpt / f"stage{i - 1}.weights.h5")
         with strategy.scope():
             set_trainable(model, stage.unfreeze, recipe.train.freeze_batchnorm)
             fitted = compile_fn(model, recipe, stage, steps)
@@ -514,13 +569,8 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
         if nan and nan.where:
             raise CellfuseError(f"loss became NaN at {nan.where}; training stopped. Lower the learning rate "
                                 "(stage lr), check the inputs, or turn off mixed precision.")
-        save_npz(done, **{f"w{j}": w for j, w in enumerate(model.get_weights())})
+        save_weights(model, done)
         offset += stage.epochs
-
-
-def _load_weights_npz(model, path: Path) -> None:
-    with np.load(path) as f:
-        model.set_weights([f[f"w{j}"] for j in range(len(f.files))])
 
 
 def compile_model(model, recipe: Recipe, stage, steps: int):
@@ -571,7 +621,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     import keras
 
     cfg = recipe.train
-    callbacks = [Backup(str(record_own(backup)), console, save_freq=cfg.checkpoint_every)]
+    callbacks = [Backup(str(make_own_dir(backup, "part")), console, save_freq=cfg.checkpoint_every)]
     if strategy is not None and is_multi_worker(strategy):
         callbacks.append(ChiefState(strategy))
     if strategy is not None and strategy.num_replicas_in_sync > 1:
@@ -583,8 +633,8 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if tracked:
         callbacks.append(TrackedAccuracy(source, tracked))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
-                  EpochLog(run, offset, steps, cfg.batch_size, console),
-                  keras.callbacks.TensorBoard(str(record_own(run / "tb")), profile_batch=0)]
+                  keras.callbacks.TensorBoard(str(make_own_dir(run / "tb", "part")), profile_batch=0),
+                  EpochLog(run, offset, steps, cfg.batch_size, console)]  # after TensorBoard: adopts its files
     if cfg.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(cfg.monitor, mode="max", factor=0.3, patience=2))
     if cfg.early_stopping:
@@ -629,12 +679,18 @@ class Backup(_callback_base("BackupAndRestore")):
         try:
             super().on_train_begin(logs)
         except (OSError, json.JSONDecodeError) as e:
-            if not is_own(self.backup_dir):
+            if folder_kind(self.backup_dir) is None:  # not a folder cellfuse made: not ours to drop
                 raise
-            remove_scratch(self.backup_dir)  # Keras' folder, recorded as cellfuse's by make_callbacks
+            remove_scratch(self.backup_dir)  # made by make_callbacks, filled by Keras
             self.model._initial_epoch = None
             self.console.print(f"[yellow]backup in {self.backup_dir} unreadable ({type(e).__name__}: {e}); "
                                "this stage starts again from its beginning[/]")
+
+
+    def _save_model(self):
+        make_own_dir(self.backup_dir, "part")  # Keras deletes it after each stage; made again as cellfuse's
+        super()._save_model()
+        adopt_library_files(self.backup_dir)
 
 
 class SwapEMAWithBatchNorm(_callback_base("SwapEMAWeights")):
@@ -850,8 +906,7 @@ class BestCheckpoint(_callback_base()):
         if value is None or not np.isfinite(value) or value <= self.best:
             return
         self.best = float(value)
-        save_npz(self.run / "checkpoint" / "best.npz",
-                 **{f"w{j}": w for j, w in enumerate(self.source.get_weights())})
+        save_weights(self.source, self.run / "checkpoint" / "best.weights.h5")
         write_json(self.run / "checkpoint" / "best.json",
                    {"monitor": self.monitor, "value": self.best, "epoch": self.offset + epoch + 1})
 
@@ -893,6 +948,7 @@ class EpochLog(_callback_base()):
                "lr": float(np.asarray(self.model.optimizer.learning_rate)),
                **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}}
         self._append(row)
+        adopt_library_files(self.run / "tb")  # TensorBoard's event files, as they are now
         shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "lr", "img_per_s"))
         self.console.print(f"epoch {row['epoch']:>3}  {shown}  ({seconds:.0f} s, {row['img_per_s']:.0f} img/s)")
 
@@ -910,12 +966,14 @@ class EpochLog(_callback_base()):
 
 def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console: Console) -> dict:
     """best.keras, metrics for every validation set, plots, and a summary."""
-    best_npz = run / "checkpoint" / "best.npz"
-    last_stage = run / "checkpoint" / f"stage{len(recipe.train.stages) - 1}.npz"
-    with np.load(best_npz if best_npz.exists() else last_stage) as f:
-        weights = [f[f"w{j}"] for j in range(len(f.files))]
-    model = inference_model(recipe, split.train.n_classes, weights)
+    best = run / "checkpoint" / "best.weights.h5"
+    last_stage = run / "checkpoint" / f"stage{len(recipe.train.stages) - 1}.weights.h5"
+    model = inference_model(recipe, split.train.n_classes, last_stage)
+    final = weights_digest(model.get_weights())
+    if best.exists():
+        load_weights(model, best)
     save_model_atomic(model, run / "best.keras")
+    adopt_library_files(run / "tb")
     metrics = {}
     for name, data in split.val.items():
         probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
@@ -927,8 +985,6 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     if history:
         report.plot_curves(history, run / "curves.png")
     best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
-    with np.load(last_stage) as f:
-        final = weights_digest([f[f"w{j}"] for j in range(len(f.files))])
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
                "final_weights_sha1": final,
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
@@ -983,8 +1039,7 @@ def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, co
     import tensorflow as tf
 
     n_gpus = len(tf.config.list_physical_devices("GPU"))
-    logs = record_own(root / "logs")
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = make_own_dir(root / "logs", "logs")
     pending, running, results, failed = list(enumerate(recipes)), {}, {}, []
     try:
         while pending or running:

@@ -1,0 +1,193 @@
+"""The recipes that ship with cellfuse, and the backbone registry, as `cellfuse recipes` and
+`cellfuse backbones` list them.
+
+The recipes live in the checkout's top-level recipes/ and install as the package data of
+`toolkit.recipes` (pyproject.toml), so they are found through importlib.resources after any install,
+editable or not. Wherever a command takes a recipe file it also takes a shipped recipe's name:
+
+    find_recipe("tiny")            -> .../toolkit/recipes/tiny.toml (the shipped file)
+    find_recipe("my/tiny.toml")    -> my/tiny.toml (a path that exists is used as is)
+
+Nothing here imports TensorFlow: listing parses the recipes' TOML and reads the tables below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib.resources import files
+from pathlib import Path
+
+import tomllib
+
+from toolkit.errors import CellfuseError
+
+SHIPPED_PACKAGE = "toolkit.recipes"
+
+# Wall time of each recipe's whole schedule on the real training file (5,091 training images) on a
+# 2-core CPU, as measured in README Results; "GPU" for recipes sized for a GPU. A shipped recipe missing
+# here fails tests/test_catalog.py: measure it, or say it is not measured.
+MEASURED_CPU_TIME = {
+    "cpu-mobilenet": "6.9 min",
+    "cpu-mobilenet-112": "5.1 min",
+    "cpu-mobilenet-160": "6.5 min",
+    "cpu-lite0": "67 min, shared",
+    "cpu-lite1": "24.7 min",
+    "cpu-lite2": "not measured",
+    "cpu-mobilenetv3s": "not measured",
+    "student-cpu": "32.5 min",
+    "student-cpu-effv2": "46.2 min",
+    "tiny": "seconds",
+    "gpu-convnext-base": "GPU",
+    "gpu-densenet121": "GPU",
+    "gpu-efficientnetv2-m": "GPU",
+    "gpu-efficientnetv2-s": "GPU",
+    "gpu-resnet50v2": "GPU",
+    "student-effv2b0": "GPU",
+}
+
+# Parameters of each registered backbone without its top (what `model.get_layer("backbone")` counts;
+# no weight depends on the input size). Counted once by building each with weights=None, because
+# building them all takes minutes on 2 cores and a listing should be instant; tests/test_catalog.py
+# checks the table covers the registry and re-counts the cheap ones.
+BACKBONE_PARAMS = {
+    "convnext-base": 87_566_464,
+    "convnext-small": 49_454_688,
+    "convnext-tiny": 27_820_128,
+    "densenet121": 7_037_504,
+    "efficientnet-lite0": 3_413_024,
+    "efficientnet-lite1": 4_189_344,
+    "efficientnet-lite2": 4_869_168,
+    "efficientnetv2-b0": 5_919_312,
+    "efficientnetv2-b1": 6_931_124,
+    "efficientnetv2-b2": 8_769_374,
+    "efficientnetv2-b3": 12_930_622,
+    "efficientnetv2-l": 117_746_848,
+    "efficientnetv2-m": 53_150_388,
+    "efficientnetv2-s": 20_331_360,
+    "mobilenet-0.25": 218_544,
+    "mobilenet-1.0": 3_228_864,
+    "mobilenetv3-large": 2_996_352,
+    "mobilenetv3-small": 939_120,
+    "resnet50v2": 23_564_800,
+    "tiny-cnn": 47_152,
+}
+
+
+# ---------------------------------------------------------------- where the shipped recipes are
+
+def shipped_dir() -> Path:
+    """The installed recipes folder (the checkout's recipes/ under an editable install)."""
+    try:
+        folder = Path(str(files(SHIPPED_PACKAGE)))
+    except ModuleNotFoundError:
+        raise CellfuseError(f"the shipped recipes ({SHIPPED_PACKAGE}) are not installed; reinstall cellfuse "
+                            "(`make install`, or pip install .)") from None
+    return folder
+
+
+def shipped_names() -> list[str]:
+    """Names of the shipped recipes (file stems), search spaces excluded."""
+    return sorted(p.stem for p in shipped_dir().glob("*.toml"))
+
+
+def shipped_recipe(name: str) -> Path:
+    """The shipped recipe `name` (with or without .toml; `spaces/x` for a search space)."""
+    found = shipped_file(name)
+    if found is None:
+        raise CellfuseError(f"{name}: no such shipped recipe; `cellfuse recipes` lists them" + did_you_mean(name))
+    return found
+
+
+def shipped_file(name: str) -> Path | None:
+    """The shipped file called `name` (with or without .toml; `spaces/x` for a search space), or None."""
+    folder = shipped_dir()
+    path = folder / (name if name.endswith(".toml") else f"{name}.toml")
+    if path.is_file() and path.resolve().is_relative_to(folder.resolve()):
+        return path
+    return None
+
+
+def find_recipe(arg: str | Path) -> Path:
+    """A recipe file: a path that exists is used as is; otherwise a shipped recipe's name."""
+    if Path(arg).exists():
+        return Path(arg)
+    found = shipped_file(str(arg))
+    if found is None:
+        raise CellfuseError(f"{arg}: no such recipe file or shipped recipe; `cellfuse recipes` lists them"
+                            + did_you_mean(str(arg)))
+    return found
+
+
+def did_you_mean(arg: str) -> str:
+    stem = Path(arg).name.removesuffix(".toml")
+    close = difflib.get_close_matches(stem, shipped_names(), n=1, cutoff=0.6)
+    return f" (did you mean the shipped recipe {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------- listing
+
+def shipped_recipes() -> list[dict]:
+    """One row per shipped recipe: what `cellfuse recipes` shows."""
+    return [recipe_row(shipped_dir() / f"{name}.toml") for name in shipped_names()]
+
+
+def recipe_row(path: Path) -> dict:
+    from toolkit.recipe import ModelConfig
+
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CellfuseError(f"{path}: not valid TOML ({e})") from None
+    model, train = raw.get("model", {}), raw.get("train", {})
+    backbone = model.get("backbone", ModelConfig.backbone)
+    stages = train.get("stages", [{}])
+    return {"name": raw.get("name", path.stem), "backbone": backbone,
+            "input_size": input_size(backbone, model.get("input_size", 0)),
+            "epochs": sum(stage.get("epochs", 1) for stage in stages),
+            "purpose": purpose(text), "cpu_time": MEASURED_CPU_TIME.get(path.stem, "not measured"),
+            "file": str(path)}
+
+
+def input_size(backbone: str, size: int) -> int:
+    """The side the backbone sees: the recipe's, else the one build_classifier picks (its pretraining
+    size, or the data's 96 px when that is more than twice 96)."""
+    from toolkit.backbones import BACKBONES, IMAGE_SIZE
+
+    spec = BACKBONES.get(backbone)
+    if size or spec is None:
+        return size or IMAGE_SIZE
+    return IMAGE_SIZE if spec.default_size > 2 * IMAGE_SIZE else spec.default_size
+
+
+def purpose(text: str) -> str:
+    """A recipe says what it is for in the first sentence of its opening comment, after the command line."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z`(])", " ".join(lines[1:]))[0]
+
+
+def backbone_rows() -> list[dict]:
+    """One row per registered backbone: pretraining size, parameters, and whether its ImageNet weights
+    can be had on this machine right now."""
+    from toolkit.backbones import BACKBONES, pretrained_status
+
+    return [{"name": name, "default_size": spec.default_size, "params": BACKBONE_PARAMS.get(name),
+             "pretrained": pretrained_status(name)} for name, spec in sorted(BACKBONES.items())]
+
+
+# ---------------------------------------------------------------- copying one out to edit
+
+def copy_recipe(name: str, path: str | Path, force: bool = False) -> Path:
+    """Write the shipped recipe `name` to `path`, its opening command naming the new file."""
+    from toolkit.runs import atomic_write_text, check_new_file
+
+    source = shipped_recipe(name)
+    out = check_new_file(Path(path), ".toml", force)
+    shipped_as = f"recipes/{source.relative_to(shipped_dir()).as_posix()}"
+    first, _, rest = source.read_text().partition("\n")
+    return atomic_write_text(out, f"{first.replace(shipped_as, str(path))}\n{rest}")
