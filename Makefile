@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 DATA ?=
 OUT ?= outputs/demo
 
-.PHONY: install test test-slow demo bench lint clean-outputs gpu-check
+.PHONY: install test test-slow keras-cache demo bench lint clean-outputs gpu-check
 
 install:
 	python3 -m venv .venv
@@ -17,14 +17,20 @@ test:
 test-slow:
 	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests
 
-demo:  # Keras' weights cache in outputs/keras-cache, seeded from the shared weights folder when there is one
+# Keras' weights cache for demo and bench: outputs/keras-cache, seeded from the shared weights folder
+# when there is one (offline machines); with internet Keras fills it itself.
+KERAS_CACHE = KERAS_HOME="$(CURDIR)/outputs/keras-cache"
+
+keras-cache:
 	@mkdir -p outputs/keras-cache/models
 	@shared=$${CELLFUSE_SHARED:-../shared}; for f in "$$shared"/weights/*.h5; do \
 	  [ -f "$$f" ] && [ ! -e "outputs/keras-cache/models/$${f##*/}" ] && cp "$$f" outputs/keras-cache/models/; done; true
-	KERAS_HOME="$(CURDIR)/outputs/keras-cache" $(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
 
-bench:
-	$(PY) -m toolkit bench
+demo: keras-cache
+	$(KERAS_CACHE) $(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
+
+bench: keras-cache
+	$(KERAS_CACHE) $(PY) -m toolkit bench
 
 gpu-check:  # on a machine with a GPU, under 8 minutes; --dry-run checks it on the CPU
 	$(PY) -m toolkit.gpucheck

@@ -36,9 +36,22 @@ def command_lines(text: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("cellfuse ")]
 
 
-def readme_examples() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def doc_files() -> list[Path]:
+    """The README and the pages under docs/ (when there are any)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+
+
+def doc_examples(path: Path) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S)
     return [line for block in blocks for line in command_lines(block)]
+
+
+def readme_examples() -> list[str]:
+    return doc_examples(ROOT / "README.md")
+
+
+def all_doc_examples() -> list[tuple[str, str]]:
+    return [(str(path.relative_to(ROOT)), line) for path in doc_files() for line in doc_examples(path)]
 
 
 def help_example(command: click.Command) -> list[str]:
@@ -73,9 +86,18 @@ def check_paths(argv: list[str]) -> None:
             assert sorted(ROOT.glob(token)), f"{token}: no such recipe in the checkout"
 
 
-@pytest.mark.parametrize("line", readme_examples())
-def test_readme_examples_parse(line):
+@pytest.mark.parametrize("page, line", all_doc_examples())
+def test_doc_examples_parse(page, line):
     dry_run(line)
+
+
+def test_doc_examples_include_pages_under_docs(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("```bash\ncellfuse synth --out outputs/s.npz\n```\n")
+    (tmp_path / "docs" / "recipes.md").write_text("```bash\ncellfuse recipes --json\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert [line for _, line in all_doc_examples()] == ["cellfuse synth --out outputs/s.npz",
+                                                       "cellfuse recipes --json"]
 
 
 def test_readme_has_examples_of_every_command():
@@ -85,10 +107,18 @@ def test_readme_has_examples_of_every_command():
 
 @pytest.mark.parametrize("name, command", COMMANDS, ids=IDS)
 def test_help_example_parses(name, command):
+    """The example ends with the command itself; lines before it may make its inputs."""
     lines = help_example(command)
-    assert lines and all(line.startswith(f"cellfuse {name} ") for line in lines), lines
+    assert lines and lines[-1].startswith(f"cellfuse {name} "), lines
     for line in lines:
         dry_run(line)
+
+
+def test_sweep_example_makes_its_training_file_first():
+    """A fresh checkout has no outputs/: the sweep example's data comes from the line before it."""
+    *before, last = help_example(main.commands["sweep"])
+    data = re.search(r"data\.train=(\S+)", last)[1]
+    assert any(shlex.split(line)[1] == "synth" and data in shlex.split(line) for line in before), before
 
 
 @pytest.mark.parametrize("line", recipe_commands())
@@ -240,3 +270,51 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tiny_npz, tmp_path)
     verbose = run_cellfuse("-v", *preview, "--force", cwd=ROOT)
     assert verbose.returncode == 0, verbose.stderr
     assert TF_NOISE.search(verbose.stderr), "TensorFlow printed nothing at start-up: is quieting still needed?"
+
+
+# ---------------------------------------------------------------- the top-level help and flags
+
+def test_short_version_flag():
+    short, long = CliRunner().invoke(main, ["-V"]), CliRunner().invoke(main, ["--version"])
+    assert short.exit_code == 0 and short.output == long.output and "cellfuse, version" in short.output
+
+
+def test_top_level_help_lists_each_command_untruncated_and_documents_completion():
+    text = CliRunner().invoke(main, ["--help"], terminal_width=80).output
+    commands = text.split("Commands:")[1]
+    assert "..." not in commands, commands
+    listed = re.findall(r"^  (\w+) ", commands, flags=re.M)
+    assert listed == sorted(main.commands)
+    assert "_CELLFUSE_COMPLETE=bash_source cellfuse" in text
+
+
+def test_grade_help_says_it_is_not_a_sandbox():
+    text = " ".join(CliRunner().invoke(main, ["grade", "--help"]).output.split())
+    assert "Not a sandbox" in text and "model.py runs as your user" in text
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tiny_npz, tmp_path, monkeypatch):
+    import toolkit.sweep
+
+    monkeypatch.setattr(toolkit.sweep, "run_sweep", interrupt)
+    args = ["sweep", "recipes/tiny.toml", "--space", "recipes/spaces/tiny.toml", "--set",
+            f"data.train={tiny_npz}", "--out", str(tmp_path / "sw"), "--force"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130 and "Aborted" not in result.output
+    line = result.output.strip().splitlines()[-1]
+    resume = shlex.split(line.split("to continue: ", 1)[1])
+    assert line.startswith("Error: interrupted") and resume == ["cellfuse", *args[:-1], "--resume"]
+
+
+def test_ctrl_c_in_a_command_that_cannot_resume(tmp_path, monkeypatch):
+    import toolkit.synth
+
+    monkeypatch.setattr(toolkit.synth, "write_synthetic", interrupt)
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "s.npz")])
+    assert result.exit_code == 130 and result.output.strip() == "Error: interrupted"

@@ -111,9 +111,12 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     for name in ("val", "val_corrupt"):  # the gap is ensemble minus student, per validation set
         assert summary["gap"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"] - rows["student"][f"acc_{name}"])
     assert summary["size_ratio"] == pytest.approx(rows["ensemble"]["bytes"] / rows["student"]["bytes"])
+    assert "timing student, ensemble, best member on this machine" in said
+    assert f"student: {summary['size_ratio']:.1f}x" in said and " points " in said.split("student: ")[-1]
     if mode == "cached":  # the teacher's targets are computed once and kept with the run
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher with its TTA views" in said
+        _compare_again_without_timing(tmp, recipe, args, monkeypatch)
     elif mode == "function-matching":
         assert not list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher without its TTA views" in said
@@ -260,6 +263,21 @@ def test_student_starts_from_a_member_backbone(tiny_ensemble):
         init_from_member(other, tmp / "ens", "m0", Console(quiet=True))
 
 
+def _compare_again_without_timing(tmp: Path, recipe: Path, args: list[str], monkeypatch) -> None:
+    """timing=False (the CLI's --no-timing) leaves the img/s column empty and never times a model."""
+    import io
+
+    from toolkit import distill
+
+    monkeypatch.setattr(distill, "img_per_s", lambda *a, **k: pytest.fail("timed although timing=False"))
+    overrides = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+    out = io.StringIO()
+    result = distill.distill_recipe(tmp / "ens", recipe, overrides, resume=True, timing=False,
+                                    console=Console(file=out, width=200))
+    assert result["speed_ratio"] is None and all(r["img_per_s"] is None for r in result["rows"].values())
+    assert "faster" not in out.getvalue() and "slower" not in out.getvalue() and "smaller" in out.getvalue()
+
+
 def test_student_recipe_needs_distill_section(tiny_ensemble):
     tmp, _ = tiny_ensemble
     result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(ROOT / "recipes" / "tiny.toml")])
@@ -278,17 +296,102 @@ def test_student_recipe_needs_distill_section(tiny_ensemble):
 def test_a_student_holding_out_other_rows_than_its_teacher_is_refused(tmp_path):
     from toolkit.data import Dataset
     from toolkit.distill import check_student_split
+    from toolkit.recipe import load_recipe
     from toolkit.train import Split
 
     images, labels = make_images(8)
+    recipe = load_recipe(ROOT / "recipes" / "tiny.toml")
 
     def split_of(rows):
         return Split(None, {"val": Dataset(images, labels, "x.npz", np.asarray(rows))})
 
     (tmp_path / "ensemble.json").write_text(json.dumps({"components": [], "val_index": list(range(8))}))
-    check_student_split(split_of(range(8)), tmp_path, "s.toml")  # the same rows: fine
-    with pytest.raises(CellfuseError, match="3 of their 8 validation rows"):
-        check_student_split(split_of(range(3, 11)), tmp_path, "s.toml")
+    check_student_split(split_of(range(8)), tmp_path, recipe)  # the same rows: fine
+    with pytest.raises(CellfuseError, match="they held out 8; 3 of theirs would be student training rows"):
+        check_student_split(split_of(range(3, 11)), tmp_path, recipe)
+
+
+def _ensemble_split_at(tmp: Path, data: Path, fraction: float) -> Path:
+    """An ensemble folder whose one member held out `fraction` of `data` (split seed 0)."""
+    from toolkit.data import load_dataset, stratified_split
+
+    ens, member = tmp / "ens", tmp / "runs" / "m0"
+    ens.mkdir()
+    (ens / "ensemble.keras").write_bytes(b"")  # the command checks the files are there
+    member.mkdir(parents=True)
+    (member / "best.keras").write_bytes(b"")
+    (member / "recipe.toml").write_text(f'name = "m0"\n[data]\ntrain = "{data}"\nval_fraction = {fraction}\n')
+    rows = stratified_split(load_dataset(data).labels, fraction, 0)[1]
+    (ens / "ensemble.json").write_text(json.dumps({
+        "components": [{"member": "m0", "member_file": "../runs/m0/best.keras", "weight": 1.0}],
+        "val_index": rows.tolist()}))
+    return ens
+
+
+def test_a_split_mismatch_names_both_fractions_and_the_fix_before_any_data_check(tmp_path, monkeypatch):
+    """It once came after two boxed 'run cellfuse clean first' warnings (the members' validation files
+    duplicate student training rows) and named neither fraction."""
+    from toolkit import train
+
+    images, labels = make_images(80)
+    data = save_dataset(tmp_path / "toy.npz", images, labels)
+    ens = _ensemble_split_at(tmp_path, data, 0.15)
+    recipe = _student_recipe(tmp_path, "cached")
+    monkeypatch.setattr(train, "start_run", lambda *a, **k: pytest.fail("the split is checked before start_run"))
+    result = CliRunner().invoke(main, ["distill", str(ens), str(recipe), "--set", f'data.train="{data}"',
+                                       "--set", "data.val_fraction=0.25"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said and "WARNING" not in said, said
+    assert "data.val_fraction = 0.25 for the student, 0.15 for the members" in said
+    assert "--set data.val_fraction=0.15`" in said and "data.train" not in said.split("rows):")[1]
+    # the same split passes the early check (and goes on to start_run)
+    from toolkit.distill import check_student_split_early
+    from toolkit.recipe import load_recipe
+
+    check_student_split_early(load_recipe(recipe, [f'data.train="{data}"', "data.val_fraction=0.15"]), ens)
+
+
+def test_closing_line_reads_each_ratio_the_way_it_points():
+    from toolkit.distill import closing_line
+
+    line = closing_line({"size_ratio": 21.43, "speed_ratio": 3.5, "gap": {"val": 0.019}})
+    assert line == "21.4x smaller, 3.5x faster, 1.9 points behind on val"
+    line = closing_line({"size_ratio": 0.5, "speed_ratio": 0.8, "gap": {"val": -0.12, "val_corrupt": 0.0001}})
+    assert line == "2.0x larger, 1.2x slower, 12.0 points ahead on val, level with it on val_corrupt"
+    assert "faster" not in closing_line({"size_ratio": 2.0, "speed_ratio": None, "gap": {"val": 0.0}})
+
+
+class _SleepyModel:
+    """predict_on_batch takes `seconds`: a model of known speed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def predict_on_batch(self, x):
+        import time
+
+        self.calls += 1
+        time.sleep(self.seconds)
+        return np.zeros((len(x), 8), np.float32)
+
+
+def test_timing_takes_turns_within_a_stated_budget_and_shows_progress():
+    """It once ran 3 rounds x 256 images x 8 views per model (~4 minutes) and printed nothing."""
+    import io
+
+    from toolkit.data import Dataset
+    from toolkit.distill import img_per_s
+
+    images, labels = make_images(16)
+    models = {"student": _SleepyModel(0.01), "ensemble": _SleepyModel(0.04)}
+    out = io.StringIO()
+    speeds = img_per_s(models, Dataset(images, labels, "x.npz", np.arange(16)), Console(file=out, width=200),
+                       budget_s=0.2, batch=32)
+    assert "timing student, ensemble on this machine: about 0 s each" in out.getvalue()
+    for model in models.values():  # warm-up + passes until 0.2 s spent: bounded by the budget
+        assert 3 <= model.calls <= 1 + 0.2 / model.seconds + 1
+    assert speeds["student"] <= 32 / 0.01 and speeds["ensemble"] <= 32 / 0.04
+    assert speeds["student"] / speeds["ensemble"] == pytest.approx(4, rel=0.35)
 
 
 def test_the_teacher_term_is_scaled_across_replicas_as_keras_scales_its_losses():

@@ -105,8 +105,8 @@ def test_bool_override_asks_for_true_or_false(tmp_path, value):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipes_name_weights_that_work_from_any_folder(path):
     weights = load_recipe(path).model.weights
-    assert weights in ("imagenet", "none") or weights.startswith("shared:"), \
-        f"{path.name}: weights {weights!r} is a path relative to wherever cellfuse runs; use shared:<path>"
+    assert weights in ("imagenet", "none") and "shared:" not in path.read_text(), \
+        f'{path.name}: weights {weights!r}; a shipped recipe names "imagenet" (Keras\' cache) or "none"'
 
 
 @pytest.mark.parametrize("override, message", [

@@ -139,3 +139,87 @@ def test_view_layer_config_round_trips():
     clone = layers.ImageView.from_config(config)
     images = make_images(2)[0].astype(np.float32)
     np.testing.assert_array_equal(np.asarray(clone(images)), np.asarray(layer(images)))
+
+
+# ---------------------------------------------------------------- normalising views
+
+def _flat_cells(n=2, seed=0):
+    from conftest import make_images
+
+    return make_images(n, seed=seed)[0].astype(np.float32)
+
+
+def test_lab_conversion_matches_known_values_and_round_trips():
+    from toolkit.layers import lab_to_rgb, rgb_to_lab
+
+    lab = np.asarray(rgb_to_lab(np.array([[255.0, 255, 255], [255, 0, 0], [0, 0, 0]], np.float32)))
+    np.testing.assert_allclose(lab, [[100, 0, 0], [53.24, 80.09, 67.20], [0, 0, 0]], atol=0.05)
+    images = _flat_cells()
+    np.testing.assert_allclose(np.asarray(lab_to_rgb(rgb_to_lab(images))), images, atol=0.01)
+
+
+def test_grayworld_removes_a_colour_cast():
+    from toolkit.layers import Normalize
+
+    cast = np.clip(_flat_cells() * np.array([1.15, 1.0, 0.8], np.float32), 0, 255)
+    means = np.asarray(Normalize(["grayworld"])(cast)).mean((1, 2))
+    np.testing.assert_allclose(means, np.repeat(means.mean(1, keepdims=True), 3, 1), rtol=0.02)
+
+
+def test_stretch_undoes_a_contrast_loss():
+    from toolkit.layers import Normalize
+
+    flat = 100 + 0.2 * _flat_cells()  # contrast cut to a fifth
+    out = np.asarray(Normalize(["stretch"])(flat))
+    assert out.min() == 0 and out.max() == 255
+    assert np.percentile(out, 99) - np.percentile(out, 1) > 200
+
+
+def test_median3_removes_impulse_noise_and_keeps_flat_areas():
+    from toolkit.layers import Normalize
+
+    flat = np.full((1, 12, 12, 3), 120.0, np.float32)
+    noisy = flat.copy()
+    noisy[0, 5, 7] = 255.0
+    np.testing.assert_array_equal(np.asarray(Normalize(["median3"])(noisy)), flat)
+
+
+def test_reinhard_matches_the_target_stain_whatever_the_input_stain():
+    from toolkit.layers import REINHARD_MEAN, REINHARD_STD, Normalize, rgb_to_lab
+
+    images = _flat_cells()
+    tinted = np.clip(images * np.array([0.9, 1.05, 1.1], np.float32) + 10, 0, 255)
+    for x in (images, tinted):
+        lab = np.asarray(rgb_to_lab(np.asarray(Normalize(["reinhard"])(x))))
+        np.testing.assert_allclose(lab.mean((1, 2)), np.broadcast_to(REINHARD_MEAN, (2, 3)), atol=2.0)
+        np.testing.assert_allclose(lab.std((1, 2)), np.broadcast_to(REINHARD_STD, (2, 3)), rtol=0.15)
+    a, b = (np.asarray(Normalize(["reinhard"])(x)) for x in (images, tinted))
+    assert np.abs(a - b).mean() < 0.25 * np.abs(images - tinted).mean()  # the tint is mostly undone
+
+
+def test_normalising_views_parse_build_and_survive_saving(tmp_path):
+    import keras
+
+    from toolkit.runs import load_model
+    from toolkit.tta import parse_views, wrap_with_tta
+
+    assert parse_views("normalize") == ["id", "grayworld", "stretch", "reinhard", "median3", "median3_reinhard"]
+    with pytest.raises(CellfuseError, match="cannot be joined"):
+        parse_views("flip_reinhard")
+    inputs = keras.Input((96, 96, 3))
+    model = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(8)(keras.layers.GlobalAveragePooling2D()(inputs))))
+    wrapped = wrap_with_tta(model, "normalize")
+    wrapped.save(tmp_path / "m.keras")
+    images = _flat_cells()
+    np.testing.assert_allclose(np.asarray(load_model(tmp_path / "m.keras").predict(images, verbose=0)),
+                               np.asarray(wrapped.predict(images, verbose=0)), atol=1e-5)
+
+
+def test_a_recipe_s_normalize_is_a_layer_before_the_backbone():
+    from toolkit.backbones import build_classifier
+    from toolkit.recipe import load_recipe
+
+    model = build_classifier(load_recipe("tiny", ['model.normalize="median3+reinhard"']).model, 8)
+    assert model.get_layer("normalize").methods == ("median3", "reinhard")
+    with pytest.raises(CellfuseError, match="model.normalize"):
+        load_recipe("tiny", ['model.normalize="sepia"'])

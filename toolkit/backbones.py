@@ -548,6 +548,10 @@ def build_classifier(config, n_classes: int, image_size: int = IMAGE_SIZE):
     size = config.input_size or (image_size if spec.default_size > 2 * image_size else spec.default_size)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
+    if config.normalize:  # before resizing: the statistics are those of the image as it came
+        from toolkit.layers import Normalize
+
+        x = Normalize(config.normalize.split("+"), name="normalize")(x)
     if size != image_size:
         x = layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
     for layer in preprocessing_layers(spec.preprocess):

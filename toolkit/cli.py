@@ -14,9 +14,13 @@ import contextlib
 import importlib.abc
 import importlib.util
 import json
+import logging
 import os
+import shlex
 import sys
+import threading
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -25,20 +29,151 @@ from rich.console import Console
 from toolkit import __version__
 from toolkit.errors import ERROR_PREFIX, EXIT_INTERNAL, EXIT_USER, CellfuseError
 
-console = Console(stderr=False)
-# Commands that write nothing, so need no --out/--force. Every other command writes.
-READ_ONLY = {"evaluate", "grade"}
+# Commands that write nothing, so need no --out/--force (`recipes copy` writes only its PATH, with
+# --force). Every other command writes.
+READ_ONLY = {"evaluate", "grade", "runs", "recipes", "backbones"}
+# Commands that continue an interrupted run with --resume: Ctrl-C prints that command line.
+RESUMABLE = {"train", "distill", "sweep"}
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 # toolkit.tta's view-set and merge names, listed here so --help needs no numpy (a test keeps them equal).
 VIEW_SETS = ("none", "flips", "d4", "shifts", "scales", "photometric")
 MERGES = ("mean", "geometric", "logits")
 
 
+# ---------------------------------------------------------------- output that reads well in a log
+
+class LogConsole(Console):
+    """The console commands print to. On a terminal, rich as usual. Piped or written to a log file,
+    a line is never wrapped nor a table cell cut (the width is unlimited; panels and rules, which fill
+    the width, are sized to their text), and a progress bar, which rich draws only on a terminal,
+    prints a plain line every PROGRESS_STEP of each task instead."""
+
+    UNLIMITED = 100_000
+    PROGRESS_STEP = 0.1  # a line per 10 %
+    PROGRESS_AFTER_S = 5.0  # a task that ends sooner prints no progress line: short tasks stay quiet
+
+    @property
+    def size(self):
+        from rich.console import ConsoleDimensions
+
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(self.UNLIMITED, size.height)
+
+    @size.setter
+    def size(self, new_size):
+        Console.size.fset(self, new_size)
+
+    def print(self, *objects, **kwargs):
+        if not self.is_terminal:
+            objects = tuple(_fit_to_text(o) for o in objects)
+        super().print(*objects, **kwargs)
+
+    def set_live(self, live) -> bool:
+        top = super().set_live(live)
+        if top and not self.is_terminal and not self.quiet:
+            self._progress_lines = ProgressLines(self, live)
+        return top
+
+    def clear_live(self) -> None:
+        lines = getattr(self, "_progress_lines", None)
+        if lines is not None and len(self._live_stack) == 1:
+            self._progress_lines = None
+            lines.stop()
+        super().clear_live()
+
+
+def _fit_to_text(renderable):
+    """Renderables that fill the console's width, made as wide as their text instead."""
+    import copy
+
+    from rich.constrain import Constrain
+    from rich.panel import Panel
+    from rich.rule import Rule
+
+    if isinstance(renderable, Panel) and renderable.expand:
+        renderable = copy.copy(renderable)
+        renderable.expand = False
+    elif isinstance(renderable, Rule):
+        renderable = Constrain(renderable, 80)
+    return renderable
+
+
+class ProgressLines:
+    """While a live display runs on a console that is not a terminal, polls what it would show and
+    prints a line whenever a row's fraction (an "n/m" or "n%" it shows) passes another step."""
+
+    POLL_S = 0.5
+
+    def __init__(self, console: LogConsole, live):
+        import time
+
+        self.console, self.live, self.started = console, live, time.monotonic()
+        self.printed: dict[int, int] = {}  # task row -> steps printed
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(self.POLL_S):
+            self.report()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        self.report()
+
+    def report(self):
+        import time
+
+        if time.monotonic() - self.started < self.console.PROGRESS_AFTER_S:
+            return
+        for task, row in enumerate(self._rows()):
+            fraction = _fraction(row)
+            step = None if fraction is None else int(fraction / self.console.PROGRESS_STEP + 1e-9)
+            if step is not None and step > self.printed.get(task, 0):
+                self.printed[task] = step
+                Console.print(self.console, row, soft_wrap=True, highlight=False, markup=False)
+
+    def _rows(self) -> list[str]:
+        """The live display as plain text, one row per task, bars left out."""
+        import io
+        import re
+
+        plain = Console(width=200, color_system=None, file=io.StringIO())
+        with plain.capture() as captured:
+            plain.print(self.live.get_renderable())
+        rows = (re.sub(r"[━╸╺╾╼─]+", " ", line) for line in captured.get().splitlines())
+        return [" ".join(row.split()) for row in rows if row.strip()]
+
+
+def _fraction(row: str) -> float | None:
+    import re
+
+    if m := re.search(r"\b(\d+)/(\d+)\b", row):
+        done, total = int(m[1]), int(m[2])
+        return done / total if total else None
+    if m := re.search(r"(\d+(?:\.\d+)?)%", row):
+        return float(m[1]) / 100
+    return None
+
+
+console = LogConsole(stderr=False)
+
+
+# ---------------------------------------------------------------- one way to end
+
 class Group(click.Group):
-    """Ends every failure with one "Error: " line: status 2 for bad input (no traceback), 1 for a bug."""
+    """Ends every failure with one "Error: " line: status 2 for bad input (no traceback), 1 for a bug;
+    Ctrl-C ends with status 130 and the command that resumes. Lists its commands untruncated."""
+
+    group_class = type  # `cellfuse recipes` is such a group too
 
     def invoke(self, ctx):
+        argv = [*getattr(ctx, "_protected_args", ()), *ctx.args]  # Click consumes them below
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            interrupted(argv)
         except CellfuseError as e:
             fail(str(e), EXIT_USER)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -51,6 +186,24 @@ class Group(click.Group):
             from toolkit.runs import release_locks
 
             release_locks()
+
+
+    def format_commands(self, ctx, formatter):
+        """Each command's first sentence whole, where Click would cut it at the terminal's width."""
+        rows = [(name, self.get_command(ctx, name).get_short_help_str(limit=1_000))
+                for name in self.list_commands(ctx) if not self.get_command(ctx, name).hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def interrupted(argv: list[str]):
+    """Ctrl-C: say how to continue (a resumable command's own line with --resume), exit 130."""
+    message = "interrupted"
+    if argv and argv[0] in RESUMABLE:
+        again = [a for a in argv if a != "--force"] + ([] if "--resume" in argv else ["--resume"])
+        message += f"; to continue: cellfuse {shlex.join(again)}"
+    fail(message, EXIT_INTERRUPTED)
 
 
 def fail(message: str, status: int):
@@ -66,11 +219,23 @@ def fail(message: str, status: int):
 def quiet_tensorflow(verbose: bool) -> None:
     """Hide TensorFlow's C++ log lines (oneDNN, CUDA stubs, a cuInit "error" on every CPU-only
     machine): they read like failures. Not with -v, nor when the user set TF_CPP_MIN_LOG_LEVEL."""
-    if verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    if verbose:
+        return
+    quiet_python_warnings()
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # must be set before TensorFlow is imported
     if "tensorflow" not in sys.modules and _stderr_is_fd2():
         sys.meta_path.insert(0, _SilentImport("tensorflow"))
+
+
+def quiet_python_warnings() -> None:
+    """Hide what TensorFlow and Keras log or warn from Python (tf.function retracing, absl notes, Keras
+    UserWarnings): advice to their developers, not to someone running a command. -v shows them.
+    Set before TensorFlow is imported, which keeps a level it finds on its logger."""
+    for name in ("tensorflow", "absl", "keras"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(tensorflow|keras|absl|tf_keras)(\.|$)")
 
 
 def _stderr_is_fd2() -> bool:
@@ -173,9 +338,16 @@ runs_out_option = click.option("--out", type=click.Path(path_type=Path), default
                                help="Folder that receives the run folder <recipe name>/.")
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(__version__, prog_name="cellfuse", help="Show the version and exit.")
-@click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's own C++ log lines too.")
+COMPLETION = """\b
+Shell completion (bash; zsh and fish alike, with zsh_source or fish_source):
+  eval "$(_CELLFUSE_COMPLETE=bash_source cellfuse)"    # add this line to ~/.bashrc"""
+
+
+@click.group(cls=Group, epilog=COMPLETION,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "-V", "--version", prog_name="cellfuse", help="Show the version and exit.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show TensorFlow's own log lines and warnings (C++ and Python) too.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and --json output (for scripts).")
 def main(verbose, quiet):
     """cellfuse: clean -> split -> train -> ensemble -> distill -> export -> grade, for 96x96 cell images.
@@ -211,6 +383,9 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
     Example:
       cellfuse clean ../shared/data/train.npz --out outputs/clean
     """
+    from toolkit import precheck
+
+    precheck.data_file(data)
     from toolkit.clean import clean_file
 
     summary = clean_file(data, out, threshold=threshold, contamination=contamination,
@@ -238,6 +413,10 @@ def corrupt(data, out, severity, seed, families, force, as_json):
     Example:
       cellfuse corrupt outputs/clean/clean.npz --out outputs/clean/corrupt.npz --severity 3
     """
+    from toolkit import precheck
+
+    precheck.data_file(data)
+    precheck.output_file(out, None, force, inputs=[data])
     from toolkit.corrupt import corrupt_file
 
     path = corrupt_file(data, out, severity=severity, seed=seed, families=families, force=force,
@@ -246,7 +425,7 @@ def corrupt(data, out, severity, seed, families, force, as_json):
         print_json({"data": data, "out": path, "severity": severity, "seed": seed, "families": families})
 
 
-@main.command()
+@main.command(short_help="Write the validation split training will hold out, clean and corrupted.")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"),
               help="Folder that receives val.npz and val_corrupt.npz.")
@@ -267,6 +446,9 @@ def split(data, out, val_fraction, seed, severity, held_out, force, as_json):
     Example:
       cellfuse split outputs/clean/clean.npz --out outputs/clean
     """
+    from toolkit import precheck
+
+    precheck.data_file(data)
     from toolkit.data import write_val_files
 
     written = write_val_files(data, out, val_fraction, seed, severity, held_out=held_out, force=force)
@@ -291,12 +473,12 @@ def preview(recipe, out, overrides, images, repeats, force, as_json):
     Example:
       cellfuse preview recipes/cpu-mobilenet.toml --set augment.preset=heavy --out outputs/preview-heavy.png
     """
-    from toolkit.augment import preview_recipe
-    from toolkit.recipe import load_recipe
-    from toolkit.runs import check_new_file
+    from toolkit import precheck
 
-    loaded = load_recipe(recipe, overrides)
-    check_new_file(out, ".png", force)
+    loaded = precheck.recipe(recipe, overrides)
+    precheck.output_file(out, ".png", force)
+    from toolkit.augment import preview_recipe
+
     path = preview_recipe(loaded, out, n_images=images, n_repeats=repeats)
     console.print(f"wrote {path}")
     if as_json:
@@ -318,6 +500,9 @@ def train(recipes, overrides, out, resume, force, parallel, as_json):
     Example:
       cellfuse train recipes/cpu-mobilenet.toml --set train.epochs=3 --set train.batch_size=32
     """
+    from toolkit import precheck
+
+    precheck.runs_to_train(recipes, overrides, out, resume=resume, force=force)
     from toolkit.train import train_many
 
     results = train_many(recipes, overrides, resume=resume, force=force, parallel=parallel,
@@ -349,8 +534,14 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
 
     \b
     Example:
-    cellfuse sweep recipes/tiny.toml --space recipes/spaces/tiny.toml --trials 4 --set data.train=outputs/demo/synth.npz
+      cellfuse synth --out outputs/synth.npz
+      cellfuse sweep recipes/tiny.toml --space recipes/spaces/tiny.toml --trials 4 --set data.train=outputs/synth.npz
     """
+    from toolkit import precheck
+
+    loaded = precheck.recipe(recipe, overrides, data=False)
+    precheck.existing(space)
+    precheck.recipe_data(loaded)
     from toolkit.sweep import run_sweep
 
     result = run_sweep(recipe, space, overrides=overrides, out=out, trials=trials, parallel=parallel,
@@ -372,6 +563,10 @@ def evaluate(model, data, tta, batch_size, as_json):
     Example:
       cellfuse evaluate outputs/runs/cpu-mobilenet ../shared/data/test_shifted_sample.npz --tta d4
     """
+    from toolkit import precheck
+
+    precheck.model(model)
+    precheck.data_files(data)
     from toolkit.evaluate import evaluate_model
 
     results = evaluate_model(model, data, tta=tta, batch_size=batch_size, console=console)
@@ -379,7 +574,7 @@ def evaluate(model, data, tta, batch_size, as_json):
         print_json(results)
 
 
-@main.command()
+@main.command(short_help="Class probabilities of a model for new images (npz, image files, folders), as a CSV.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="INPUT...")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -398,6 +593,12 @@ def predict(model, inputs, out, tta, batch_size, force, as_json):
     Example:
       cellfuse predict outputs/runs/cpu-mobilenet ../shared/data/test_shifted_sample.npz --out outputs/predictions.csv
     """
+    from toolkit import precheck
+
+    precheck.model_or_zip(model)
+    for path in inputs:
+        precheck.existing(path)
+    precheck.output_file(out, ".csv", force, inputs=[model, *inputs])
     from toolkit.predict import predict_files
 
     summary = predict_files(model, inputs, out, tta=tta, batch_size=batch_size, force=force, console=console)
@@ -432,7 +633,7 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
     Example:
       cellfuse inspect outputs/runs/cpu-mobilenet outputs/clean/val.npz --out outputs/inspect
     """
-    from toolkit.interpret import inspect_models
+    from toolkit import precheck
 
     if len(paths) < 2:
         raise CellfuseError("give at least one model (file, run or ensemble directory) and then the DATA file")
@@ -440,6 +641,11 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
         levels = [int(s) for s in severities.split(",") if s.strip()]
     except ValueError:
         raise CellfuseError(f"--severities takes a comma list of 1..5, got {severities!r}") from None
+    precheck.models(paths[:-1])
+    precheck.data_file(paths[-1])
+    precheck.output_folder(out, force, inputs=paths, kind="inspect")
+    from toolkit.interpret import inspect_models
+
     figures = inspect_models(paths[:-1], paths[-1], out, top=top, per_class=per_class, families=families,
                              severities=levels, limit=limit, seed=seed, batch_size=batch_size, force=force,
                              console=console)
@@ -467,10 +673,14 @@ def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
     Example:
       cellfuse ensemble outputs/runs/cpu-lite0 outputs/runs/cpu-mobilenet --val outputs/clean/val.npz --val outputs/clean/val_corrupt.npz --out outputs/ensembles/lite
     """
-    from toolkit.ensemble import build_ensemble
+    from toolkit import precheck
     from toolkit.sweep import expand_sweeps
 
-    runs = expand_sweeps(runs, top)
+    runs = expand_sweeps([precheck.existing(run) for run in runs], top)
+    precheck.models(runs)
+    precheck.data_files(val_data)
+    from toolkit.ensemble import build_ensemble
+
     result = build_ensemble(runs, val_data, out, views=views, rounds=rounds, force=force,
                             console=console)
     if as_json:
@@ -492,6 +702,10 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, as_json):
     Example:
       cellfuse distill outputs/ensembles/lite recipes/student-cpu.toml
     """
+    from toolkit import precheck
+
+    precheck.ensemble_folder(ensemble_dir)
+    precheck.runs_to_train([recipe], overrides, out, kind="student", resume=resume, force=force)
     from toolkit.distill import distill_recipe
 
     result = distill_recipe(ensemble_dir, recipe, overrides, resume=resume, force=force,
@@ -515,6 +729,10 @@ def export(run, out, tta, precision, force, as_json):
     Example:
       cellfuse export outputs/runs/student-cpu --out outputs/submission.zip --tta d4
     """
+    from toolkit import precheck
+
+    precheck.model(run)
+    precheck.output_file(out, ".zip", force, inputs=[run])
     from toolkit.export import export_submission
 
     result = export_submission(run, out, tta=tta, precision=precision, force=force, console=console)
@@ -530,10 +748,18 @@ def export(run, out, tta, precision, force, as_json):
 def grade(submission, data, timeout, as_json):
     """Grade SUBMISSION.zip on DATA as the challenge grader would, in a clean subprocess.
 
+    Not a sandbox: the submission's model.py runs as your user, with your files. The subprocess gets
+    a minimal environment (no credentials) and a temporary HOME; grade submissions you did not write
+    inside a container.
+
     \b
     Example:
       cellfuse grade outputs/submission.zip ../shared/data/test_shifted_sample.npz
     """
+    from toolkit import precheck
+
+    precheck.existing(submission)
+    precheck.data_file(data)
     from toolkit.export import grade_submission
 
     result = grade_submission(submission, data, timeout=timeout, console=console)
@@ -541,10 +767,7 @@ def grade(submission, data, timeout, as_json):
         print_json(result)
 
 
-READ_ONLY.add("runs")
-
-
-@main.command("runs")
+@main.command("runs", short_help="One table of every run, ensemble and student under FOLDER.")
 @click.argument("folder", required=False, default=Path("outputs"), type=click.Path(path_type=Path))
 @click.option("--markdown", is_flag=True, help="Print a GitHub Markdown table (the README's results are made so).")
 @json_option
@@ -558,6 +781,9 @@ def runs_table(folder, markdown, as_json):
     Example:
       cellfuse runs outputs --markdown
     """
+    from toolkit import precheck
+
+    precheck.existing(folder)
     from toolkit.compare import as_json as table_json
     from toolkit.compare import show_runs
 
@@ -586,7 +812,7 @@ def synth(out, n, seed, force, as_json):
         print_json({"out": path, "planted": path.with_suffix(".planted.json"), "n": n, "seed": seed})
 
 
-@main.command()
+@main.command(short_help="The whole pipeline end to end on CPU: synth -> clean -> ... -> grade.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/demo"),
               help="Folder that receives every stage's output.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -606,6 +832,10 @@ def demo(out, data, force, as_json):
     Example:
       cellfuse demo --out outputs/demo
     """
+    from toolkit import precheck
+
+    if data is not None:
+        precheck.data_file(data)
     from toolkit.pipeline import run_demo
 
     figures = run_demo(out, data=data, force=force, console=console)
@@ -634,9 +864,6 @@ def bench(out, quick, force, as_json):
 
 
 # ---------------------------------------------------------------- what ships with cellfuse
-
-READ_ONLY.update({"recipes", "backbones"})  # listings; `recipes copy` writes only its PATH, with --force
-
 
 @main.group(invoke_without_command=True)
 @json_option
@@ -695,7 +922,7 @@ def recipes_copy(name, path, force, as_json):
         print_json({"recipe": name, "out": written})
 
 
-@main.command()
+@main.command(short_help="List the backbones a recipe may name, and whether their ImageNet weights are here.")
 @json_option
 def backbones(as_json):
     """List the backbones model.backbone may name: pretraining size, parameters (without the head),

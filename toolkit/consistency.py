@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+from toolkit import batches
+from toolkit.augment import augment_dataset, check_section
 from toolkit.errors import CellfuseError
 
 EPS = 1e-7
@@ -162,23 +164,17 @@ def make_dataset(data, recipe, targets=None):
     """Training batches of B images as 3B rows (clean, AugMix, AugMix per image), labels repeated."""
     import tensorflow as tf
 
-    from toolkit import train as T
-    from toolkit.augment import augment_dataset, check_section
-
     plain = dataclasses.replace(recipe, augment=check_section({"preset": "none"}, "plain"))
-    ds = T.make_dataset(data, plain, training=True, targets=targets)  # shuffled, batched, float
+    ds = batches.make_dataset(data, plain, training=True, targets=targets)  # shuffled, batched, float
     n_classes = data.n_classes if targets is None else targets.shape[1]
     return augment_dataset(ds, recipe.augment, n_classes, seed=recipe.train.seed,
                            views=VIEWS).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_arguments(recipe, split, compile_fn=None, targets=None) -> dict:
+def fit_arguments(recipe, split, compile_fn, targets=None) -> dict:
     """What fit_stages needs for consistency training ({} when it is off): the three-view training
-    dataset and a compile_fn around `compile_fn` (default: train.compile_model)."""
+    dataset and a compile_fn around `compile_fn` (train.compile_model, or distillation's own)."""
     check_recipe(recipe)
     if not recipe.train.consistency:
         return {}
-    from toolkit import train as T
-
-    return {"train_ds": make_dataset(split.train, recipe, targets),
-            "compile_fn": with_consistency(compile_fn or T.compile_model)}
+    return {"train_ds": make_dataset(split.train, recipe, targets), "compile_fn": with_consistency(compile_fn)}

@@ -138,10 +138,13 @@ def _compile_function_matching(teacher):
 # ---------------------------------------------------------------- entry point
 
 def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, force=False, console=None,
-                   runs_root=None) -> dict:
+                   runs_root=None, timing: bool = True) -> dict:
+    """Distill, then compare the student with its ensemble; `timing=False` skips the img/s column
+    (about TIMING_S seconds per model after a warm-up pass)."""
     console = console or Console()
     recipe = load_recipe(recipe_path, overrides)
     check_distill_recipe(recipe, recipe_path)
+    check_student_split_early(recipe, Path(ensemble_dir))  # before train's data checks warn
     from toolkit import consistency
     from toolkit.ensemble import load_ensemble
 
@@ -149,10 +152,10 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console,  # train's set-up
                         inputs=[ensemble_dir], kind="student")
     if start.complete is not None:
-        return compare(recipe, start.run, Path(ensemble_dir), console)
+        return compare(recipe, start.run, Path(ensemble_dir), console, timing=timing)
     run, split, strategy, started = start.run, start.split, start.strategy, start.started
     with T.discard_failed_start(start):  # a start that fails before an epoch leaves nothing behind
-        check_student_split(split, Path(ensemble_dir), recipe_path)
+        check_student_split(split, Path(ensemble_dir), recipe)
         teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
         with strategy.scope():
             student = T.build_model(recipe, split.train.n_classes)
@@ -184,7 +187,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
                 fit.update(consistency.fit_arguments(recipe, split, fit["compile_fn"], targets))  # 3 views if on
         T.fit_stages(student, recipe, split, run, strategy, console, **fit)
     T.finish_run(recipe, split, run, started, console)
-    return compare(recipe, run, Path(ensemble_dir), console)
+    return compare(recipe, run, Path(ensemble_dir), console, timing=timing)
 
 
 def check_distill_recipe(recipe: Recipe, path) -> None:
@@ -286,21 +289,87 @@ def bank_dataset(views: np.ndarray, targets: np.ndarray, recipe: Recipe):
 
 # ---------------------------------------------------------------- split, start and cached targets
 
-def check_student_split(split, ensemble_dir: Path, recipe_path) -> None:
+def check_student_split(split, ensemble_dir: Path, recipe: Recipe) -> None:
     """The student must hold out the rows its teacher's members held out: otherwise it trains on the
     validation images the comparison is scored on."""
+    _compare_split(np.sort(split.val["val"].index), ensemble_dir, recipe)
+
+
+def check_student_split_early(recipe: Recipe, ensemble_dir: Path) -> None:
+    """check_student_split from the data file's labels alone, before train's set-up: a mismatched
+    split otherwise first shows as leak warnings about the members' validation files."""
+    rows = planned_val_index(recipe)
+    if rows is not None:
+        _compare_split(rows, ensemble_dir, recipe)
+
+
+def planned_val_index(recipe: Recipe) -> np.ndarray | None:
+    """The original rows train.load_split will hold out, read without the images (npz only)."""
+    from toolkit.data import check_npz, stratified_split
+
+    path = Path(recipe.data.train)
+    if path.suffix != ".npz":
+        return None
+    check_npz(path, recipe.data.n_classes)
+    with np.load(path, allow_pickle=False) as f:
+        labels = f["labels"].reshape(-1).astype(np.int64)  # (N,) or (N, 1), as check_npz allows
+        index = f["index"].astype(np.int64) if "index" in f.files else np.arange(len(labels))
+    if recipe.data.limit:
+        labels, index = labels[:recipe.data.limit], index[:recipe.data.limit]
+    return np.sort(index[stratified_split(labels, recipe.data.val_fraction, recipe.data.split_seed)[1]])
+
+
+def _compare_split(student_rows: np.ndarray, ensemble_dir: Path, recipe: Recipe) -> None:
     from toolkit.ensemble import ensemble_split
 
     teacher_rows = ensemble_split(ensemble_dir)
-    if teacher_rows is None:
+    if teacher_rows is None or np.array_equal(student_rows, teacher_rows):
         return
-    student_rows = np.sort(split.val["val"].index)
-    if not np.array_equal(student_rows, teacher_rows):
-        leaked = len(np.setdiff1d(teacher_rows, student_rows))
-        raise CellfuseError(f"{recipe_path}: the student's validation split differs from its ensemble's "
-                            f"members' ({leaked} of their {len(teacher_rows)} validation rows would be "
-                            "student training rows); use the members' data.train, data.val_fraction and "
-                            "data.split_seed")
+    leaked = len(np.setdiff1d(teacher_rows, student_rows))
+    raise CellfuseError(f"{recipe.path}: the student's validation split differs from its ensemble's members' "
+                        f"(it holds out {len(student_rows)} rows, they held out {len(teacher_rows)}; {leaked} of "
+                        f"theirs would be student training rows): {_split_fix(ensemble_dir, recipe)}")
+
+
+SPLIT_KEYS = ("train", "val_fraction", "split_seed")
+
+
+def _split_fix(ensemble_dir: Path, recipe: Recipe) -> str:
+    """Both settings side by side and the --set that makes the student's match (from a member's recipe)."""
+    student = {k: getattr(recipe.data, k) for k in SPLIT_KEYS}
+    member = _member_data(ensemble_dir)
+    if member is None:
+        return ("the student has " + ", ".join(f"data.{k} = {v!r}" for k, v in student.items())
+                + "; use the members' values")
+    differ = [k for k in SPLIT_KEYS if not _same(k, student[k], member[k])] or list(SPLIT_KEYS)
+    said = "; ".join(f"data.{k} = {student[k]!r} for the student, {member[k]!r} for the members" for k in differ)
+    return f"{said}. Add `" + " ".join(f"--set data.{k}={_toml(member[k])}" for k in differ) + "`"
+
+
+def _same(key: str, a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if key == "train" else a == b
+
+
+def _member_data(ensemble_dir: Path) -> dict | None:
+    """data.train, val_fraction and split_seed of the first member whose run folder keeps its recipe."""
+    import tomllib
+
+    from toolkit.ensemble import ensemble_components, resolve_member
+    from toolkit.recipe import DataConfig
+
+    for component in ensemble_components(ensemble_dir):
+        recipe = resolve_member(ensemble_dir, component["member_file"]).parent / "recipe.toml"
+        if recipe.is_file():
+            try:
+                data = tomllib.loads(recipe.read_text()).get("data", {})
+            except (OSError, ValueError):
+                continue
+            return {k: data.get(k, getattr(DataConfig, k)) for k in SPLIT_KEYS}
+    return None
+
+
+def _toml(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
@@ -335,9 +404,9 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 
 # ---------------------------------------------------------------- the comparison table
 
-def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_timing: int = 256) -> dict:
+def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, timing: bool = True) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
-    set, parameters, file size, img/s on this machine (taking turns)."""
+    set, parameters, file size, and (with `timing`) img/s on this machine, taking turns."""
     from toolkit.ensemble import ensemble_components, member_file
     from toolkit.runs import load_model, resolve_model_file, write_csv, write_json
     from toolkit.tta import wrap_with_tta
@@ -350,26 +419,42 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, n_t
     rows, loaded = {}, {}
     for label, (path, tta) in models.items():
         model = load_model(path)
-        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size}
+        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
         loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
         for name, data in split.val.items():
             probs = loaded[label].predict(data.images.astype(np.float32), batch_size=256, verbose=0)
             rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
-    for label, speed in _img_per_s(loaded, split.val["val"], n_timing).items():
-        rows[label]["img_per_s"] = speed
+    if timing:
+        for label, speed in img_per_s(loaded, split.val["val"], console).items():
+            rows[label]["img_per_s"] = speed
     student, ensemble = rows["student"], rows["ensemble"]
     result = {"student_run": str(run), "mode": recipe.distill.mode, "init": recipe.distill.init,
               "views": heaviest["views"], "rows": rows,
               "size_ratio": ensemble["bytes"] / student["bytes"],
-              "speed_ratio": student["img_per_s"] / ensemble["img_per_s"],
+              "speed_ratio": student["img_per_s"] / ensemble["img_per_s"] if timing else None,
               "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val},
               "patience": patience(run, {name: ensemble[f"acc_{name}"] for name in split.val})}
     write_json(run / "distill.json", result)
     write_csv(run / "distill.csv", [{"model": label, **r} for label, r in rows.items()])
     console.print(_table(rows, list(split.val), heaviest["views"]))
-    console.print(f"student: {result['size_ratio']:.1f}x smaller, {result['speed_ratio']:.1f}x faster; "
-                  + ", ".join(f"{100 * g:+.1f} points behind on {n}" for n, g in result["gap"].items()))
+    console.print(f"student: {closing_line(result)}")
     return result
+
+
+def closing_line(result: dict) -> str:
+    """Reads like "21.4x smaller, 3.5x faster, 1.9 points behind on val": each ratio the way it points."""
+    parts = [_times(result["size_ratio"], "smaller", "larger")]
+    if result.get("speed_ratio") is not None:
+        parts.append(_times(result["speed_ratio"], "faster", "slower"))
+    for name, gap in result["gap"].items():
+        points = round(100 * gap, 1)
+        parts.append(f"level with it on {name}" if points == 0 else
+                     f"{abs(points):.1f} points {'behind' if points > 0 else 'ahead'} on {name}")
+    return ", ".join(parts)
+
+
+def _times(ratio: float, more: str, less: str) -> str:
+    return f"{ratio:.1f}x {more}" if ratio >= 1 else f"{1 / ratio:.1f}x {less}"
 
 
 def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
@@ -387,19 +472,40 @@ def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
     return curves
 
 
-def _img_per_s(models: dict, data: Dataset, n: int, rounds: int = 3) -> dict[str, float]:
-    """Each model's best pass over `n` images, the models taking turns round by round: a shared
-    machine's speed drifts (here by up to 2x), so only passes made side by side compare fairly."""
-    x = data.images[np.arange(n) % len(data)].astype(np.float32)
-    for model in models.values():
-        model.predict(x[:256], batch_size=128, verbose=0)  # warm-up: tracing is not throughput
-    best = dict.fromkeys(models, 0.0)
-    for _ in range(rounds):
-        for label, model in models.items():
-            started = time.perf_counter()
-            model.predict(x, batch_size=128, verbose=0)
-            best[label] = max(best[label], n / (time.perf_counter() - started))
-    return best
+TIMING_S = 3.0  # seconds of prediction per model: ~10 s for the three, a small share of any distillation
+TIMING_BATCH = 64
+
+
+def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = TIMING_S,
+              batch: int = TIMING_BATCH) -> dict[str, float]:
+    """Each model's median speed over one-batch passes, the models taking turns until each has
+    predicted for `budget_s` (at least two passes): a shared machine's speed drifts (here by up to
+    2x), so only passes made side by side compare fairly; the budget bounds the cost of any ensemble."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    x = data.images[np.arange(batch) % len(data)].astype(np.float32)
+    console.print(f"timing {', '.join(models)} on this machine: about {budget_s:.0f} s each after a "
+                  "warm-up pass (--no-timing skips it)")
+    speeds = {label: [] for label in models}
+    spent = dict.fromkeys(models, 0.0)
+    with Progress(TextColumn("timing"), BarColumn(), TextColumn("{task.description}"), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("warm-up", total=budget_s * len(models))
+        for model in models.values():
+            model.predict_on_batch(x)  # tracing is not throughput
+        active = list(models)
+        while active:
+            for label in list(active):
+                progress.update(task, description=label)
+                started = time.perf_counter()
+                models[label].predict_on_batch(x)
+                seconds = time.perf_counter() - started
+                progress.advance(task, min(seconds, max(budget_s - spent[label], 0)))
+                spent[label] += seconds
+                speeds[label].append(batch / seconds)
+                if spent[label] >= budget_s and len(speeds[label]) >= 2:
+                    active.remove(label)
+    return {label: float(np.median(s)) for label, s in speeds.items()}
 
 
 def _table(rows: dict, val_names: list[str], views: str) -> Table:
@@ -408,5 +514,5 @@ def _table(rows: dict, val_names: list[str], views: str) -> Table:
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, r in rows.items():
         table.add_row(label, *[f"{r[f'acc_{n}']:.4f}" for n in val_names], f"{r['params']:,}",
-                      f"{r['bytes'] / 1e6:.2f}", f"{r['img_per_s']:.0f}")
+                      f"{r['bytes'] / 1e6:.2f}", "-" if r["img_per_s"] is None else f"{r['img_per_s']:.0f}")
     return table

@@ -50,6 +50,9 @@ class ModelConfig:
     bn_momentum: float = 0.9  # of every BatchNorm's moving statistics; Keras' 0.99 lags short runs badly
     width: float = 1.0  # width multiplier (efficientnetv2-custom only)
     depth: float = 1.0  # depth multiplier (efficientnetv2-custom only)
+    # per-image normalisation inside the model, before the backbone (trained with it, exported with it):
+    # "" | "reinhard" (stain colour) | "grayworld" | "stretch" | "median3", or several joined by "+"
+    normalize: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ RULES: dict[str, Bound | frozenset] = {
     "data.n_classes": Bound(2),
     "data.limit": AT_LEAST_0,
     "model.head": frozenset({"seed", "linear"}),
+    "model.normalize": frozenset({"", "reinhard", "grayworld", "stretch", "median3", "median3+reinhard",
+                                  "grayworld+reinhard", "stretch+reinhard"}),
     "model.input_size": Bound(32, also=0),  # smaller inputs vanish under the backbones' strides
     "model.dropout": FRACTION,
     "model.bn_momentum": FRACTION,

@@ -22,7 +22,10 @@ VIEW_SETS: dict[str, list[str]] = {
     "shifts": ["id", "down4", "up4", "right4", "left4"],
     "scales": ["id", "zoom0.9", "zoom1.1"],
     "photometric": ["id", "bright-16", "bright16", "contrast0.8", "contrast1.25", "gamma0.8", "gamma1.25"],
+    # normalising views: each undoes one kind of shift (colour cast, contrast, noise, stain) per image
+    "normalize": ["id", "grayworld", "stretch", "reinhard", "median3", "median3_reinhard"],
 }
+NORMALISERS = ("grayworld", "stretch", "median3", "reinhard")  # toolkit.layers.Normalize's methods
 MERGES = ("mean", "geometric", "logits")
 
 _SHIFTS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
@@ -44,7 +47,13 @@ def view_params(name: str) -> dict:
     params: dict = {}
     if name == "id":
         return params
-    for token in name.split("_"):
+    tokens = name.split("_")
+    if set(tokens) & set(NORMALISERS):
+        if not set(tokens) <= set(NORMALISERS):
+            raise CellfuseError(f"view {name!r}: a normalising view ({', '.join(NORMALISERS)}) cannot be "
+                                "joined with a geometric or photometric one; list them as separate views")
+        return {"methods": tokens}
+    for token in tokens:
         for pattern, to_params in _TOKENS:
             match = re.fullmatch(pattern, token)
             if match:
@@ -76,7 +85,9 @@ def parse_views(spec: str) -> list[str]:
 def view_layer(name: str):
     import toolkit.layers as layers
 
-    return layers.ImageView(**view_params(name), name=f"view_{_safe(name)}")
+    params = view_params(name)
+    layer = layers.Normalize if "methods" in params else layers.ImageView
+    return layer(**params, name=f"view_{_safe(name)}")
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,141 @@
+"""A run's data: the recipe's training file split into train and validation sets, checked loudly
+(class balance, train/validation leakage), then fed as tf.data batches: uint8 arrays -> float32
+0..255, augmented, sharded over workers.
+
+Below train, consistency, distill and sweep, which all read data this way. TensorFlow is imported
+inside functions: importing this module is instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+
+from toolkit.augment import make_batch_augmenter
+from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
+from toolkit.data import Dataset, load_dataset, one_hot, stratified_split
+from toolkit.errors import CellfuseError
+from toolkit.recipe import Recipe
+
+
+@dataclass
+class Split:
+    train: Dataset
+    val: dict[str, Dataset]  # "val" (the split) first, then each extra validation file by stem
+
+
+def load_split(recipe: Recipe, console: Console) -> Split:
+    """The recipe's stratified train/validation split (data.limit rows at most), plus each extra_val file."""
+    data = load_dataset(recipe.data.train, n_classes=recipe.data.n_classes)
+    if recipe.data.limit:
+        data = data.subset(np.arange(min(recipe.data.limit, len(data))))
+    train_rows, val_rows = stratified_split(data.labels, recipe.data.val_fraction, recipe.data.split_seed)
+    val = {"val": data.subset(val_rows)}
+    for path in recipe.data.extra_val:
+        name = Path(path).stem
+        if name in val:  # "val" is the held-out split itself: a file named so would replace it
+            raise CellfuseError(f"{recipe.path}: data.extra_val names {path}, whose name {name!r} is already "
+                                "taken (the split's own is 'val'); rename the file")
+        val[name] = load_dataset(path, n_classes=recipe.data.n_classes)
+    console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
+                  + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))
+    return Split(data.subset(train_rows), val)
+
+
+def check_data(split: Split, recipe: Recipe, console: Console) -> None:
+    """Class balance and train/validation leakage through duplicates: reported loudly."""
+    counts = np.bincount(split.train.labels, minlength=split.train.n_classes)
+    console.print("train class counts: " + ", ".join(
+        f"{name} {c}" for name, c in zip(split.train.class_names, counts, strict=False)))
+    if counts.min() == 0:
+        warn(console, f"class(es) {[n for n, c in zip(split.train.class_names, counts, strict=False) if c == 0]} "
+                       "have no training images")
+    elif counts.max() / counts.min() > 10:
+        warn(console, f"classes are imbalanced {counts.max() / counts.min():.0f}:1; "
+                       "consider train.class_weights = \"balanced\"")
+    train_hashes = _phash(split.train.images)
+    for name, val in split.val.items():
+        shared = leaked_rows(train_hashes, _phash(val.images))
+        if shared:
+            warn(console, f"{shared} of {len(val)} '{name}' images duplicate a training image "
+                           "(exactly or perceptually): validation scores will be optimistic. "
+                           "Run `cellfuse clean` on the training file first.")
+
+
+def _phash(images: np.ndarray) -> np.ndarray:
+    return phash_bits(images, Console(quiet=True))
+
+
+def leaked_rows(train_hashes: np.ndarray, val_hashes: np.ndarray) -> int:
+    """How many validation images have a near-identical (phash) twin in training."""
+    groups = hash_groups(np.concatenate([train_hashes, val_hashes]), DEFAULT_THRESHOLD)
+    return int(np.isin(groups[len(train_hashes):], groups[:len(train_hashes)]).sum())
+
+
+def warn(console: Console, text: str) -> None:
+    console.print(Panel(text, title="WARNING", border_style="bold red"))
+
+
+def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_augment=False, targets=None):
+    """uint8 arrays -> float32 0..255 batches with one-hot labels (or `targets`); training batches augmented."""
+    import tensorflow as tf
+
+    cfg = recipe.train
+    targets = one_hot(data.labels, data.n_classes) if targets is None else targets
+    ds = tf.data.Dataset.from_tensor_slices((data.images, targets))
+    if training:
+        ds = ds.shuffle(len(data), seed=cfg.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(cfg.batch_size, drop_remainder=training)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if training or validation_augment:
+        augmenter = _float32_augmenter(recipe, targets.shape[1], training)
+        if augmenter is not None:
+            ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()  # several workers: each takes its share of every global batch
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _float32_augmenter(recipe: Recipe, n_classes: int, training: bool):
+    """Augmentation layers built under float32: made under mixed_float16 they compute 0..255 pixels
+    in float16 and the first batch's loss is NaN."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return make_batch_augmenter(recipe.augment, n_classes, seed=recipe.train.seed, validation=not training)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
+    return recipe.train.steps_per_epoch or max(1, n_train // recipe.train.batch_size)
+
+
+def check_batch(images) -> None:
+    """The first augmented batch: channels-last, 0..255, not 0..1."""
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise CellfuseError(f"training batches have shape {x.shape}; expected (batch, H, W, 3)")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255.5:
+        raise CellfuseError(f"augmented training batch spans {lo:.1f}..{hi:.1f}; expected 0..255")
+    if hi <= 1.5:
+        raise CellfuseError(f"augmented training batch spans {lo:.2f}..{hi:.2f}: looks like 0..1, expected 0..255")
+
+
+
+def class_weight(recipe: Recipe, train: Dataset):
+    """Keras' class_weight for train.class_weights = "balanced" (None otherwise)."""
+    if recipe.train.class_weights == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(train.labels)
+    weights = compute_class_weight("balanced", classes=present, y=train.labels)
+    return {int(c): float(w) for c, w in zip(present, weights, strict=False)}

@@ -1,0 +1,331 @@
+"""The callbacks of every fit: backups, EMA with matching BatchNorm statistics, NaN guard, validation
+AUC, multi-worker agreement, best checkpoint, the epoch log. make_callbacks puts them in order.
+
+A new callback: a class here, then one line in make_callbacks. Importing this module loads Keras.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from toolkit import report
+from toolkit.data import Dataset
+from toolkit.distribute import is_multi_worker, sync_replicas, tf_variables
+from toolkit.recipe import Recipe
+from toolkit.runs import (
+    adopt_library_files,
+    folder_kind,
+    make_own_dir,
+    remove_scratch,
+    save_weights,
+    write_csv,
+    write_json,
+)
+
+
+def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
+                   val: Dataset | None = None, strategy=None, extra=(), calibration, tracked=None):
+    """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
+    computed before the checkpoint, plateau and early stopping read it."""
+    cfg = recipe.train
+    callbacks = [Backup(str(make_own_dir(backup, "part")), console, save_freq=cfg.checkpoint_every)]
+    if strategy is not None and is_multi_worker(strategy):
+        callbacks.append(ChiefState(strategy))
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        callbacks.append(AverageMovingStats(strategy, source))
+    if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
+        callbacks.append(SwapEMAWithBatchNorm(source, calibration, strategy=strategy))
+    if val is not None:
+        callbacks.append(ValidationAUC(source, val))
+    if tracked:
+        callbacks.append(TrackedAccuracy(source, tracked))
+    callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
+                  keras.callbacks.TensorBoard(str(make_own_dir(run / "tb", "part")), profile_batch=0),
+                  EpochLog(run, offset, steps, cfg.batch_size, console)]  # after TensorBoard: adopts its files
+    if cfg.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(cfg.monitor, mode="max", factor=0.3, patience=2))
+    if cfg.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(cfg.monitor, mode="max", patience=cfg.early_stopping))
+    return callbacks + list(extra)
+
+
+def calibration_images(train_ds, n: int = 512) -> np.ndarray:
+    """Batches as training sees them (augmented, mixed), on which BatchNorm statistics are re-estimated
+    for the averaged weights (EMA). The statistics must describe the inputs the weights were fitted on
+    (Wu & Johnson 2021, "Rethinking BatchNorm"): un-augmented images, a different distribution under
+    heavy augmentation, cost the CPU students 8-24 points on every validation set."""
+    images, count = [], 0
+    for x, *_ in train_ds:
+        images.append(np.asarray(x, np.float32))
+        count += len(images[-1])
+        if count >= n:
+            break
+    return np.concatenate(images)[:n]
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (with its previous copy), surviving a kill during a stage's first backup.
+
+    Keras falls back to the previous copy when the latest backup cannot be read, but the first write
+    of a stage has none: a process killed mid-write left a file that failed every `--resume`. Such a
+    backup is dropped and the stage starts again from its beginning (under several workers each then
+    takes the chief's state, see ChiefState)."""
+
+    def __init__(self, backup_dir: str, console, save_freq):
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True)
+        self.console = console
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, json.JSONDecodeError) as e:
+            if folder_kind(self.backup_dir) is None:  # not a folder cellfuse made: not ours to drop
+                raise
+            remove_scratch(self.backup_dir)  # made by make_callbacks, filled by Keras
+            self.model._initial_epoch = None
+            self.console.print(f"[yellow]backup in {self.backup_dir} unreadable ({type(e).__name__}: {e}); "
+                               "this stage starts again from its beginning[/]")
+
+
+    def _save_model(self):
+        make_own_dir(self.backup_dir, "part")  # Keras deletes it after each stage; made again as cellfuse's
+        super()._save_model()
+        adopt_library_files(self.backup_dir)
+
+
+class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
+    """Keras' SwapEMAWeights, plus BatchNorm statistics that match the averaged weights.
+
+    The optimizer averages trainable weights only; BatchNorm's moving statistics keep following the
+    raw weights, so validation and the checkpoint would run averaged weights on mismatched statistics.
+    Whenever the averaged weights are swapped in, the statistics are re-estimated on `images`
+    (a forward pass in training mode, weights fixed, a cumulative average over the batches); the raw
+    statistics come back when the raw weights do.
+    """
+
+    def __init__(self, source, images, batch_size: int = 64, strategy=None):
+        super().__init__(swap_on_epoch=True)
+        self.source, self.images, self.batch_size, self.saved = source, images, batch_size, None
+        self.strategy = strategy
+
+    def _norms(self):
+        return [layer for layer in self.source._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    def refresh(self):
+        norms = self._norms()
+        self.saved = [(n.moving_mean.numpy(), n.moving_variance.numpy()) for n in norms]
+        momenta = [n.momentum for n in norms]
+        for i, start in enumerate(range(0, len(self.images), self.batch_size)):
+            for n in norms:
+                n.momentum = i / (i + 1)  # 0 first, then a running mean over the batches
+            self.source(self.images[start:start + self.batch_size], training=True)
+        for n, m in zip(norms, momenta, strict=True):
+            n.momentum = m
+        if self.strategy is not None and is_multi_worker(self.strategy):
+            # each worker drew its own augmented calibration batches: all keep the chief's statistics
+            sync_replicas(self.strategy, tf_variables([v for n in norms for v in (n.moving_mean, n.moving_variance)]),
+                          "chief")
+
+    def restore(self):
+        if self.saved is not None:
+            for n, (mean, var) in zip(self._norms(), self.saved, strict=True):
+                n.moving_mean.assign(mean)
+                n.moving_variance.assign(var)
+        self.saved = None
+
+    def on_test_begin(self, logs=None):
+        swapping = not self._ema_weights_in_model
+        super().on_test_begin(logs)
+        if swapping:
+            self.refresh()
+
+    def on_test_end(self, logs=None):
+        if self._ema_weights_in_model:
+            self.restore()
+        super().on_test_end(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        swapping = not self._ema_weights_in_model
+        super().on_epoch_end(epoch, logs)
+        if swapping:
+            self.refresh()
+            if epoch == self.params["epochs"] - 1:
+                self.saved = None  # the stage ends on the averaged weights: keep their statistics
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._ema_weights_in_model:
+            self.restore()
+        super().on_epoch_begin(epoch, logs)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops at the first NaN loss and remembers where, so the user hears about it."""
+
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset, self.epoch, self.where = offset, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.trained = time.time()  # img/s counts training steps only, not the validation pass
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self.where = f"epoch {self.offset + self.epoch + 1}, step {batch + 1}"
+            self.model.stop_training = True
+
+
+class Predictor:
+    """Batched forward passes of `source` in inference mode. Local to this process (no collective op),
+    so every worker of a cluster computes the same values from the same weights."""
+
+    def __init__(self, source, batch_size: int = 256):
+        self.source, self.batch_size = source, batch_size
+        self._forward = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._forward is None:
+            self._forward = tf.function(lambda v: self.source(v, training=False), reduce_retracing=True)
+        return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
+                                          dtype=np.float32) for i in range(0, len(x), self.batch_size)])
+
+
+class ValidationAUC(keras.callbacks.Callback):
+    """val_auc = macro one-vs-rest AUC of `source` on the un-augmented validation images, exactly as
+    metrics.json reports it (keras.metrics.AUC is micro-averaged over one-hot columns: another figure)."""
+
+    def __init__(self, source, val: Dataset, batch_size: int = 256):
+        super().__init__()
+        self.val, self.predict = val, Predictor(source, batch_size)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            probs = self.predict(self.val.images)
+            logs["val_auc"] = report.classification_metrics(self.val.labels, probs, self.val.class_names)["auc_ovr"]
+
+
+class TrackedAccuracy(keras.callbacks.Callback):
+    """`<name>_accuracy` every epoch on further validation sets (extra_val), from the weights the
+    checkpoint sees: a distilled student's corrupted-validation curve is its "patience" plot."""
+
+    def __init__(self, source, sets: dict[str, Dataset]):
+        super().__init__()
+        self.sets, self.predict = sets, Predictor(source)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            for name, data in self.sets.items():
+                logs[f"{name}_accuracy"] = float((self.predict(data.images).argmax(1) == data.labels).mean())
+
+
+class ChiefState(keras.callbacks.Callback):
+    """Multi-worker restart: every worker takes the chief's restored weights, optimizer state and epoch.
+    Each worker restores its own backup, and a worker killed a step before the others would
+    otherwise train on from different weights (or a different epoch) and never agree again."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        model = self.model
+        if not model.optimizer.built:  # this worker had no backup yet: the chief's state needs the slots
+            with self.strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        epoch = tf.Variable(float(getattr(model, "_initial_epoch", None) or 0))  # set by BackupAndRestore
+        sync_replicas(self.strategy, [*tf_variables(model.variables + model.optimizer.variables), epoch], "chief")
+        model._initial_epoch = int(epoch.numpy()) or None
+
+
+class AverageMovingStats(keras.callbacks.Callback):
+    """BatchNorm's moving statistics are per replica (each sees its own images): averaged over all
+    replicas at each epoch's end, so every worker validates, checkpoints and stops on the same model."""
+
+    def __init__(self, strategy, source):
+        super().__init__()
+        self.strategy, self.source = strategy, source
+
+    def on_epoch_end(self, epoch, logs=None):
+        sync_replicas(self.strategy, tf_variables(self.source.non_trainable_variables), "mean")
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch by validation macro AUC or accuracy (never the loss)."""
+
+    def __init__(self, run: Path, monitor: str, offset: int, source):
+        super().__init__()
+        self.run, self.monitor, self.offset, self.source = run, monitor, offset, source
+        state = run / "checkpoint" / "best.json"
+        self.best = json.loads(state.read_text())["value"] if state.exists() else -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value) or value <= self.best:
+            return
+        self.best = float(value)
+        save_weights(self.source, self.run / "checkpoint" / "best.weights.h5")
+        write_json(self.run / "checkpoint" / "best.json",
+                   {"monitor": self.monitor, "value": self.best, "epoch": self.offset + epoch + 1})
+
+
+class EpochLog(keras.callbacks.Callback):
+    """A rich progress bar per epoch, one printed line of metrics, and history.csv (resume-safe)."""
+
+    def __init__(self, run: Path, offset: int, steps: int, batch_size: int, console: Console):
+        super().__init__()
+        self.run, self.offset, self.steps, self.batch_size, self.console = run, offset, steps, batch_size, console
+        self.progress = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+        self.progress = Progress(TextColumn(f"epoch {self.offset + epoch + 1}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+        self.task = self.progress.add_task("train", total=self.steps, loss="")
+        self.progress.start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.trained = time.time()  # img/s counts training steps only, not the validation pass
+        loss = (logs or {}).get("loss")
+        self.progress.update(self.task, completed=batch + 1, loss=f"loss {loss:.4f}" if loss is not None else "")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.progress.stop()
+        seconds = time.time() - self.started
+        row = {"epoch": self.offset + epoch + 1, "seconds": round(seconds, 2),
+               "img_per_s": round(self.steps * self.batch_size / (self.trained - self.started), 1),
+               "lr": float(np.asarray(self.model.optimizer.learning_rate)),
+               **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}}
+        self._append(row)
+        adopt_library_files(self.run / "tb")  # TensorBoard's event files, as they are now
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds", "lr", "img_per_s"))
+        self.console.print(f"epoch {row['epoch']:>3}  {shown}  ({seconds:.0f} s, {row['img_per_s']:.0f} img/s)")
+
+    def _append(self, row: dict) -> None:
+        """Rewrite history.csv without rows from epochs being redone after a resume."""
+        path = self.run / "history.csv"
+        rows = list(csv.DictReader(path.open())) if path.exists() else []
+        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
+        write_csv(path, [{k: r.get(k, "") for k in row} for r in rows])
+
+
+def read_history(run: Path) -> list[dict]:
+    """history.csv as EpochLog wrote it: one dict of floats per epoch ([] before the first)."""
+    path = run / "history.csv"
+    if not path.exists():
+        return []
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]

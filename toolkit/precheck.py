@@ -1,0 +1,147 @@
+"""A command's inputs checked before it imports TensorFlow, so bad input is refused in a second.
+
+TensorFlow takes 10-20 s to import. Everything a user can get wrong that can be seen without it is
+checked here, by `cellfuse` before it calls the command's function: paths exist, npz headers and
+labels are sound, recipes parse and validate (and so do the data files they name), run and
+ensemble folders hold their files, and outputs can be written. Each check raises CellfuseError in
+one line; none imports TensorFlow or writes a file (tests/test_precheck.py holds both to that).
+The commands' own functions check again, for callers that are not the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from toolkit.errors import CellfuseError
+
+
+def existing(path, what: str = "") -> Path:
+    """`path`, which must exist (`what` says where it was named, e.g. "data.train of x.toml")."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise CellfuseError(f"{path}: does not exist" + (f" ({what})" if what else ""))
+    return path
+
+
+def data_file(path, what: str = "", n_classes: int | None = None) -> Path:
+    """An npz (headers and labels checked, no pixel read) or a folder of class sub-folders."""
+    from toolkit.data import CLASS_NAMES, check_dataset
+
+    path = existing(path, what)
+    check_dataset(path, n_classes or len(CLASS_NAMES))
+    return path
+
+
+def data_files(paths) -> list[Path]:
+    return [data_file(p) for p in paths]
+
+
+def model(path) -> Path:
+    """A .keras file, or a run, ensemble or student folder holding one; returns the model file."""
+    from toolkit.runs import resolve_model_file
+
+    return resolve_model_file(existing(path))
+
+
+def models(paths) -> list[Path]:
+    return [model(p) for p in paths]
+
+
+def model_or_zip(path) -> Path:
+    """As `model`, or a submission zip made by `cellfuse export`."""
+    import zipfile
+
+    path = existing(path)
+    if path.suffix == ".zip":
+        if not zipfile.is_zipfile(path):
+            raise CellfuseError(f"{path}: not a zip file")
+        return path
+    return model(path)
+
+
+def recipe(path, overrides=(), *, data: bool = True):
+    """The recipe, loaded and validated, and (with `data`) the data files it names checked."""
+    from toolkit.recipe import load_recipe
+
+    loaded = load_recipe(path, overrides)
+    if data:
+        recipe_data(loaded)
+    return loaded
+
+
+def recipe_data(loaded) -> None:
+    where = f"of {loaded.path}"
+    data_file(loaded.data.train, f"data.train {where}; run `cellfuse clean` first, or --set data.train=FILE",
+              loaded.data.n_classes)
+    for extra in loaded.data.extra_val:
+        data_file(extra, f"data.extra_val {where}", loaded.data.n_classes)
+
+
+def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
+    """Refuse what `train`/`distill` would refuse about OUT/<name> (train.prepare_run_dir checks again,
+    under its lock). Returns True when the run is complete and --resume will only report it."""
+    from toolkit.runs import folder_kind
+
+    if "TF_CONFIG" in os.environ:  # other workers of one multi-worker run see the chief's folder appear
+        return False
+    run = Path(root) / loaded.name
+    if not run.exists() and not run.is_symlink():
+        return False
+    found = folder_kind(run)
+    if found != kind:
+        what = f"a cellfuse {found} output" if found else "a folder cellfuse did not make"
+        raise CellfuseError(f"{run}: is {what}, not a {kind}; choose another name (--set name=...) or --out")
+    if not resume and not force:
+        raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
+    return resume and (run / "summary.json").is_file()
+
+
+def runs_to_train(paths, overrides, root, *, kind: str = "run", resume: bool, force: bool) -> list:
+    """Each recipe checked, then its run folder, then its data (not needed by a complete run on --resume)."""
+    loaded = [recipe(p, overrides, data=False) for p in paths]
+    for r in loaded:
+        if not run_folder(root, r, kind=kind, resume=resume, force=force):
+            recipe_data(r)
+    return loaded
+
+
+def ensemble_folder(path) -> Path:
+    """A folder `cellfuse ensemble` wrote: ensemble.keras and a readable ensemble.json."""
+    path = existing(path)
+    if not path.is_dir():
+        raise CellfuseError(f"{path}: not an ensemble folder (give the --out of `cellfuse ensemble`)")
+    for name in ("ensemble.keras", "ensemble.json"):
+        if not (path / name).is_file():
+            raise CellfuseError(f"{path}: no {name} here; is it the --out of `cellfuse ensemble`?")
+    try:
+        json.loads((path / "ensemble.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CellfuseError(f"{path / 'ensemble.json'}: cannot read the ensemble's description ({e})") from None
+    return path
+
+
+def output_folder(path, force: bool, inputs=(), kind: str = "output") -> Path:
+    """What runs.fresh_dir would refuse about an output folder, checked without writing anything."""
+    from toolkit.runs import check_replaceable, lock_output, refuse_inputs_inside
+
+    path = Path(path)
+    lock_output(path)
+    refuse_inputs_inside(path, inputs)
+    if path.is_symlink():
+        raise CellfuseError(f"{path}: is a symbolic link; cellfuse writes only into a real folder, "
+                            "so give the folder it points to, or another --out")
+    if path.exists() and not path.is_dir():
+        raise CellfuseError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        check_replaceable(path, kind)
+        if not force:
+            raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
+    return path
+
+
+def output_file(path, suffix: str | None, force: bool, inputs=()) -> Path:
+    from toolkit.runs import check_new_file
+
+    return check_new_file(Path(path), suffix, force, inputs=inputs)
