@@ -35,8 +35,9 @@ bench: keras-cache
 gpu-check:  # on a machine with a GPU, under 8 minutes; --dry-run checks it on the CPU
 	$(PY) -m toolkit.gpucheck
 
-lint:
+lint:  # ruff, then the layers and no-cycles contracts in pyproject.toml ([tool.importlinter])
 	$(PY) -m ruff check toolkit tests
+	$(dir $(PY))lint-imports --no-cache
 
 clean-outputs:
 	rm -rf outputs/demo outputs/bench

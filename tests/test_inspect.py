@@ -110,8 +110,12 @@ def test_inspect_writes_every_figure_a_self_contained_page_and_json(runs, tiny_n
 
 
 def test_each_robustness_cell_is_evaluate_on_the_corrupted_copy(runs, tiny_npz, tmp_path):
+    piped = quiet()  # not a terminal: no bar is drawn, so progress comes as lines
     figures = inspect_models([runs / "cnn"], tiny_npz, tmp_path / "inspect", families="fog,noise",
-                             severities=[3], limit=0, seed=4, top=2, per_class=0, console=quiet())
+                             severities=[3], limit=0, seed=4, top=2, per_class=0, console=piped)
+    said = piped.file.getvalue()
+    assert "cnn: predicted 64 images; Grad-CAM next" in said
+    assert said.index("family 1/2 (fog) done on 64 images") < said.index("family 2/2 (noise) done") < said.index("wrote")
     for family in ("fog", "noise"):
         copy = corrupt_file(tiny_npz, tmp_path / f"{family}.npz", severity=3, seed=4, families=family)
         evaluated = evaluate_model(runs / "cnn", [copy], console=quiet())[str(copy)]["accuracy"]

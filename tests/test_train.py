@@ -189,8 +189,8 @@ def test_a_backup_killed_during_its_first_write_is_dropped_not_fatal(tmp_path):
     import keras
     from rich.console import Console
 
+    from toolkit.callbacks import Backup
     from toolkit.runs import make_own_dir
-    from toolkit.train import Backup
 
     backup = make_own_dir(tmp_path / "stage1", "part")  # as make_callbacks makes it
     (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)  # header, then nothing
@@ -374,13 +374,14 @@ def test_parallel_reports_every_failure_and_keeps_logs_apart(tiny_npz, tmp_path,
 
 
 def test_parallel_stops_its_children_on_ctrl_c(tiny_npz, tmp_path, monkeypatch):
+    import toolkit.procs
     import toolkit.train as T
 
     spawned = []
-    spawn = T._spawn
-    monkeypatch.setattr(T, "_spawn", lambda *a: spawned.append(spawn(*a)) or spawned[-1])
+    spawn = T.spawn
+    monkeypatch.setattr(T, "spawn", lambda *a, **kw: spawned.append(spawn(*a, **kw)) or spawned[-1])
 
-    sleep, interrupted = T.time.sleep, []
+    sleep, interrupted = toolkit.procs.time.sleep, []
 
     def interrupt(seconds):  # Ctrl-C during the first wait; later waits (stopping the children) are real
         if not interrupted:
@@ -388,20 +389,44 @@ def test_parallel_stops_its_children_on_ctrl_c(tiny_npz, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         sleep(seconds)
 
-    monkeypatch.setattr(T.time, "sleep", interrupt)
+    monkeypatch.setattr(toolkit.procs.time, "sleep", interrupt)
     recipes = [tiny_recipe(tiny_npz, tmp_path, f"name=\"r{i}\"") for i in range(2)]
     with pytest.raises(KeyboardInterrupt):
         T.train_parallel(recipes, (), False, False, 2, None, tmp_path / "runs")
     assert len(spawned) == 2 and all(p.poll() is not None for p in spawned)
 
 
+def test_one_launcher_takes_jobs_only_when_a_slot_is_free_and_spreads_gpus(tmp_path, monkeypatch):
+    """procs.run_all, behind train --parallel and sweep --parallel: at most `parallel` children, each job
+    taken when a slot frees (a sweep asks Optuna for a trial only then), children on the least busy GPU."""
+    import toolkit.procs as procs
+
+    monkeypatch.setattr(procs, "gpu_count", lambda: 2)
+    taken, ends = [], {}
+
+    def jobs():
+        for i in range(3):
+            taken.append((i, len(ends)))  # (job, how many had finished when it was taken)
+            yield i
+
+    def start(i, gpu, share_gpu):
+        code = f"import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES']); sys.exit({i})"
+        return procs.spawn([sys.executable, "-c", code], tmp_path / f"{i}.log", gpu=gpu, share_gpu=share_gpu)
+
+    procs.run_all(jobs(), 2, start, lambda i, proc: ends.setdefault(i, proc.returncode), poll=0.05)
+    assert ends == {0: 0, 1: 1, 2: 2}
+    assert taken[:2] == [(0, 0), (1, 0)] and taken[2][1] >= 1  # the third waited for a free slot
+    assert [(tmp_path / f"{i}.log").read_text().strip() for i in (0, 1)] == ["0", "1"]
+
+
 def test_parallel_spreads_children_over_gpus_and_refuses_one_name_twice(tiny_npz, tmp_path):
-    from toolkit.train import _check_distinct_names, pick_gpu
+    from toolkit.procs import pick_gpu
+    from toolkit.train import check_distinct_names
 
     assert pick_gpu([], 2) == 0 and pick_gpu([0], 2) == 1 and pick_gpu([0, 1, 0], 2) == 1
     assert pick_gpu([], 0) is None
     with pytest.raises(CellfuseError, match="both name their run 'tiny'"):
-        _check_distinct_names([tiny_recipe(tiny_npz, tmp_path)] * 2)
+        check_distinct_names([tiny_recipe(tiny_npz, tmp_path)] * 2)
 
 
 def test_ema_checkpoint_has_batchnorm_statistics_of_its_training_inputs(tiny_npz, tmp_path, monkeypatch):

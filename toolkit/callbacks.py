@@ -1,7 +1,9 @@
 """The callbacks of every fit: backups, EMA with matching BatchNorm statistics, NaN guard, validation
 AUC, multi-worker agreement, best checkpoint, the epoch log. make_callbacks puts them in order.
 
-A new callback: a class here, then one line in make_callbacks. Importing this module loads Keras.
+Also here: Predictor (batched forward passes, local to this process: the validation callbacks and a
+distillation teacher) and read_history (history.csv, which EpochLog writes). A new callback: a class
+here, then one line in make_callbacks. Importing this module loads Keras.
 """
 
 from __future__ import annotations

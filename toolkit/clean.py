@@ -430,7 +430,7 @@ def plot_removed(images: np.ndarray, removed: list[dict], path, per_reason: int 
     return out
 
 
-CAPTION_BAND = 16  # blank pixels above each tile of a mosaic, for its caption
+CAPTION_BAND = 24  # blank pixels above each tile of a mosaic, for its two-line caption (row; full class name)
 
 
 def _mosaic(pics, ncols, shape, pad=4):
@@ -454,7 +454,7 @@ def _section(images, removed, reason, limit):
         pics, captions = [], []
         for r in records[: limit // 2]:
             pics += [images[r["row"]], images[r["duplicate_of"]]]
-            captions += [f"#{r['row']} {r['class'][:10]}", f"= #{r['duplicate_of']}"]
+            captions += [f"#{r['row']}\n{r['class']}", f"= #{r['duplicate_of']}"]
         return f"{title} (pairs: removed, the row it duplicates)", pics, captions
     if reason in ("label_conflict", "repeated_noncell"):  # group by group, labels visible
         groups = _by_group(records)
@@ -465,7 +465,7 @@ def _section(images, removed, reason, limit):
         shown = [r for rs in groups.values() for r in rs[:per_group]][:limit]
         return (f"{title} in {len(groups)} groups ({detail})",
                 [images[r["row"]] for r in shown],
-                [f"g{r['group']} #{r['row']} {r['class'][:10]}" for r in shown])
+                [f"g{r['group']} #{r['row']}\n{r['class']}" for r in shown])
     records = sorted(records, key=lambda r: -r.get("lof", 0))[:limit]
     return (f"{title} (most odd first; seed = rank by distance from the mean)",
             [images[r["row"]] for r in records],

@@ -36,7 +36,7 @@ READ_ONLY = {"evaluate", "grade", "runs", "recipes", "backbones"}
 RESUMABLE = {"train", "distill", "sweep"}
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 # toolkit.tta's view-set and merge names, listed here so --help needs no numpy (a test keeps them equal).
-VIEW_SETS = ("none", "flips", "d4", "shifts", "scales", "photometric")
+VIEW_SETS = ("none", "flips", "d4", "shifts", "scales", "photometric", "normalize")
 MERGES = ("mean", "geometric", "logits")
 
 
@@ -812,7 +812,7 @@ def synth(out, n, seed, force, as_json):
         print_json({"out": path, "planted": path.with_suffix(".planted.json"), "n": n, "seed": seed})
 
 
-@main.command(short_help="The whole pipeline end to end on CPU: synth -> clean -> ... -> grade.")
+@main.command(short_help="Every stage end to end on CPU, on synthetic data or on your own file.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/demo"),
               help="Folder that receives every stage's output.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,

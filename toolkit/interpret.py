@@ -286,7 +286,7 @@ def cam_mass(cam: np.ndarray, rows: slice, cols: slice) -> float:
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     from matplotlib import colormaps
 
-    heat = colormaps["jet"](cam)[..., :3] * 255
+    heat = colormaps[CAM_COLORMAP](cam)[..., :3] * 255
     return np.clip((1 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
 
 
@@ -418,6 +418,8 @@ def plot_pairs(images, cams, titles, path: Path, suptitle: str, ncols: int = 4) 
         if cams is not None:
             axes[i // ncols, (i % ncols) * per + 1].imshow(overlay(image, cams[i]))
     fig.suptitle(suptitle, fontsize=8)
+    if cams is not None:
+        _cam_colorbar(fig)
     return _save(fig, path)
 
 
@@ -438,7 +440,24 @@ def plot_class_grid(images, cams, rows_by_class, class_names, path: Path, suptit
             if cams is not None:
                 axes[c, j * per + 1].imshow(overlay(images[row], cams[row]))
     fig.suptitle(suptitle, fontsize=8)
+    if cams is not None:
+        _cam_colorbar(fig)
     return _save(fig, path)
+
+
+CAM_COLORMAP = "jet"
+CAM_LABEL = "Grad-CAM: share of the map's peak"
+
+
+def _cam_colorbar(fig) -> None:
+    """The overlays' colour scale, in its own axes right of the grid (each map is max-normalised)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cax = fig.add_axes((0.92, 0.2, 0.012, 0.6))
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CAM_COLORMAP), cax=cax)
+    bar.set_label(CAM_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
 
 
 def plot_confused(images, pairs, path: Path) -> Path:
@@ -572,6 +591,7 @@ def _inspect_one(subject: Subject, dataset, out: Path, several: bool, top: int, 
     worst = top_losses(labels, probs, top)
     examples = correct_examples(labels, probs, len(names), per_class, seed)
     confused = most_confused(labels, probs, names)
+    _piped(progress, f"{subject.name}: predicted {len(images)} images; Grad-CAM next")
     progress.update(task, description=f"{subject.name}: Grad-CAM")
     cams, cam_note = _maps(subject, images, np.concatenate([worst, *examples.values()]).astype(int), probs)
     progress.advance(task)
@@ -626,12 +646,33 @@ def _robustness(subjects, dataset, families, severities, limit, seed, batch_size
     clean = {s.name: float((predict(s.model, images, batch_size).argmax(1) == labels).mean()) for s in subjects}
     timing = defaultdict(float)
     grid = robustness_grid(subjects, images, labels, families, severities, seed=seed, batch_size=batch_size,
-                           advance=lambda: progress.advance(task), timing=timing)
+                           advance=_family_lines(progress, task, families, len(severities) * len(subjects),
+                                                 len(rows)), timing=timing)
     marks = {s.name: trained_marks(families, s.trained_families) for s in subjects}
     summary = {s.name: robustness_summary(grid[s.name], clean[s.name], marks[s.name]) for s in subjects}
     return {"images": len(rows), "seed": seed, "families": list(families), "severities": list(severities),
             "clean_accuracy": clean, "accuracy": grid, "in_training_augmentation": marks, "summary": summary,
             "seconds": {k: round(v, 1) for k, v in timing.items()}}
+
+
+def _family_lines(progress, task, families, cells_per_family: int, n_images: int):
+    """The grid's `advance`: moves the bar and, when the output is not a terminal (where the bar is not
+    drawn), prints a line as each family is done, so a piped or logged run shows it is alive."""
+    started, done = time.perf_counter(), [0]
+
+    def advance():
+        progress.advance(task)
+        done[0] += 1
+        if done[0] % cells_per_family == 0:
+            k = done[0] // cells_per_family
+            _piped(progress, f"robustness: family {k}/{len(families)} ({families[k - 1]}) done on {n_images} "
+                             f"images, {time.perf_counter() - started:.0f} s")
+    return advance
+
+
+def _piped(progress, text: str) -> None:
+    if not progress.console.is_terminal:
+        progress.console.print(text, soft_wrap=True)
 
 
 def _assemble(subjects, dataset, robustness) -> dict:

@@ -62,10 +62,13 @@ def model_or_zip(path) -> Path:
 
 
 def recipe(path, overrides=(), *, data: bool = True):
-    """The recipe, loaded and validated, and (with `data`) the data files it names checked."""
+    """The recipe, loaded and validated (its backbone's name too), and (with `data`) the data files it
+    names checked."""
+    from toolkit.backbones import backbone_spec
     from toolkit.recipe import load_recipe
 
     loaded = load_recipe(path, overrides)
+    backbone_spec(loaded.model.backbone, loaded.model.width, loaded.model.depth)
     if data:
         recipe_data(loaded)
     return loaded

@@ -88,8 +88,11 @@ def plot_confusion(confusion, class_names, path: str | Path, title: str = "") ->
     return out
 
 
-def plot_curves(history: list[dict], path: str | Path) -> Path:
-    """Loss and every accuracy/AUC column per epoch, training beside validation."""
+def plot_curves(history: list[dict], path: str | Path, stages: list[int] | None = None) -> Path:
+    """Loss and every accuracy/AUC column per epoch, training beside validation; with `stages` (each
+    stage's epochs, as the recipe lists them) a dotted line where each later stage begins."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     keys = [k for k in history[0] if k not in ("epoch", "stage", "lr", "seconds", "img_per_s")]  # not 0..1
     groups = {"loss": [k for k in keys if k.endswith("loss")],
@@ -99,6 +102,8 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     for ax, (title, cols) in zip(axes, groups.items(), strict=False):
         for col in cols:
             ax.plot(epochs, [row[col] for row in history], marker=".", label=col)
+        _mark_stages(ax, stages or [], max(epochs))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -107,6 +112,19 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     out = atomic_save_figure(fig, path)
     plt.close(fig)
     return out
+
+
+def stage_starts(stages: list[int]) -> list[int]:
+    """The first epoch (1-based) of each stage after the first."""
+    return [int(e) + 1 for e in np.cumsum(stages)[:-1]]
+
+
+def _mark_stages(ax, stages: list[int], last_epoch: float) -> None:
+    for i, start in enumerate(stage_starts(stages), start=2):
+        if start <= last_epoch:  # a run stopped early never reached the later stages
+            ax.axvline(start - 0.5, color="grey", linestyle=":", linewidth=1)
+            ax.text(start - 0.5, 1.0, f" stage {i}", transform=ax.get_xaxis_transform(), fontsize=7,
+                    color="grey", va="top", ha="left")
 
 
 def plot_patience(curves: dict, path: str | Path, title: str = "") -> Path:

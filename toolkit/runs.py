@@ -132,6 +132,7 @@ def make_own_dir(path: str | Path, kind: str) -> Path:
         if folder_kind(path) != kind:
             raise CellfuseError(f"{path}: exists and is not a cellfuse {kind} folder; choose another --out")
         return path
+    refuse_file_on_the_way(path)
     _ensure_dir(path.parent)
     path.mkdir()
     _write_manifest(path, {"kind": kind, "own": []})
@@ -144,12 +145,27 @@ def _ensure_dir(folder: Path) -> None:
     """Make missing folders; one made inside a cellfuse folder is cellfuse's too."""
     if folder.is_dir():
         return
+    refuse_file_on_the_way(folder)
+    if folder.exists():
+        raise CellfuseError(f"{folder}: is not a directory")
     if folder_kind(folder.parent) or not folder.parent.is_dir():
         _ensure_dir(folder.parent)
     if folder_kind(folder.parent):
         make_own_dir(folder, "part")
     else:
         folder.mkdir(parents=True, exist_ok=True)
+
+
+def refuse_file_on_the_way(path: str | Path) -> None:
+    """Nothing can be made below a file (`--out data.npz/sub`): one line, not mkdir's OS error."""
+    path = Path(path)
+    for above in path.parents:  # the nearest that exists must be a folder
+        if above.is_symlink() and not above.exists():
+            raise CellfuseError(f"{above}: is a broken symbolic link, so {path} cannot be made")
+        if above.exists():
+            if not above.is_dir():
+                raise CellfuseError(f"{above}: is not a directory, so {path} cannot be made")
+            return
 
 
 def record_own(path: str | Path) -> Path:
@@ -217,6 +233,7 @@ def fresh_dir(path: str | Path, force: bool = False, inputs=(), kind: str = "out
     path = Path(path)
     lock_output(path)
     refuse_inputs_inside(path, inputs)
+    refuse_file_on_the_way(path)
     if path.is_symlink():
         raise CellfuseError(f"{path}: is a symbolic link; cellfuse writes only into a real folder, "
                             "so give the folder it points to, or another --out")
@@ -325,8 +342,7 @@ def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Pat
         raise CellfuseError(f"{out}: is a symbolic link; write the output to a plain file name")
     if out.is_dir():
         raise CellfuseError(f"{out}: is a directory")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise CellfuseError(f"{out.parent}: is not a directory")
+    refuse_file_on_the_way(out)
     for item in inputs:
         if item is not None and Path(item).exists() and out.exists() and Path(item).resolve() == out.resolve():
             raise CellfuseError(f"{out}: is also an input; write the output elsewhere")

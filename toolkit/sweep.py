@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -32,9 +31,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from toolkit import report
+from toolkit.batches import load_split
 from toolkit.catalog import find_recipe
 from toolkit.data import check_dataset, load_dataset
 from toolkit.errors import CellfuseError
+from toolkit.procs import run_all, spawn
 from toolkit.recipe import (
     Recipe,
     as_dict,
@@ -45,7 +47,18 @@ from toolkit.recipe import (
     read_toml,
     set_key,
 )
-from toolkit.runs import OUTPUTS, atomic_write_text, write_csv, write_json
+from toolkit.runs import (
+    OUTPUTS,
+    atomic_save_figure,
+    atomic_write_text,
+    folder_kind,
+    fresh_dir,
+    lock_output,
+    make_own_dir,
+    record_own,
+    write_csv,
+    write_json,
+)
 
 SWEEPS = OUTPUTS / "sweeps"
 MARKER = "sweep.json"  # written first: marks a directory as a sweep cellfuse owns
@@ -212,7 +225,6 @@ class Sweep:
 def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool, inputs=()) -> None:
     """A new sweep directory, or the same sweep's when resuming; --force only replaces a sweep's,
     and never one holding an input (`inputs`: the recipe, the space, the data)."""
-    from toolkit.runs import folder_kind, fresh_dir, lock_output, make_own_dir, record_own
 
     out, marker = sweep.out, sweep.out / MARKER
     if resume and marker.exists() and folder_kind(out) == "sweep":
@@ -222,7 +234,7 @@ def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool, inputs=()) -> Non
             raise CellfuseError(f"{out}: the recipe, its --set overrides or the space changed since this "
                                 "sweep started; resume needs the same ones (or --force to start over)")
         return
-    fresh_dir(out, force, inputs=[sweep.recipe_path, sweep.space_file, *inputs], kind="sweep")
+    fresh_dir(out, force, inputs=[sweep.recipe_path, sweep.space_path, *inputs], kind="sweep")
     for name in ("study.journal", "study.journal.lock"):  # Optuna writes them for the sweep
         record_own(out / name)
     make_own_dir(out / "trials", "runs")
@@ -352,8 +364,6 @@ class TrialReporter:
         from_logs = {"accuracy": "val_accuracy", "auc_ovr": "val_auc"}.get(self.metric)
         if self.set_name == "val" and from_logs in logs:
             return float(logs[from_logs])
-        from toolkit import report
-
         data = self._data()
         probs = self.model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
         return float(report.classification_metrics(data.labels, probs, data.class_names)[self.metric])
@@ -361,8 +371,6 @@ class TrialReporter:
     def _data(self):
         """The objective's validation set: an extra_val file, or the split (rebuilt the way train makes it)."""
         if self.data is None:
-            from toolkit.train import load_split
-
             files = {Path(p).stem: p for p in self.recipe.data.extra_val}
             self.data = (load_dataset(files[self.set_name], n_classes=self.recipe.data.n_classes)
                          if self.set_name in files else load_split(self.recipe, Console(quiet=True)).val["val"])
@@ -389,6 +397,7 @@ def run_trial(sweep: Sweep, study, trial, console: Console) -> None:
     """Train one trial's recipe into DIR/trials/<name>, then tell the study how it ended."""
     from optuna.trial import TrialState
 
+    # toolkit.train loads Keras: imported here, so that checking a sweep's inputs stays instant
     from toolkit.train import train_recipe
 
     number = run_number(trial)
@@ -498,8 +507,6 @@ def refuse_all_failed(sweep: Sweep, study) -> None:
 
 
 def _log_path(sweep: Sweep, trial) -> Path:
-    from toolkit.runs import record_own
-
     return record_own(sweep.out / "logs" / f"trial{trial.number:03d}.log")
 
 
@@ -510,38 +517,27 @@ def _clear_session() -> None:
 
 
 def _run_parallel(sweep: Sweep, study, asks: int, parallel: int, log: TrialLog) -> None:
-    """One worker process per trial, `parallel` at a time; each gets its own GPU when there are GPUs."""
-    import tensorflow as tf
+    """One worker process per trial, `parallel` at a time (toolkit.procs), each on the least busy GPU."""
     from optuna.trial import TrialState
 
-    n_gpus = len(tf.config.list_physical_devices("GPU"))
-    running: dict[int, tuple] = {}  # slot -> (trial, process)
-    while asks or running:
-        for slot in [s for s in range(parallel) if s not in running][:asks]:
-            trial = study.ask()
-            suggest(trial, sweep.space)
-            running[slot] = (trial, _spawn(sweep, trial, slot % n_gpus if n_gpus else None))
-            asks -= 1
-        time.sleep(1)
-        for slot, (trial, proc) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[slot]
-            if trial.number in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
-                trial.set_user_attr("error", f"its worker exited with {proc.returncode}; see {_log_path(sweep, trial)}")
-                study.tell(trial.number, state=TrialState.FAIL)
-            write_outputs(sweep, study)
-            log.finished(study, trial)
+    def ask():  # a trial is asked for only when a slot is free
+        trial = study.ask()
+        suggest(trial, sweep.space)
+        return trial
 
+    def start(trial, gpu, share_gpu):
+        # optuna keeps no public trial id; the number is only unique within a study, the id across the storage
+        cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial._trial_id), str(os.getpid())]
+        return spawn(cmd, _log_path(sweep, trial), gpu=gpu, share_gpu=share_gpu)
 
-def _spawn(sweep: Sweep, trial, gpu: int | None):
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    # optuna keeps no public trial id; the number is only unique within a study, the id across the storage
-    cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial._trial_id), str(os.getpid())]
-    with _log_path(sweep, trial).open("w") as log:  # a file, not a pipe: a full pipe stalls the child
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # the child keeps its copy
+    def finished(trial, proc):
+        if trial.number in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
+            trial.set_user_attr("error", f"its worker exited with {proc.returncode}; see {_log_path(sweep, trial)}")
+            study.tell(trial.number, state=TrialState.FAIL)
+        write_outputs(sweep, study)
+        log.finished(study, trial)
+
+    run_all((ask() for _ in range(asks)), parallel, start, finished, poll=1.0)
 
 
 def _worker(out: str, trial_id: str, parent: str) -> None:
@@ -622,10 +618,7 @@ def write_best_recipe(sweep: Sweep, rows: list[dict]) -> Path | None:
 
 def plot_sweep(rows: list[dict], space: Space, path: Path) -> Path:
     """The objective against each parameter (stopped trials hollow), and the best so far by trial."""
-    from toolkit.report import _pyplot
-    from toolkit.runs import atomic_save_figure
-
-    plt = _pyplot()
+    plt = report._pyplot()  # private: report has no public name for it yet
     done = [r for r in rows if r["objective"] != ""]
     n = len(space.params) + 1
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, layout="constrained")

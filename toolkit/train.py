@@ -19,7 +19,7 @@ datasets; a sweep trial is a run with a pruning callback):
 
 The parts live beside it: toolkit.batches (split, data checks, tf.data), toolkit.callbacks (every
 callback of a fit), toolkit.distribute (cluster, strategy, precision), toolkit.procs (child processes
-for --parallel). Names that moved there are re-exported below for existing callers.
+for --parallel). Names that moved there and distill uses stay importable from here.
 """
 
 from __future__ import annotations
@@ -50,7 +50,13 @@ from toolkit.batches import (
     steps_per_epoch,
     warn,
 )
-from toolkit.callbacks import NaNGuard, Predictor, calibration_images, make_callbacks, read_history
+from toolkit.callbacks import (
+    NaNGuard,
+    Predictor,  # noqa: F401  (distill uses T.Predictor)
+    calibration_images,
+    make_callbacks,
+    read_history,
+)
 from toolkit.data import Dataset, one_hot, save_npz
 from toolkit.distribute import (
     Cluster,
@@ -61,7 +67,7 @@ from toolkit.distribute import (
     worker_temp_root,
 )
 from toolkit.errors import CellfuseError
-from toolkit.procs import pick_gpu, run_all, spawn
+from toolkit.procs import run_all, spawn
 from toolkit.recipe import Recipe, load_recipe
 from toolkit.runs import (
     MANIFEST,
@@ -81,10 +87,6 @@ from toolkit.runs import (
     write_json,
 )
 
-# Moved to toolkit.batches, .callbacks, .distribute and .procs; still importable from here.
-__all__ = ["Split", "load_split", "check_data", "make_dataset", "Predictor", "read_history", "pick_gpu",
-           "Cluster", "cluster_from_env"]
-
 RUNS = OUTPUTS / "runs"
 
 
@@ -95,7 +97,7 @@ def train_many(paths, overrides=(), *, resume=False, force=False, parallel=1, co
     """Train several recipes one after another, or `parallel` at once in their own processes."""
     console = console or Console()
     recipes = [load_recipe(p, overrides) for p in paths]  # parse all first: fail before any training
-    _check_distinct_names(recipes)
+    check_distinct_names(recipes)
     root = Path(runs_root or RUNS)
     if parallel > 1 and len(recipes) > 1:
         if cluster_from_env().workers > 1:
@@ -183,7 +185,7 @@ def discard_failed_start(start: RunStart):
         raise
 
 
-def _check_distinct_names(recipes: list[Recipe]) -> None:
+def check_distinct_names(recipes: list[Recipe]) -> None:
     """Two recipes with one name would train into one run directory."""
     seen = {}
     for r in recipes:

@@ -9,6 +9,7 @@ natural set; shifts, scales and photometric views are there to test whether they
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
 
@@ -114,16 +115,15 @@ def predict_views(model, images: np.ndarray, views, batch_size: int = 256, progr
     about `batch_size` viewed images, so memory does not grow with the number of views.
     `progress(units)` is called after each batch with the views done, in whole-data-set units.
     """
-    import keras
-
     views = _as_views(views)
-    inputs = keras.Input(model.input_shape[1:])
-    viewed = keras.Model(inputs, [model(inputs if v == "id" else view_layer(v)(inputs)) for v in views])
+    viewed = _viewed_model(model, tuple(views))
     step = max(1, batch_size // len(views))
     chunks = []
     for start in range(0, len(images), step):
         batch = np.asarray(images[start:start + step], dtype=np.float32)
-        chunks.append(np.stack([np.asarray(p) for p in _as_list(viewed.predict_on_batch(batch))]))
+        padded = np.concatenate([batch, np.zeros((step - len(batch), *batch.shape[1:]), np.float32)])
+        out = _as_list(viewed.predict_on_batch(padded))  # one batch shape: traced once, never again
+        chunks.append(np.stack([np.asarray(p)[:len(batch)] for p in out]))
         if progress is not None:
             progress(len(views) * len(batch) / len(images))
     probs = np.concatenate(chunks, axis=1).astype(np.float32)
@@ -131,6 +131,21 @@ def predict_views(model, images: np.ndarray, views, batch_size: int = 256, progr
         raise CellfuseError(f"model {model.name!r} returned shape {probs.shape[1:]} per view; "
                             "expected (n, classes)")
     return probs
+
+
+_VIEWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {views: its viewed model}
+
+
+def _viewed_model(model, views: tuple):
+    """One Keras model computing `model` on every view, built once per model and view list: a new
+    model each call would trace a new predict function each call (TensorFlow's retracing warning)."""
+    import keras
+
+    cache = _VIEWED.setdefault(model, {})
+    if views not in cache:
+        inputs = keras.Input(model.input_shape[1:])
+        cache[views] = keras.Model(inputs, [model(inputs if v == "id" else view_layer(v)(inputs)) for v in views])
+    return cache[views]
 
 
 def _as_list(outputs):
