@@ -419,8 +419,6 @@ def test_the_teacher_term_is_scaled_across_replicas_as_keras_scales_its_losses()
         assert float(value) == pytest.approx(ce_alone / 2, rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="the linear head's logits need zero initialisation in toolkit.backbones.head "
-                                       "(Glorot on raw pooled features starts at loss 3-5); then drop this mark")
 def test_a_fresh_student_passes_the_initial_loss_check(shared):
     """Every real distill warned 'initial loss 3.545 is far from ln(8)'. distill checks plain cross-entropy
     of the untrained student (train.check_initial_loss), so the warning was about the student's head."""

@@ -460,7 +460,7 @@ def _label_title(soft: np.ndarray, class_names) -> str:
     top = np.argsort(soft)[::-1][:2]
     if soft[top[0]] > 0.99:
         return class_names[top[0]]
-    return " / ".join(f"{soft[c]:.2f} {class_names[c][:10]}" for c in top if soft[c] > 0.005)
+    return "\n".join(f"{soft[c]:.2f} {class_names[c]}" for c in top if soft[c] > 0.005)
 
 
 def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:

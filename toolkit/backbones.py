@@ -578,13 +578,15 @@ def set_bn_momentum(model, momentum: float) -> None:
 
 
 def head(x, config, n_classes: int):
-    """The seed team's head, or a linear probe. Glorot initialisation (Keras' default) throughout."""
+    """The seed team's head (Glorot, Keras' default), or a linear probe starting from zeros."""
     from keras import layers
 
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     if config.head == "linear":
         x = layers.Dropout(config.dropout, name="head_dropout")(x)
-        return layers.Dense(n_classes, name="logits")(x)
+        # zeros: an untrained probe outputs uniform probabilities (initial loss ln(n), as in BiT);
+        # Glorot on raw pooled features gave initial losses of 3-5 and a false alarm every run
+        return layers.Dense(n_classes, kernel_initializer="zeros", name="logits")(x)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Dropout(config.dropout, name="head_dropout0")(x)
     for i, width in enumerate((1024, 512), start=1):
