@@ -95,20 +95,22 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
-def _manifest_grew(root: Path, rel: str) -> bool:
-    """A manifest cellfuse keeps may gain the names of new outputs; it never loses one or changes kind."""
-    new = json.loads((root / rel).read_text())
-    return new.get("kind") == _old_manifests[rel].get("kind") and set(_old_manifests[rel].get("own", [])) <= set(new.get("own", []))
+def manifests(root: Path, found: dict) -> dict[str, dict]:
+    return {rel: json.loads((root / rel).read_text()) for rel, what in found.items()
+            if Path(rel).name == MANIFEST and not what.startswith("link")}
 
 
-_old_manifests: dict[str, dict] = {}
+def _grew(old: dict, new: dict) -> bool:
+    """A manifest may gain the names of new outputs; it never loses one or changes its kind."""
+    return new.get("kind") == old.get("kind") and set(old.get("own", [])) <= set(new.get("own", []))
 
 
 def _under(rel: str, prefixes) -> bool:
     return any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
-def check_nothing_lost(root: Path, before: dict, after: dict, result, args: str, *, writes=(), replaces=()) -> None:
+def check_nothing_lost(root: Path, before: dict, after: dict, result, args: str, *, writes=(), replaces=(),
+                       old_manifests=None) -> None:
     """The property: exit 2 with one Error line and nothing touched, or exit 0 with only new paths
     under `writes` (and, with --force, the old output `replaces` replaced)."""
     output = result.output
@@ -120,7 +122,8 @@ def check_nothing_lost(root: Path, before: dict, after: dict, result, args: str,
         assert after == before, f"cellfuse {args}: refused, yet changed {_diff(before, after)}\n{output}"
         return
     changed = {rel for rel in before if after.get(rel) != before[rel] and not _under(rel, replaces)}
-    changed -= {rel for rel in changed if Path(rel).name == MANIFEST and rel in after and _manifest_grew(root, rel)}
+    grown = manifests(root, {rel: after[rel] for rel in changed if rel in after})
+    changed -= {rel for rel, new in grown.items() if rel in (old_manifests or {}) and _grew(old_manifests[rel], new)}
     assert not changed, f"cellfuse {args}: changed or deleted {sorted(changed)}\n{output}"
     strays = [rel for rel in after if rel not in before and not _under(rel, writes)]
     assert not strays, f"cellfuse {args}: wrote outside its output: {strays}\n{output}"
@@ -134,14 +137,12 @@ def _diff(before: dict, after: dict) -> list[str]:
 def run_checked(root: Path, args: str, *, writes=(), replaces=(), expect: int | None = None, says: str = ""):
     """Run one command under the property; `writes`/`replaces` are relative to the current folder."""
     work = Path.cwd().relative_to(root)
-    _old_manifests.clear()
     before = snapshot(root)
-    _old_manifests.update({rel: json.loads((root / rel).read_text()) for rel in before
-                           if Path(rel).name == MANIFEST and not (root / rel).is_symlink()})
+    old_manifests = manifests(root, before)
     result = cellfuse(args)
     after = snapshot(root)
     check_nothing_lost(root, before, after, result, args, writes=[_real(root, work, w) for w in writes],
-                       replaces=[str(work / r) for r in replaces])
+                       replaces=[str(work / r) for r in replaces], old_manifests=old_manifests)
     if expect is not None:
         assert result.exit_code == expect, f"cellfuse {args}: wanted exit {expect}\n{result.output}"
     if result.exit_code == 2:
@@ -163,6 +164,7 @@ def own_file(path: str, data: bytes = b"written by cellfuse") -> None:
 def own_sweep_with_best_toml(work: Path) -> None:
     """sw1/: a sweep directory cellfuse made, holding its best.toml (a recipe a user trains from)."""
     make_own_dir(work / "sw1", "sweep")
+    atomic_write_text(work / "sw1" / "sweep.json", "{}")  # the marker a sweep writes first
     atomic_write_text(work / "sw1" / "best.toml", (work / "student.toml").read_text())
 
 
@@ -234,6 +236,7 @@ CASES = [
     Case("corrupt-user-file", "corrupt d.npz --out user/c.npz", user_files("user/c.npz")),
     Case("corrupt-out-is-input", "corrupt d.npz --out d.npz"),
     Case("corrupt-out-inside-input", "corrupt d.npz --out d.npz/c.npz"),
+    Case("corrupt-over-a-run-s-model", "corrupt d.npz --out runs/tiny/best.keras"),
     Case("corrupt-symlinked-file", "corrupt d.npz --out c.npz", link("c.npz", "user/notes.txt")),
     Case("corrupt-into-symlinked-folder", "corrupt d.npz --out link/c.npz --families own", forces=(True,),
          expect=ok(0, 0), writes=("link/c.npz", f"link/{MANIFEST}")),
@@ -258,7 +261,7 @@ CASES = [
     Case("train-out-is-input", f"train tiny {NO_TRAIN} --out d.npz"),
     Case("train-out-inside-input", f"train tiny {NO_TRAIN} --out d.npz/runs"),
     Case("train-recipe-inside-run", f"train runs/tiny/recipe.toml {NO_TRAIN} --out runs"),
-    Case("train-data-inside-run", f"train tiny --set data.train=runs/tiny/c.npz --out runs", own_data_in_run),
+    Case("train-data-inside-run", "train tiny --set data.train=runs/tiny/c.npz --out runs", own_data_in_run),
     Case("train-user-file-in-tb", f"train tiny {NO_TRAIN} --out runs", user_file_in_tb),
     Case("train-user-hidden-tmp", f"train tiny {NO_TRAIN} --out runs", user_hidden_tmp_in_run),
     Case("train-symlink-named", f"train tiny {NO_TRAIN} --out . --set name=link"),
@@ -302,8 +305,8 @@ CASES = [
     Case("inspect-symlink", "inspect runs/tiny d.npz --families '' --out link"),
     Case("inspect-clean-output", "inspect runs/tiny d.npz --families '' --out clean"),
     # sweep RECIPE --space SPACE --out DIR
-    Case("sweep-own-output-holds-recipe", "sweep sw1/best.toml --space space.toml --trials 1 --out sw1",
-         own_sweep_with_best_toml),
+    Case("sweep-own-output-holds-recipe", f"sweep sw1/best.toml --space space.toml --trials 1 {NO_TRAIN} --out sw1",
+         own_sweep_with_best_toml, expect=ok(2, 2), says="sw1"),
     Case("sweep-user-folder", f"sweep tiny --space space.toml --trials 1 {NO_TRAIN} --out user"),
     Case("sweep-out-holds-data", f"sweep tiny --space space.toml --trials 1 {NO_TRAIN} --out ."),
     Case("sweep-out-inside-input", f"sweep tiny --space space.toml --trials 1 {NO_TRAIN} --out d.npz/sw"),
@@ -410,7 +413,9 @@ def test_a_refused_train_claims_nothing_so_a_later_force_deletes_nothing(sandbox
 def test_sweep_force_never_deletes_its_input_recipe(sandbox):
     """`sweep sw1/best.toml --out sw1 --force`, sw1 the sweep that wrote best.toml."""
     own_sweep_with_best_toml(sandbox)
-    run_checked(sandbox.parent, "sweep sw1/best.toml --space space.toml --trials 1 --out sw1 --force", expect=2)
+    result = run_checked(sandbox.parent, f"sweep sw1/best.toml --space space.toml --trials 1 {NO_TRAIN} --out sw1 "
+                                         "--force", expect=2)
+    assert "is an input" in result.output
     assert (sandbox / "sw1" / "best.toml").exists()
 
 

@@ -463,7 +463,7 @@ def corrupt_file(data, out, *, severity: int = 3, seed: int = 0, families=None, 
     data, out = Path(data), Path(out)
     if out.exists() and data.exists() and out.resolve() == data.resolve():
         raise CellfuseError(f"{out}: is the input data itself; choose another --out")
-    check_new_file(out, None, force)
+    check_new_file(out, ".npz", force)  # never a run's model or another command's file of another type
     names = parse_families(families)
     dataset = load_dataset(data)
     with Progress(console=console, transient=True) as progress:

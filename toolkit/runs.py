@@ -21,20 +21,21 @@ OUTPUTS = Path("outputs")
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file beside `path`, then rename: readers never see half a file.
-    The file is recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
+    The file is then recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
     path = _claim_file(path)
     _write_replacing(path, data)
-    return path
+    return record_own(path)
 
 
 def _claim_file(path: str | Path) -> Path:
-    """Record a file about to be written; the last guard: a file cellfuse did not write is never replaced."""
+    """Check a file about to be written; the last guard: a file cellfuse did not write is never replaced.
+    The writer records it once written, so a write that fails claims nothing."""
     path = Path(path)
     _ensure_dir(path.parent)
     if (path.exists() or path.is_symlink()) and not is_own(path):
         raise CellfuseError(f"{path}: exists and was not written by cellfuse; refusing to replace it "
                             "(move it, or choose another --out)")
-    return record_own(path)
+    return path
 
 
 def _write_replacing(path: Path, data: bytes) -> None:
@@ -130,7 +131,8 @@ def make_own_dir(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if path.exists() or path.is_symlink():
         if folder_kind(path) != kind:
-            raise CellfuseError(f"{path}: exists and is not a cellfuse {kind} folder; choose another --out")
+            raise CellfuseError(f"{path}: exists and is not {_a(kind)} folder made by cellfuse; "
+                                "choose another --out")
         return path
     refuse_file_on_the_way(path)
     _ensure_dir(path.parent)
@@ -220,9 +222,10 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def refuse_inputs_inside(out: Path, inputs) -> None:
-    """An input under an output folder would be deleted or overwritten with it: refused, whatever the flags."""
+    """An input under an output folder would be deleted or overwritten with it: refused, whatever the flags.
+    (A name that is not a path, such as a shipped recipe's, is nobody's file.)"""
     for item in inputs:
-        if item is not None and _inside(Path(item), out):
+        if item is not None and (Path(item).exists() or Path(item).is_symlink()) and _inside(Path(item), out):
             raise CellfuseError(f"{item}: is an input, and it lies inside the output {out}; "
                                 "choose an --out that holds none of the inputs")
 
@@ -246,8 +249,9 @@ def fresh_dir(path: str | Path, force: bool = False, inputs=(), kind: str = "out
         if not force:
             raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
         _delete_contents(path)
-    # an empty folder (the user's, maybe): cellfuse fills it and owns what it writes, not the folder
-    _write_manifest(path, {"kind": kind, "own": [], "kept": True})
+    # an empty folder of the user's is kept: cellfuse fills it and owns what it writes, not the folder
+    kept = _manifest(path).get("kept", folder_kind(path) is None)
+    _write_manifest(path, {"kind": kind, "own": [], "kept": kept})
     return path
 
 
@@ -258,9 +262,13 @@ def check_replaceable(folder: Path, kind: str) -> None:
         raise CellfuseError(f"{folder}: exists and was not made by cellfuse, so it will not be replaced; "
                             "choose another --out (or name) or remove it yourself")
     if found != kind:
-        raise CellfuseError(f"{folder}: holds a cellfuse {found} output, not a {kind}; "
+        raise CellfuseError(f"{folder}: holds a cellfuse {found} output, not {_a(kind)}; "
                             "choose another --out (or name)")
     check_only_own(folder)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def remove_own(path: str | Path, kind: str | None = None) -> None:
@@ -399,7 +407,7 @@ def save_model_atomic(model, path: str | Path) -> Path:
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}.keras")
     model.save(tmp)
     os.replace(tmp, path)
-    return path
+    return record_own(path)
 
 
 def save_weights(model, path: str | Path) -> Path:

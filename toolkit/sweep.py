@@ -225,7 +225,6 @@ class Sweep:
 def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool, inputs=()) -> None:
     """A new sweep directory, or the same sweep's when resuming; --force only replaces a sweep's,
     and never one holding an input (`inputs`: the recipe, the space, the data)."""
-
     out, marker = sweep.out, sweep.out / MARKER
     if resume and marker.exists() and folder_kind(out) == "sweep":
         lock_output(out)
