@@ -109,7 +109,7 @@ def test_corrupt_command_end_to_end(tmp_path, tiny_npz):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "already exists" in again.output
     missing = CliRunner().invoke(main, ["corrupt", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x.npz")])
-    assert missing.exit_code == 2 and "no such file" in missing.output
+    assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
 def test_real_shifted_sample_looks_like_severity_three(shared):

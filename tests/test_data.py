@@ -62,7 +62,7 @@ def test_truncated_and_garbage_files(tmp_path):
     for path in (truncated, garbage):
         with pytest.raises(CellfuseError, match="not a readable .npz"):
             load_dataset(path)
-    with pytest.raises(CellfuseError, match="no such file"):
+    with pytest.raises(CellfuseError, match="does not exist"):
         load_dataset(tmp_path / "missing.npz")
 
 
@@ -154,7 +154,7 @@ def test_check_npz_reads_headers_and_labels_only(tmp_path):
         check_npz(bad_index)
     with pytest.raises(CellfuseError, match="missing key"):
         check_npz(npz(tmp_path, "nolabels.npz", images=GOOD[0]))
-    with pytest.raises(CellfuseError, match="no such file"):
+    with pytest.raises(CellfuseError, match="does not exist"):
         check_npz(tmp_path / "none.npz")
 
 

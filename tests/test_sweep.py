@@ -233,7 +233,7 @@ def test_objective_and_force_checks(tiny_npz, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     result = CliRunner().invoke(main, ["sweep", str(TINY), "--space", str(space), "--out", str(tmp_path / "mine"),
                                        "--set", f'data.train="{tiny_npz}"', "--force"])
-    assert result.exit_code == 2 and "not a sweep directory" in result.output
+    assert result.exit_code == 2 and "not made by cellfuse" in result.output
     assert (tmp_path / "mine" / "notes.txt").exists()
 
 
@@ -246,7 +246,7 @@ def test_a_missing_data_file_stops_the_sweep_before_any_trial(tmp_path, missing)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
-    assert line.startswith(f"Error: {gone}: no such file")
+    assert line.startswith(f"Error: {gone}: does not exist")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -262,7 +262,7 @@ def test_the_help_example_names_the_file_a_fresh_checkout_lacks(tmp_path, monkey
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     missing = next(arg.partition("=")[2] for arg in shlex.split(example) if arg.startswith("data.train="))
-    assert line.startswith(f"Error: {missing}: no such file")
+    assert line.startswith(f"Error: {missing}: does not exist")
     assert not (tmp_path / "outputs").exists()
 
 

@@ -405,9 +405,9 @@ def summary_table(summary: dict, data):
 def plot_removed(images: np.ndarray, removed: list[dict], path, per_reason: int = 24,
                  ncols: int = 12) -> Path:
     """One mosaic per reason, captioned; duplicates shown beside the row they repeat."""
-    from toolkit.report import _pyplot
+    from toolkit.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     sections = [s for s in (_section(images, removed, reason, per_reason) for reason in REASONS) if s]
     if not sections:
         sections = [("nothing removed", [], [])]
@@ -495,7 +495,7 @@ def plot_tsne(images: np.ndarray, labels: np.ndarray, removed: list[dict], path,
     from sklearn.manifold import TSNE
     from sklearn.preprocessing import StandardScaler
 
-    from toolkit.report import _pyplot
+    from toolkit.report import pyplot
 
     rng = np.random.default_rng(seed)
     reason_of = {r["row"]: r["reason"] for r in removed}
@@ -515,7 +515,7 @@ def plot_tsne(images: np.ndarray, labels: np.ndarray, removed: list[dict], path,
         xy = TSNE(perplexity=min(30.0, (len(rows) - 1) / 3), init="pca", max_iter=500, angle=0.8,
                   random_state=seed).fit_transform(z)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 8))
     why = np.array([reason_of.get(r, "") for r in rows])
     kept_mask = why == ""

@@ -539,10 +539,9 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
     """
     from toolkit import precheck
 
-    loaded = precheck.recipe(recipe, overrides, data=False)
+    precheck.recipe(recipe, overrides, data=False)
     precheck.existing(space)
-    precheck.recipe_data(loaded)
-    from toolkit.sweep import run_sweep
+    from toolkit.sweep import run_sweep  # no TensorFlow until the space and data files check out
 
     result = run_sweep(recipe, space, overrides=overrides, out=out, trials=trials, parallel=parallel,
                        resume=resume, force=force, console=console)

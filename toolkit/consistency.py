@@ -26,7 +26,6 @@ import threading
 
 from toolkit import batches
 from toolkit.augment import augment_dataset, check_section
-from toolkit.errors import CellfuseError
 
 EPS = 1e-7
 VIEWS = 3  # clean + two AugMix views, as in the paper (and timm's --aug-splits 3 --jsd-loss)
@@ -139,16 +138,6 @@ def scale_for_replicas(value):
 
 # ---------------------------------------------------------------- wiring into training
 
-def check_recipe(recipe) -> None:
-    """consistency needs AugMix views; a negative weight makes no sense."""
-    weight = recipe.train.consistency
-    if weight < 0:
-        raise CellfuseError(f"{recipe.path}: train.consistency = {weight} must be 0 (off) or more (12.0 in AugMix)")
-    if weight > 0 and not recipe.augment["augmix"]:
-        raise CellfuseError(f"{recipe.path}: train.consistency = {weight} compares AugMix views; "
-                            "add [augment] augmix = true (or set consistency = 0)")
-
-
 def with_consistency(compile_fn):
     """A fit_stages compile_fn that compiles `compile_fn`'s loss and metrics around a ConsistencyModel."""
     def compile_consistency(model, recipe, stage, steps: int):
@@ -174,7 +163,6 @@ def make_dataset(data, recipe, targets=None):
 def fit_arguments(recipe, split, compile_fn, targets=None) -> dict:
     """What fit_stages needs for consistency training ({} when it is off): the three-view training
     dataset and a compile_fn around `compile_fn` (train.compile_model, or distillation's own)."""
-    check_recipe(recipe)
     if not recipe.train.consistency:
         return {}
     return {"train_ds": make_dataset(split.train, recipe, targets), "compile_fn": with_consistency(compile_fn)}

@@ -58,7 +58,7 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
     """Load a challenge npz (`images`, `labels`[, `index`]) or a folder of class sub-folders."""
     path = Path(path)
     if not path.exists():
-        raise CellfuseError(f"{path}: no such file or folder")
+        raise CellfuseError(f"{path}: does not exist")
     if path.is_dir():
         images, labels, names = _read_folder(path, image_shape)
         index = np.arange(len(labels), dtype=np.int64)
@@ -94,7 +94,7 @@ def check_npz(path: str | Path, n_classes: int = len(CLASS_NAMES),
     """
     path = Path(path)
     if not path.is_file():
-        raise CellfuseError(f"{path}: no such file" + (" (a folder: use check_dataset)" if path.is_dir() else ""))
+        raise CellfuseError(f"{path}: does not exist" + (" (a folder: use check_dataset)" if path.is_dir() else ""))
     with _npz_errors(path), _open_npz(path) as archive:
         headers = _npz_headers(path, archive)
         n = _check_image_header(path, headers["images"], image_shape)

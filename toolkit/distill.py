@@ -43,7 +43,7 @@ from rich.table import Table
 from toolkit import train as T
 from toolkit.data import Dataset, one_hot, save_npz
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Recipe, load_recipe
+from toolkit.recipe import Recipe, check_student, load_recipe
 
 EPS = 1e-7
 
@@ -143,7 +143,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     (about TIMING_S seconds per model after a warm-up pass)."""
     console = console or Console()
     recipe = load_recipe(recipe_path, overrides)
-    check_distill_recipe(recipe, recipe_path)
+    check_student(recipe)
     check_student_split_early(recipe, Path(ensemble_dir))  # before train's data checks warn
     from toolkit import consistency
     from toolkit.ensemble import load_ensemble
@@ -188,28 +188,6 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         T.fit_stages(student, recipe, split, run, strategy, console, **fit)
     T.finish_run(recipe, split, run, started, console)
     return compare(recipe, run, Path(ensemble_dir), console, timing=timing)
-
-
-def check_distill_recipe(recipe: Recipe, path) -> None:
-    """Refuse what distillation cannot honour, before any work starts."""
-    if recipe.distill is None:
-        raise CellfuseError(f"{path}: a student recipe needs a [distill] section")
-    if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
-        raise CellfuseError(f"{path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
-                            "to distillation (the student matches the teacher's probabilities, not labels "
-                            "alone); remove it from the student recipe")
-    from toolkit.consistency import check_recipe
-
-    check_recipe(recipe)  # consistency needs AugMix
-    if recipe.distill.mode == "bank":
-        if recipe.distill.teacher_tta:
-            raise CellfuseError(f"{path}: distill.teacher_tta applies to function-matching only; the bank is "
-                                "labelled by the members on each view alone")
-        if recipe.distill.bank_views < 1:
-            raise CellfuseError(f"{path}: distill.bank_views = {recipe.distill.bank_views}; needs 1 or more")
-        if recipe.train.consistency:
-            raise CellfuseError(f"{path}: train.consistency needs three views of each image per step, and a "
-                                "bank row holds one; use mode = \"function-matching\" or \"cached\"")
 
 
 # ---------------------------------------------------------------- the bank of (view, teacher output)

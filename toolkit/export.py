@@ -263,7 +263,7 @@ def _metrics(dataset, predictions: np.ndarray) -> dict:
 def _unpack(submission: Path, folder: Path) -> Path:
     """Extract the zip; model.py and the weights it names must be at its root."""
     if not submission.is_file():
-        raise CellfuseError(f"{submission}: no such file")
+        raise CellfuseError(f"{submission}: does not exist")
     try:
         with zipfile.ZipFile(submission) as archive:
             names = archive.namelist()

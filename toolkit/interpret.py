@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import CellfuseError
+from toolkit.report import pyplot
 
 DEFAULT_FAMILIES = "cellfuse,own,held-out"
 EPS = 1e-12
@@ -386,17 +387,10 @@ def trained_marks(families, trained: set[str] | None) -> dict[str, bool | None]:
 
 # ---------------------------------------------------------------- figures
 
-
-def _pyplot():
-    from toolkit.report import _pyplot
-
-    return _pyplot()
-
-
 def _save(fig, path: Path) -> Path:
     from toolkit.runs import atomic_save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     out = atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
     return out
@@ -404,7 +398,7 @@ def _save(fig, path: Path) -> Path:
 
 def plot_pairs(images, cams, titles, path: Path, suptitle: str, ncols: int = 4) -> Path:
     """Each image beside its Grad-CAM overlay (image alone when cams is None), `ncols` pairs a row."""
-    plt = _pyplot()
+    plt = pyplot()
     per = 1 if cams is None else 2
     n = max(len(images), 1)
     nrows = (n + ncols - 1) // ncols
@@ -425,7 +419,7 @@ def plot_pairs(images, cams, titles, path: Path, suptitle: str, ncols: int = 4) 
 
 def plot_class_grid(images, cams, rows_by_class, class_names, path: Path, suptitle: str) -> Path:
     """One row per class: its correctly classified examples, each beside its map."""
-    plt = _pyplot()
+    plt = pyplot()
     per = 1 if cams is None else 2
     width = max([len(r) for r in rows_by_class.values()] + [1]) * per
     fig, axes = plt.subplots(len(class_names), width, figsize=(width * 1.2, len(class_names) * 1.3),
@@ -461,7 +455,7 @@ def _cam_colorbar(fig) -> None:
 
 
 def plot_confused(images, pairs, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     width = max([len(p["rows"]) for p in pairs] + [1])
     fig, axes = plt.subplots(max(len(pairs), 1), width, figsize=(width * 1.2 + 1.5, max(len(pairs), 1) * 1.3),
                              squeeze=False)
@@ -477,7 +471,7 @@ def plot_confused(images, pairs, path: Path) -> Path:
 
 def plot_reliability(curves: dict[str, dict[str, list[dict]]], path: Path) -> Path:
     """One panel per model: accuracy against confidence per bin, before/after temperature."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4), squeeze=False)
     for ax, (name, by_kind) in zip(axes[0], curves.items(), strict=True):
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
@@ -497,7 +491,7 @@ def plot_robustness(grid, severities, marks, clean, path: Path) -> Path:
     """Heat map per model: families (own, then held-out) x severity, plus each family's mean."""
     from toolkit.corrupt import HELD_OUT
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(grid)
     families = list(next(iter(grid.values())))
     fig, axes = plt.subplots(1, len(names), figsize=(1.0 * (len(severities) + 1) * len(names) + 2.5,

@@ -140,7 +140,7 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
 
     console = console or Console()
     if data is not None and not Path(data).exists():
-        raise CellfuseError(f"{data}: no such file")
+        raise CellfuseError(f"{data}: does not exist")
     out = fresh_dir(out, force, inputs=[data], kind="demo")  # the user's data is never inside what --force replaces
     started = time.time()
     if data is None:

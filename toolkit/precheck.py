@@ -14,7 +14,18 @@ import json
 import os
 from pathlib import Path
 
+from toolkit.backbones import backbone_spec
+from toolkit.data import CLASS_NAMES, check_dataset
 from toolkit.errors import CellfuseError
+from toolkit.recipe import check_student, load_recipe
+from toolkit.runs import (
+    check_new_file,
+    check_replaceable,
+    folder_kind,
+    lock_output,
+    refuse_inputs_inside,
+    resolve_model_file,
+)
 
 
 def existing(path, what: str = "") -> Path:
@@ -27,8 +38,6 @@ def existing(path, what: str = "") -> Path:
 
 def data_file(path, what: str = "", n_classes: int | None = None) -> Path:
     """An npz (headers and labels checked, no pixel read) or a folder of class sub-folders."""
-    from toolkit.data import CLASS_NAMES, check_dataset
-
     path = existing(path, what)
     check_dataset(path, n_classes or len(CLASS_NAMES))
     return path
@@ -40,8 +49,6 @@ def data_files(paths) -> list[Path]:
 
 def model(path) -> Path:
     """A .keras file, or a run, ensemble or student folder holding one; returns the model file."""
-    from toolkit.runs import resolve_model_file
-
     return resolve_model_file(existing(path))
 
 
@@ -64,8 +71,6 @@ def model_or_zip(path) -> Path:
 def recipe(path, overrides=(), *, data: bool = True):
     """The recipe, loaded and validated (its backbone's name too), and (with `data`) the data files it
     names checked."""
-    from toolkit.backbones import backbone_spec
-    from toolkit.recipe import load_recipe
 
     loaded = load_recipe(path, overrides)
     backbone_spec(loaded.model.backbone, loaded.model.width, loaded.model.depth)
@@ -85,8 +90,6 @@ def recipe_data(loaded) -> None:
 def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
     """Refuse what `train`/`distill` would refuse about OUT/<name> (train.prepare_run_dir checks again,
     under its lock). Returns True when the run is complete and --resume will only report it."""
-    from toolkit.runs import folder_kind
-
     if "TF_CONFIG" in os.environ:  # other workers of one multi-worker run see the chief's folder appear
         return False
     run = Path(root) / loaded.name
@@ -105,6 +108,8 @@ def runs_to_train(paths, overrides, root, *, kind: str = "run", resume: bool, fo
     """Each recipe checked, then its run folder, then its data (not needed by a complete run on --resume)."""
     loaded = [recipe(p, overrides, data=False) for p in paths]
     for r in loaded:
+        if kind == "student":
+            check_student(r)
         if not run_folder(root, r, kind=kind, resume=resume, force=force):
             recipe_data(r)
     return loaded
@@ -127,8 +132,6 @@ def ensemble_folder(path) -> Path:
 
 def output_folder(path, force: bool, inputs=(), kind: str = "output") -> Path:
     """What runs.fresh_dir would refuse about an output folder, checked without writing anything."""
-    from toolkit.runs import check_replaceable, lock_output, refuse_inputs_inside
-
     path = Path(path)
     lock_output(path)
     refuse_inputs_inside(path, inputs)
@@ -145,6 +148,4 @@ def output_folder(path, force: bool, inputs=(), kind: str = "output") -> Path:
 
 
 def output_file(path, suffix: str | None, force: bool, inputs=()) -> Path:
-    from toolkit.runs import check_new_file
-
     return check_new_file(Path(path), suffix, force, inputs=inputs)

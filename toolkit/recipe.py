@@ -290,7 +290,28 @@ def build_recipe(raw: dict, path: Path, origin: Origin | None = None) -> Recipe:
     sections = {key: _section(cls, raw.get(key, {}), key, origin) for key, cls in SECTIONS.items()
                 if key in raw or key != "distill"}
     augment = _augment(raw.get("augment", {}), origin)
-    return Recipe(name=name, path=str(path), augment=augment, **sections)
+    recipe = Recipe(name=name, path=str(path), augment=augment, **sections)
+    if recipe.train.consistency > 0 and not recipe.augment["augmix"]:
+        raise CellfuseError(f"{origin.path}: train.consistency = {recipe.train.consistency} compares AugMix "
+                            "views; add [augment] augmix = true (or set consistency = 0)")
+    return recipe
+
+
+def check_student(recipe: Recipe) -> None:
+    """Refuse what distillation cannot honour (a recipe fine for `train` may not be for `distill`)."""
+    path, cfg = recipe.path, recipe.distill
+    if cfg is None:
+        raise CellfuseError(f"{path}: a student recipe needs a [distill] section")
+    if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
+        raise CellfuseError(f"{path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
+                            "to distillation (the student matches the teacher's probabilities, not labels "
+                            "alone); remove it from the student recipe")
+    if cfg.mode == "bank" and cfg.teacher_tta:
+        raise CellfuseError(f"{path}: distill.teacher_tta applies to function-matching only; the bank is "
+                            "labelled by the members on each view alone")
+    if cfg.mode == "bank" and recipe.train.consistency:
+        raise CellfuseError(f"{path}: train.consistency needs three views of each image per step, and a "
+                            "bank row holds one; use mode = \"function-matching\" or \"cached\"")
 
 
 def _check_name(name, path: Path, origin: Origin) -> str:

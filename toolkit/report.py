@@ -9,7 +9,7 @@ import numpy as np
 from toolkit.runs import atomic_save_figure
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +69,7 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
 
 def plot_confusion(confusion, class_names, path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix with counts, so small classes are readable."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -93,7 +93,7 @@ def plot_curves(history: list[dict], path: str | Path, stages: list[int] | None 
     stage's epochs, as the recipe lists them) a dotted line where each later stage begins."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in history[0] if k not in ("epoch", "stage", "lr", "seconds", "img_per_s")]  # not 0..1
     groups = {"loss": [k for k in keys if k.endswith("loss")],
               "accuracy / AUC": [k for k in keys if not k.endswith("loss")]}
@@ -130,7 +130,7 @@ def _mark_stages(ax, stages: list[int], last_epoch: float) -> None:
 def plot_patience(curves: dict, path: str | Path, title: str = "") -> Path:
     """A distilled student's accuracy per epoch on each validation set (solid) and its ensemble's
     (dashed, same colour): how far the student still is, and whether it is still closing the gap."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, values) in enumerate(curves["student"].items()):
         colour = f"C{i}"
@@ -152,7 +152,7 @@ def plot_patience(curves: dict, path: str | Path, title: str = "") -> Path:
 def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, ncols: int = 8,
                     suptitle: str = "", cell: float = 1.3) -> Path:
     """A grid of uint8 images with a small title each."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(images), 1)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.25)), squeeze=False)

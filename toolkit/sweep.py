@@ -233,6 +233,8 @@ def prepare_sweep_dir(sweep: Sweep, resume: bool, force: bool, inputs=()) -> Non
             raise CellfuseError(f"{out}: the recipe, its --set overrides or the space changed since this "
                                 "sweep started; resume needs the same ones (or --force to start over)")
         return
+    if folder_kind(out) == "sweep" and not force:
+        raise CellfuseError(f"{out}: already exists; --resume to continue it, --force to start over")
     fresh_dir(out, force, inputs=[sweep.recipe_path, sweep.space_path, *inputs], kind="sweep")
     for name in ("study.journal", "study.journal.lock"):  # Optuna writes them for the sweep
         record_own(out / name)
@@ -617,7 +619,7 @@ def write_best_recipe(sweep: Sweep, rows: list[dict]) -> Path | None:
 
 def plot_sweep(rows: list[dict], space: Space, path: Path) -> Path:
     """The objective against each parameter (stopped trials hollow), and the best so far by trial."""
-    plt = report._pyplot()  # private: report has no public name for it yet
+    plt = report.pyplot()
     done = [r for r in rows if r["objective"] != ""]
     n = len(space.params) + 1
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, layout="constrained")

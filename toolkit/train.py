@@ -418,7 +418,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
                               title=f"{recipe.name} on {name}")
     history = read_history(run)
     if history:
-        report.plot_curves(history, run / "curves.png")
+        report.plot_curves(history, run / "curves.png", stages=[s.epochs for s in recipe.train.stages])
     best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
                "final_weights_sha1": final,
