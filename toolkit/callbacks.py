@@ -50,6 +50,7 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if tracked:
         callbacks.append(TrackedAccuracy(source, tracked))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
+                  Snapshots(run, sum(s.epochs for s in cfg.stages) - cfg.snapshots, offset, source),
                   keras.callbacks.TensorBoard(str(make_own_dir(run / "tb", "part")), profile_batch=0),
                   EpochLog(run, offset, steps, cfg.batch_size, console)]  # after TensorBoard: adopts its files
     if cfg.schedule == "plateau":
@@ -282,6 +283,19 @@ class BestCheckpoint(keras.callbacks.Callback):
         save_weights(self.source, self.run / "checkpoint" / "best.weights.h5")
         write_json(self.run / "checkpoint" / "best.json",
                    {"monitor": self.monitor, "value": self.best, "epoch": self.offset + epoch + 1})
+
+
+class Snapshots(keras.callbacks.Callback):
+    """Keeps the weights of every epoch after `after` (the tail of the schedule): ensemble candidates
+    at no training cost (snapshot ensembles, Huang et al. 2017) and the terms of their average (SWA)."""
+
+    def __init__(self, run: Path, after: int, offset: int, source):
+        super().__init__()
+        self.run, self.after, self.offset, self.source = run, after, offset, source
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.offset + epoch + 1 > self.after:
+            save_weights(self.source, self.run / "checkpoint" / f"snapshot_e{self.offset + epoch + 1}.weights.h5")
 
 
 class EpochLog(keras.callbacks.Callback):

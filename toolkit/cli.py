@@ -668,9 +668,11 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
 @click.option("--rounds", default=10, help="Greedy selection rounds.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
               help="A sweep directory among RUNS stands for its TOP best complete trials.")
+@click.option("--snapshots", is_flag=True,
+              help="Each run also offers its snapshot and SWA models (recipes with train.snapshots = N).")
 @force_option
 @json_option
-def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
+def ensemble(runs, val_data, out, views, rounds, top, snapshots, force, as_json):
     """Combine trained RUNS by TTA-averaged soft voting, selected on validation data.
 
     \b
@@ -681,6 +683,8 @@ def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
     from toolkit.sweep import expand_sweeps
 
     runs = expand_sweeps([precheck.existing(run) for run in runs], top)
+    if snapshots:
+        runs = [file for run in runs for file in (run, *snapshot_models(run))]
     precheck.models(runs)
     precheck.data_files(val_data)
     from toolkit.ensemble import build_ensemble
@@ -689,6 +693,14 @@ def ensemble(runs, val_data, out, views, rounds, top, force, as_json):
                             console=console)
     if as_json:
         print_json(result)
+
+
+def snapshot_models(run: Path) -> list[Path]:
+    """A run's snapshot_e<N>.keras files in epoch order, then swa.keras (none for a model file)."""
+    if not run.is_dir():
+        return []
+    snaps = sorted(run.glob("snapshot_e*.keras"), key=lambda f: int(f.stem.removeprefix("snapshot_e")))
+    return snaps + [run / "swa.keras"] * (run / "swa.keras").is_file()
 
 
 @main.command()

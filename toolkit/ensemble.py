@@ -146,6 +146,8 @@ def _members(runs) -> dict[str, Path]:
     for run in runs:
         file = resolve_model_file(run)
         name = file.parent.name if file.name in MODEL_FILES else file.stem
+        if file.name not in MODEL_FILES and (file.parent / "recipe.toml").is_file():  # a run's snapshot or SWA
+            name = f"{file.parent.name}-{file.stem}"
         if file.resolve() in {f.resolve() for f in members.values()}:
             raise CellfuseError(f"{run}: given twice (the selection already weighs repeats)")
         unique, i = name, 2

@@ -84,6 +84,9 @@ class TrainConfig:
     distribute: str = "auto"
     steps_per_epoch: int = 0  # 0 = one pass over the data
     checkpoint_every: int = 50  # steps between resumable backups inside an epoch
+    # keep the last N epochs' weights as extra ensemble candidates (snapshot_e<epoch>.keras, Huang et al.
+    # 2017) and their average (swa.keras, Izmailov et al. 2018); 0 = off
+    snapshots: int = 0
     seed: int = 0
 
 
@@ -192,6 +195,7 @@ RULES: dict[str, Bound | frozenset] = {
     "train.distribute": frozenset({"auto", "mirrored", "multi-worker", "none"}),
     "train.steps_per_epoch": AT_LEAST_0,
     "train.checkpoint_every": AT_LEAST_1,
+    "train.snapshots": AT_LEAST_0,
     "train.seed": SEED,
     "distill.mode": frozenset({"cached", "function-matching", "bank"}),
     "distill.bank_views": AT_LEAST_1,

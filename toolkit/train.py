@@ -409,6 +409,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
         load_weights(model, best)
     save_model_atomic(model, run / "best.keras")
     adopt_library_files(run / "tb")
+    candidates = save_snapshots(recipe, split, run)
     metrics = {}
     for name, data in split.val.items():
         probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
@@ -423,7 +424,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
                "final_weights_sha1": final,
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
-               "seconds": round(time.time() - started, 1),
+               "seconds": round(time.time() - started, 1), "snapshots": candidates,
                "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
                "metrics": {k: {m: v[m] for m in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
                            for k, v in metrics.items()}}
@@ -434,6 +435,32 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     console.print(report.per_class_table(metrics["val"], title="validation split, per class"))
     console.print(f"run directory: {run}")
     return summary
+
+
+def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
+    """snapshot_e<N>.keras for each kept epoch and swa.keras, their weights averaged (BatchNorm's
+    moving statistics averaged too: an approximation of SWA's re-estimation), beside best.keras so
+    that they share its validation split; -> {file name: accuracy on the validation split}."""
+    files = sorted((run / "checkpoint").glob("snapshot_e*.weights.h5"),
+                   key=lambda f: int(f.name.removeprefix("snapshot_e").removesuffix(".weights.h5")))
+    if not files:
+        return {}
+    val, accuracy, total = split.val["val"], {}, None
+    model = inference_model(recipe, split.train.n_classes, files[0])
+
+    def keep(name: str) -> None:
+        save_model_atomic(model, run / name)
+        probs = model.predict(val.images.astype(np.float32), batch_size=256, verbose=0)
+        accuracy[name] = round(float((probs.argmax(1) == val.labels).mean()), 4)
+
+    for file in files:
+        load_weights(model, file)
+        weights = model.get_weights()
+        total = weights if total is None else [t + w for t, w in zip(total, weights, strict=True)]
+        keep(file.name.removesuffix(".weights.h5") + ".keras")
+    model.set_weights([t / len(files) for t in total])
+    keep("swa.keras")
+    return accuracy
 
 
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:

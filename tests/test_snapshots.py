@@ -1,0 +1,37 @@
+"""Snapshots and SWA: free ensemble candidates from the tail of one run's schedule."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from conftest import make_images
+
+from toolkit.cli import main
+from toolkit.data import save_dataset, write_val_files
+from toolkit.recipe import load_recipe
+from toolkit.runs import load_model
+from toolkit.train import train_recipe
+
+
+def test_a_run_keeps_its_last_epochs_and_their_average_as_ensemble_candidates(tmp_path):
+    images, labels = make_images(96, seed=3)
+    data = save_dataset(tmp_path / "d.npz", images, labels)
+    recipe = load_recipe("tiny", [f'data.train="{data}"', "train.snapshots=2",
+                                  "train.stages=[{epochs=1, lr=3e-3, unfreeze=0.0}, {epochs=2, lr=3e-3, unfreeze=1.0}]"])
+    summary = train_recipe(recipe, runs_root=tmp_path / "runs")
+    run = tmp_path / "runs" / "tiny"
+    assert set(summary["snapshots"]) == {"snapshot_e2.keras", "snapshot_e3.keras", "swa.keras"}
+    assert all(0 <= a <= 1 for a in summary["snapshots"].values())
+    e2, e3, swa = (load_model(run / name, compile=False) for name in ("snapshot_e2.keras", "snapshot_e3.keras",
+                                                                      "swa.keras"))
+    kernel = [m.get_layer("logits").get_weights()[0] for m in (e2, e3, swa)]
+    assert not np.allclose(kernel[0], kernel[1])  # two different epochs
+    np.testing.assert_allclose(kernel[2], (kernel[0] + kernel[1]) / 2, rtol=1e-5, atol=1e-7)
+
+    val = write_val_files(data, tmp_path / "split", val_fraction=0.25, held_out="")["val"]
+    result = CliRunner().invoke(main, ["ensemble", str(run), "--snapshots", "--val", str(val), "--views", "none",
+                                       "--rounds", "2", "--out", str(tmp_path / "ens"), "--json"])
+    assert result.exit_code == 0, result.output
+    candidates = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    text = json.dumps(candidates)
+    assert all(name in text for name in ("tiny-snapshot_e2", "tiny-snapshot_e3", "tiny-swa"))
