@@ -8,6 +8,7 @@ inside functions: importing this module is instant.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.panel import Panel
 
 from toolkit.augment import make_batch_augmenter
 from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
+from toolkit.corrupt import corrupt_images
 from toolkit.data import Dataset, load_dataset, one_hot, stratified_split
 from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe
@@ -43,7 +45,25 @@ def load_split(recipe: Recipe, console: Console) -> Split:
         val[name] = load_dataset(path, n_classes=recipe.data.n_classes)
     console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
                   + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))
-    return Split(data.subset(train_rows), val)
+    return Split(corrupt_share(data.subset(train_rows), recipe, console), val)
+
+
+def corrupt_share(train: Dataset, recipe: Recipe, console: Console) -> Dataset:
+    """data.corrupt_fraction of the training rows corrupted once by the cellfuse mix, each at a severity
+    drawn from 1-5 (the same rows and corruptions for a seed): validation stays clean."""
+    fraction = recipe.data.corrupt_fraction
+    if not fraction:
+        return train
+    rng = np.random.default_rng(recipe.train.seed + 7)
+    rows = rng.choice(len(train), round(fraction * len(train)), replace=False)
+    severities = rng.integers(1, 6, len(rows))
+    images = train.images.copy()
+    for severity in range(1, 6):
+        chosen = np.sort(rows[severities == severity])
+        if len(chosen):
+            images[chosen] = corrupt_images(images[chosen], severity, seed=recipe.train.seed + severity)
+    console.print(f"corrupted {len(rows)} of {len(train)} training rows with the cellfuse mix (severities 1-5)")
+    return dataclasses.replace(train, images=images)
 
 
 def check_data(split: Split, recipe: Recipe, console: Console) -> None:

@@ -492,15 +492,23 @@ def preview(recipe, out, overrides, images, repeats, force, as_json):
 @resume_option
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder cellfuse wrote.")
 @click.option("--parallel", default=1, help="Recipes trained at once, each in its own process.")
+@click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
+              help="Start from a finished run's weights (train.init_from); its WiSE-FT blend is kept as wise.keras.")
 @json_option
-def train(recipes, overrides, out, resume, force, parallel, as_json):
+def train(recipes, overrides, out, resume, force, parallel, start_from, as_json):
     """Fine-tune one backbone per RECIPE; write OUT/<recipe name>/.
+
+    A corruption-tuned copy of a member: --from RUN with RUN's recipe under a new name, a short
+    low-lr stage and data.corrupt_fraction (see docs/commands.md).
 
     \b
     Example:
       cellfuse train recipes/cpu-mobilenet.toml --set train.epochs=3 --set train.batch_size=32
     """
     from toolkit import precheck
+
+    if start_from is not None:
+        overrides = (*overrides, f'train.init_from="{precheck.model(start_from)}"')
 
     precheck.runs_to_train(recipes, overrides, out, resume=resume, force=force)
     from toolkit.train import train_many
@@ -669,7 +677,7 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
               help="A sweep directory among RUNS stands for its TOP best complete trials.")
 @click.option("--snapshots", is_flag=True,
-              help="Each run also offers its snapshot and SWA models (recipes with train.snapshots = N).")
+              help="Each run also offers its snapshot, SWA and WiSE-FT models (train.snapshots, train --from).")
 @force_option
 @json_option
 def ensemble(runs, val_data, out, views, rounds, top, snapshots, force, as_json):
@@ -696,11 +704,11 @@ def ensemble(runs, val_data, out, views, rounds, top, snapshots, force, as_json)
 
 
 def snapshot_models(run: Path) -> list[Path]:
-    """A run's snapshot_e<N>.keras files in epoch order, then swa.keras (none for a model file)."""
+    """A run's snapshot_e<N>.keras files in epoch order, then swa.keras and wise.keras (none for a file)."""
     if not run.is_dir():
         return []
     snaps = sorted(run.glob("snapshot_e*.keras"), key=lambda f: int(f.stem.removeprefix("snapshot_e")))
-    return snaps + [run / "swa.keras"] * (run / "swa.keras").is_file()
+    return snaps + [run / name for name in ("swa.keras", "wise.keras") if (run / name).is_file()]
 
 
 @main.command()

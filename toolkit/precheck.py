@@ -21,7 +21,7 @@ from toolkit.recipe import check_student, load_recipe
 from toolkit.runs import (
     check_new_file,
     check_replaceable,
-    folder_kind,
+    check_run_folder,
     lock_output,
     refuse_inputs_inside,
     resolve_model_file,
@@ -93,15 +93,9 @@ def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
     if "TF_CONFIG" in os.environ:  # other workers of one multi-worker run see the chief's folder appear
         return False
     run = Path(root) / loaded.name
-    if not run.exists() and not run.is_symlink():
-        return False
-    found = folder_kind(run)
-    if found != kind:
-        what = f"a cellfuse {found} output" if found else "a folder cellfuse did not make"
-        raise CellfuseError(f"{run}: is {what}, not a {kind}; choose another name (--set name=...) or --out")
-    if not resume and not force:
-        raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
-    return resume and (run / "summary.json").is_file()
+    inputs = [loaded.path, loaded.data.train, *loaded.data.extra_val, loaded.train.init_from or None]
+    exists = check_run_folder(run, kind, resume=resume, force=force, inputs=inputs)
+    return exists and resume and (run / "summary.json").is_file()
 
 
 def runs_to_train(paths, overrides, root, *, kind: str = "run", resume: bool, force: bool) -> list:

@@ -38,6 +38,9 @@ class DataConfig:
     extra_val: tuple[str, ...] = ()  # more validation files, reported separately (e.g. a corrupted set)
     n_classes: int = 8
     limit: int = 0  # use only the first N training rows (0 = all): quick experiments
+    # share of training rows corrupted once by the cellfuse mix, each at a random severity 1-5 (the
+    # training families only, never the held-out ones): a corruption-tuned copy of a member (--from)
+    corrupt_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class TrainConfig:
     # keep the last N epochs' weights as extra ensemble candidates (snapshot_e<epoch>.keras, Huang et al.
     # 2017) and their average (swa.keras, Izmailov et al. 2018); 0 = off
     snapshots: int = 0
+    # a finished run (or .keras file) whose weights this run starts from (`cellfuse train --from RUN`); the
+    # result's weight-space interpolation with it (WiSE-FT, Wortsman et al. 2022) is kept as wise.keras
+    init_from: str = ""
     seed: int = 0
 
 
@@ -196,6 +202,7 @@ RULES: dict[str, Bound | frozenset] = {
     "train.steps_per_epoch": AT_LEAST_0,
     "train.checkpoint_every": AT_LEAST_1,
     "train.snapshots": AT_LEAST_0,
+    "data.corrupt_fraction": Bound(0, 1),
     "train.seed": SEED,
     "distill.mode": frozenset({"cached", "function-matching", "bank"}),
     "distill.bank_views": AT_LEAST_1,

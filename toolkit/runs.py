@@ -339,6 +339,25 @@ def check_only_own(folder: Path, keep=()) -> None:
                             "Move them, or choose another --out")
 
 
+def check_run_folder(run: Path, kind: str, *, resume: bool, force: bool, inputs=()) -> bool:
+    """Whether OUT/<name> exists to be continued (--resume) or replaced (--force); refused in one line
+    when it is not a cellfuse folder of `kind`, when it exists without either flag, or when replacing
+    it would delete an input. Writes nothing (train checks again under its lock)."""
+    if not (run.exists() or run.is_symlink()):
+        return False
+    found = folder_kind(run)
+    if found != kind:
+        what = f"a cellfuse {found} output" if found else "a folder cellfuse did not make"
+        raise CellfuseError(f"{run}: is {what}, not a {kind}; choose another name (--set name=...) or --out")
+    if resume:
+        return True
+    if not force:
+        raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
+    refuse_inputs_inside(run, inputs)
+    check_only_own(run)
+    return True
+
+
 def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Path:
     """An output file path, locked for this command: the right suffix, not a folder, not an input, and
     no existing file replaced unless --force is given and cellfuse wrote it."""
@@ -419,8 +438,8 @@ def save_weights(model, path: str | Path) -> Path:
 
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
-        for v in model.weights:
-            f.create_dataset(v.path, data=np.asarray(v))
+        for key, array in weights_by_path(model).items():
+            f.create_dataset(key, data=array)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -437,14 +456,25 @@ def load_weights(model, path: str | Path) -> None:
                          if isinstance(item, h5py.Dataset) else None)
     except OSError as e:
         raise CellfuseError(f"{path}: not a readable checkpoint ({e})") from None
+    assign_by_path(model, arrays, path)
+
+
+def weights_by_path(model) -> dict:
+    """{variable path: array} of a model's weights: what save_weights stores."""
+    return {v.path: np.asarray(v) for v in model.weights}
+
+
+def assign_by_path(model, arrays: dict, where) -> None:
+    """Set every weight of `model` from `arrays` keyed by variable path; refused in one line (naming
+    `where`) unless every variable is matched by path and shape, both ways."""
     wanted = {v.path: v for v in model.weights}
     missing, extra = sorted(set(wanted) - set(arrays)), sorted(set(arrays) - set(wanted))
     if missing or extra:
-        raise CellfuseError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+        raise CellfuseError(f"{where}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
                             "it was saved from another architecture")
     for key, v in wanted.items():
         if tuple(arrays[key].shape) != tuple(v.shape):
-            raise CellfuseError(f"{path}: {key} has shape {arrays[key].shape}, the model wants {tuple(v.shape)}")
+            raise CellfuseError(f"{where}: {key} has shape {arrays[key].shape}, the model wants {tuple(v.shape)}")
     for key, v in wanted.items():
         v.assign(arrays[key])
 

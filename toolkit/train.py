@@ -73,17 +73,20 @@ from toolkit.runs import (
     MANIFEST,
     OUTPUTS,
     adopt_library_files,
+    assign_by_path,
     atomic_write_text,
+    check_run_folder,
     env_info,
     folder_kind,
+    load_model,
     load_weights,
     lock_output,
     make_own_dir,
-    refuse_inputs_inside,
     remove_own,
     remove_scratch,
     save_model_atomic,
     save_weights,
+    weights_by_path,
     write_json,
 )
 
@@ -117,6 +120,10 @@ def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, run
     with discard_failed_start(start):
         with start.strategy.scope():
             model = build_model(recipe, start.split.train.n_classes)
+            if recipe.train.init_from:
+                assign_by_path(model, weights_by_path(load_model(recipe.train.init_from, compile=False)),
+                               recipe.train.init_from)
+                console.print(f"starting from the weights of {recipe.train.init_from}")
         check_initial_loss(model, start.split.val["val"], recipe, console)
         fit_stages(model, recipe, start.split, start.run, start.strategy, console, extra_callbacks=extra_callbacks,
                    **consistency.fit_arguments(recipe, start.split, compile_model))  # AugMix views, JSD loss
@@ -161,7 +168,7 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
     _seed_everything(recipe.train.seed)
     split = load_split(recipe, console)
     check_model_config(recipe)
-    inputs = [recipe.path, recipe.data.train, *recipe.data.extra_val, *inputs]
+    inputs = [recipe.path, recipe.data.train, *recipe.data.extra_val, recipe.train.init_from or None, *inputs]
     run, created = prepare_run_dir(recipe, root, resume, force, inputs=inputs, kind=kind,
                                    extra_env={"distribution": describe_strategy(strategy, cluster)})
     start = RunStart(run, split, strategy, cluster, started, created=created)
@@ -204,16 +211,11 @@ def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, in
     kind, or that holds an input, is refused in one line before anything is written."""
     run = root / recipe.name
     lock_output(run)
-    exists = run.exists() or run.is_symlink()
-    if exists:
-        _check_is_run(run, kind)
-        if resume:
-            check_same_recipe(run, recipe)
-        elif force:
-            refuse_inputs_inside(run, inputs)
-            remove_own(run, kind)
-        else:
-            raise CellfuseError(f"{run}: already exists; --resume to continue it, --force to start over")
+    exists = check_run_folder(run, kind, resume=resume, force=force, inputs=inputs)
+    if exists and resume:
+        check_same_recipe(run, recipe)
+    elif exists:
+        remove_own(run, kind)
     made = not (exists and resume)
     if made:
         if not root.exists():
@@ -223,12 +225,6 @@ def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, in
     write_json(run / "env.json", {**env_info(), **(extra_env or {})})
     return run, made
 
-
-def _check_is_run(run: Path, kind: str) -> None:
-    found = folder_kind(run)
-    if found != kind:
-        what = f"a cellfuse {found} output" if found else "a folder cellfuse did not make"
-        raise CellfuseError(f"{run}: is {what}, not a {kind}; choose another name (--set name=...) or --out")
 
 
 def check_same_recipe(run: Path, recipe: Recipe) -> None:
@@ -410,6 +406,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     save_model_atomic(model, run / "best.keras")
     adopt_library_files(run / "tb")
     candidates = save_snapshots(recipe, split, run)
+    wise = save_wise(recipe, split, run, model) if recipe.train.init_from else None
     metrics = {}
     for name, data in split.val.items():
         probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
@@ -424,7 +421,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
                "final_weights_sha1": final,
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
-               "seconds": round(time.time() - started, 1), "snapshots": candidates,
+               "seconds": round(time.time() - started, 1), "snapshots": candidates, "wise": wise,
                "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
                "metrics": {k: {m: v[m] for m in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
                            for k, v in metrics.items()}}
@@ -461,6 +458,29 @@ def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
     model.set_weights([t / len(files) for t in total])
     keep("swa.keras")
     return accuracy
+
+
+WISE_ALPHAS = (0.25, 0.5, 0.75)  # weight of the fine-tuned model; 0 is the start, 1 the result
+
+
+def save_wise(recipe: Recipe, split: Split, run: Path, model) -> dict:
+    """wise.keras: the start's and the result's weights blended (WiSE-FT), the blend chosen on the
+    held-out families (val_heldout among data.extra_val) when given, else on the validation split:
+    corruption-tuned weights must not be chosen on the corruptions they were tuned on."""
+    start = weights_by_path(load_model(recipe.train.init_from, compile=False))
+    tuned = weights_by_path(model)
+    steer = "val_heldout" if "val_heldout" in split.val else "val"
+    data = split.val[steer]
+    scores = {}
+    for alpha in WISE_ALPHAS:
+        assign_by_path(model, {k: (1 - alpha) * start[k] + alpha * w for k, w in tuned.items()}, run)
+        probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+        scores[alpha] = round(float((probs.argmax(1) == data.labels).mean()), 4)
+    alpha = max(scores, key=scores.get)
+    assign_by_path(model, {k: (1 - alpha) * start[k] + alpha * w for k, w in tuned.items()}, run)
+    save_model_atomic(model, run / "wise.keras")
+    assign_by_path(model, tuned, run)
+    return {"alpha": alpha, "chosen_on": steer, "accuracy": scores}
 
 
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
