@@ -7,7 +7,8 @@ from click.testing import CliRunner
 from conftest import make_images
 
 from toolkit.cli import main
-from toolkit.data import save_dataset, write_val_files
+from toolkit.corrupt import write_val_files
+from toolkit.data import save_dataset
 from toolkit.recipe import load_recipe
 from toolkit.runs import load_model
 from toolkit.train import train_recipe

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.compat import efficientnetv2_builder, flatten_layers, is_container, loaded_keras_home
 from toolkit.errors import CellfuseError
 
 IMAGE_SIZE = 96
@@ -81,7 +82,7 @@ BACKBONES: dict[str, Backbone] = {
 def _efficientnetv2_custom(width: float, depth: float) -> Callable:
     """A narrower/shallower EfficientNetV2-B0 (for small students): same blocks, scaled channels/repeats."""
     def build(input_shape, weights):
-        from keras.src.applications.efficientnet_v2 import DEFAULT_BLOCKS_ARGS, EfficientNetV2
+        DEFAULT_BLOCKS_ARGS, EfficientNetV2 = efficientnetv2_builder()
 
         if weights not in (None,):
             raise CellfuseError("efficientnetv2-custom has no pretrained weights; set weights = \"none\"")
@@ -315,7 +316,7 @@ def non_core_layers(model) -> list[str]:
     cannot rebuild, as "name (module.Class)": export should refuse a model that has any."""
     allowed = ("keras.", "toolkit.layers")
     return [f"{layer.name} ({type(layer).__module__}.{type(layer).__name__})"
-            for layer in model._flatten_layers(include_self=False)
+            for layer in flatten_layers(model)
             if not type(layer).__module__.startswith(allowed)]
 
 
@@ -364,15 +365,10 @@ def keras_cache_dir() -> Path:
     finds it, without importing Keras (a listing stays instant); once imported, Keras keeps the
     KERAS_HOME it saw then, so that one is asked."""
     import os
-    import sys
     import tempfile
 
-    config = sys.modules.get("keras.src.backend.config")
-    if config is not None:
-        home = config.keras_home()
-    elif "KERAS_HOME" in os.environ:
-        home = os.environ["KERAS_HOME"]
-    else:
+    home = loaded_keras_home() or os.environ.get("KERAS_HOME")
+    if home is None:
         user = os.path.expanduser("~")
         home = os.path.join(user if os.access(user, os.W_OK) else "/tmp", ".keras")
     home = os.path.expanduser(home)
@@ -572,7 +568,7 @@ def set_bn_momentum(model, momentum: float) -> None:
     accuracy. 0.9 follows within a few dozen steps."""
     from keras import layers
 
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model):
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = momentum
 
@@ -598,8 +594,8 @@ def head(x, config, n_classes: int):
 
 def weighted_leaf_layers(model) -> list:
     """Layers holding weights, nested models opened up (a keras-hub graph is one layer otherwise)."""
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if layer.weights and not layer._layers]
+    return [layer for layer in flatten_layers(model)
+            if layer.weights and not is_container(layer)]
 
 
 def set_trainable(model, unfreeze: float, freeze_batchnorm: bool = False) -> None:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from toolkit import report
+from toolkit.compat import BACKUP_SAVE_METHOD, flatten_layers, initial_epoch, set_initial_epoch
 from toolkit.data import Dataset
 from toolkit.distribute import is_multi_worker, sync_replicas, tf_variables
 from toolkit.recipe import Recipe
@@ -93,15 +94,18 @@ class Backup(keras.callbacks.BackupAndRestore):
             if folder_kind(self.backup_dir) is None:  # not a folder cellfuse made: not ours to drop
                 raise
             remove_scratch(self.backup_dir)  # made by make_callbacks, filled by Keras
-            self.model._initial_epoch = None
+            set_initial_epoch(self.model, None)
             self.console.print(f"[yellow]backup in {self.backup_dir} unreadable ({type(e).__name__}: {e}); "
                                "this stage starts again from its beginning[/]")
 
 
-    def _save_model(self):
+    def save_and_record(self):
         make_own_dir(self.backup_dir, "part")  # Keras deletes it after each stage; made again as cellfuse's
-        super()._save_model()
+        getattr(super(), BACKUP_SAVE_METHOD)()
         adopt_library_files(self.backup_dir)
+
+
+setattr(Backup, BACKUP_SAVE_METHOD, Backup.save_and_record)  # Keras calls it for every backup
 
 
 class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
@@ -120,7 +124,7 @@ class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
         self.strategy = strategy
 
     def _norms(self):
-        return [layer for layer in self.source._flatten_layers(include_self=False)
+        return [layer for layer in flatten_layers(self.source)
                 if isinstance(layer, keras.layers.BatchNormalization)]
 
     def refresh(self):
@@ -249,9 +253,9 @@ class ChiefState(keras.callbacks.Callback):
         if not model.optimizer.built:  # this worker had no backup yet: the chief's state needs the slots
             with self.strategy.scope():
                 model.optimizer.build(model.trainable_variables)
-        epoch = tf.Variable(float(getattr(model, "_initial_epoch", None) or 0))  # set by BackupAndRestore
+        epoch = tf.Variable(float(initial_epoch(model) or 0))  # set by BackupAndRestore
         sync_replicas(self.strategy, [*tf_variables(model.variables + model.optimizer.variables), epoch], "chief")
-        model._initial_epoch = int(epoch.numpy()) or None
+        set_initial_epoch(model, int(epoch.numpy()) or None)
 
 
 class AverageMovingStats(keras.callbacks.Callback):

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import tomllib
 from importlib.resources import files
 from pathlib import Path
-
-import tomllib
 
 from toolkit.errors import CellfuseError
 

@@ -449,7 +449,7 @@ def split(data, out, val_fraction, seed, severity, held_out, force, as_json):
     from toolkit import precheck
 
     precheck.data_file(data)
-    from toolkit.data import write_val_files
+    from toolkit.corrupt import write_val_files
 
     written = write_val_files(data, out, val_fraction, seed, severity, held_out=held_out, force=force)
     console.print("wrote " + ", ".join(str(p) for p in written.values()))

@@ -21,10 +21,10 @@ import csv
 import json
 import os
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
 from rich.console import Console
 from rich.table import Table
 

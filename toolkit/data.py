@@ -333,30 +333,3 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
-
-
-def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed: int = 0,
-                    severity: int = 3, *, held_out: str = "held-out", force: bool = False) -> dict[str, Path]:
-    """The validation split training holds out (same function, fraction and seed as the recipes), clean
-    (val.npz), corrupted by cellfuse's own families (val_corrupt.npz: steers ensemble selection, as the
-    challenge's best teams did) and by families no preset trains on (val_heldout.npz; `held_out` names
-    them, "" skips the file). Every file keeps `index`, so ensemble and distill can check that each model
-    held out exactly these rows."""
-    from toolkit.corrupt import corrupt_images, parse_families
-    from toolkit.runs import check_new_file
-
-    clean_npz, out = Path(clean_npz), Path(out)
-    names = ["val.npz", "val_corrupt.npz"] + (["val_heldout.npz"] if held_out else [])
-    targets = {name.removesuffix(".npz"): check_new_file(out / name, ".npz", force, inputs=[clean_npz])
-               for name in names}
-    families = parse_families(held_out) if held_out else None  # a bad name fails before any work
-    data = load_dataset(clean_npz)
-    _, val_rows = stratified_split(data.labels, val_fraction, seed)
-    val = data.subset(val_rows)
-    written = {"val": save_dataset(targets["val"], val.images, val.labels, val.index)}
-    corrupt = corrupt_images(val.images, severity=severity, seed=seed + 1)
-    written["val_corrupt"] = save_dataset(targets["val_corrupt"], corrupt, val.labels, val.index)
-    if held_out:
-        shifted = corrupt_images(val.images, severity, seed + 2, families=families)
-        written["val_heldout"] = save_dataset(targets["val_heldout"], shifted, val.labels, val.index)
-    return written

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.compat import flatten_layers
 from toolkit.errors import CellfuseError
 from toolkit.report import pyplot
 
@@ -157,7 +158,7 @@ def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
 def temperature_layers(model) -> list:
     """By class name: a submission's model.py registers its own inlined copy of cellfuse's layers under the
     same name, and a model loaded after it is built from that copy."""
-    return [layer for layer in model._flatten_layers(include_self=False)
+    return [layer for layer in flatten_layers(model)
             if type(layer).__name__ == "TemperatureScale"]
 
 

@@ -73,7 +73,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
                  student_extra=(), force=False, members=None, student=None) -> dict:
     """Everything after the data exists. Returns each stage's main figures."""
     from toolkit.clean import clean_file
-    from toolkit.data import write_val_files
+    from toolkit.corrupt import write_val_files
     from toolkit.distill import distill_recipe
     from toolkit.ensemble import build_ensemble
     from toolkit.export import export_submission, grade_submission

@@ -17,12 +17,12 @@ import dataclasses
 import difflib
 import math
 import re
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
-import tomllib
 
 from toolkit.augment import DEFAULTS as AUGMENT_DEFAULTS
 from toolkit.augment import check_section

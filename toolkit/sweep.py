@@ -34,6 +34,7 @@ from rich.console import Console
 from toolkit import report
 from toolkit.batches import load_split
 from toolkit.catalog import find_recipe
+from toolkit.compat import trial_id
 from toolkit.data import check_dataset, load_dataset
 from toolkit.errors import CellfuseError
 from toolkit.procs import run_all, spawn
@@ -528,7 +529,7 @@ def _run_parallel(sweep: Sweep, study, asks: int, parallel: int, log: TrialLog) 
 
     def start(trial, gpu, share_gpu):
         # optuna keeps no public trial id; the number is only unique within a study, the id across the storage
-        cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial._trial_id), str(os.getpid())]
+        cmd = [sys.executable, "-m", "toolkit.sweep", str(sweep.out), str(trial_id(trial)), str(os.getpid())]
         return spawn(cmd, _log_path(sweep, trial), gpu=gpu, share_gpu=share_gpu)
 
     def finished(trial, proc):

@@ -31,11 +31,11 @@ import json
 import math
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tomllib
 from rich.console import Console
 
 from toolkit import consistency, report

@@ -1,0 +1,71 @@
+"""Each private Keras / Optuna API in toolkit.compat, checked against the installed release: an upgrade
+that moves one fails here, by name, before it fails somewhere deep inside a run."""
+
+import keras
+import numpy as np
+
+from toolkit import compat
+
+
+def _nested():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="inner_dense")], name="inner")
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(2, name="outer_dense")(inner(inputs)))
+
+
+def test_flatten_layers_opens_nested_models():
+    names = [layer.name for layer in compat.flatten_layers(_nested())]
+    assert "inner_dense" in names and "outer_dense" in names and "inner" in names
+
+
+def test_is_container_tells_models_from_leaf_layers():
+    model = _nested()
+    assert compat.is_container(model.get_layer("inner"))
+    assert not compat.is_container(model.get_layer("outer_dense"))
+
+
+def test_backup_and_restore_hands_the_restored_epoch_through_initial_epoch(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((4, 2), np.float32), np.zeros((4, 1), np.float32)
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path), delete_checkpoint=False)
+    try:
+        model.fit(x, y, epochs=4, verbose=0, callbacks=[backup, Stop()])
+    except RuntimeError:
+        pass
+    fresh = keras.callbacks.BackupAndRestore(str(tmp_path))
+    fresh.set_model(model)
+    fresh.on_train_begin()
+    assert compat.initial_epoch(model) == 2  # the next epoch to run: epochs 0 and 1 were backed up
+    compat.set_initial_epoch(model, None)
+    assert compat.initial_epoch(model) is None
+
+
+def test_backup_and_restore_still_saves_through_the_hooked_method():
+    assert callable(getattr(keras.callbacks.BackupAndRestore, compat.BACKUP_SAVE_METHOD))
+
+
+def test_efficientnetv2_builder_takes_width_and_depth():
+    blocks, build = compat.efficientnetv2_builder()
+    model = build(width_coefficient=0.25, depth_coefficient=0.25, default_size=32,
+                  blocks_args=blocks["efficientnetv2-b0"], include_top=False, weights=None, input_shape=(32, 32, 3))
+    assert model.output_shape[-1] > 0
+
+
+def test_loaded_keras_home_is_the_folder_keras_uses():
+    assert compat.loaded_keras_home() == keras.src.backend.config.keras_home()
+
+
+def test_trial_id_is_the_storage_key_of_a_trial():
+    import optuna
+
+    study = optuna.create_study()
+    trial = study.ask()
+    assert isinstance(compat.trial_id(trial), int)
+    assert optuna.trial.Trial(study, compat.trial_id(trial)).number == trial.number  # how a worker reopens it

@@ -1,0 +1,56 @@
+"""Every private Keras, TensorFlow or Optuna API cellfuse uses, behind one door.
+
+Each function here names what it reaches into and why no public API serves; tests/test_compat.py
+checks each one against the installed release, so an upgrade that breaks one fails there by name
+(pyproject.toml pins the releases those tests passed on). Nothing else in toolkit/ touches a private
+name of another library.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def flatten_layers(model) -> list:
+    """Every layer inside `model`, nested models opened (Keras' `_flatten_layers`; `model.layers` stops
+    at the first level, and a keras-hub backbone is one layer there)."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def is_container(layer) -> bool:
+    """Whether a layer holds layers of its own (Keras' `_layers`): its weights are its children's."""
+    return bool(layer._layers)
+
+
+def initial_epoch(model) -> int | None:
+    """The epoch Keras' BackupAndRestore restored into `model` (it keeps it in `_initial_epoch`)."""
+    return getattr(model, "_initial_epoch", None)
+
+
+def set_initial_epoch(model, epoch: int | None) -> None:
+    """Tell fit where to start (BackupAndRestore's channel): the chief's epoch, or a fresh start."""
+    model._initial_epoch = epoch
+
+
+BACKUP_SAVE_METHOD = "_save_model"  # BackupAndRestore's one method that writes a backup
+
+
+def efficientnetv2_builder():
+    """(DEFAULT_BLOCKS_ARGS, EfficientNetV2): the EfficientNetV2 constructor with width and depth
+    coefficients, which keras.applications exposes only as fixed B0..L functions."""
+    from keras.src.applications.efficientnet_v2 import DEFAULT_BLOCKS_ARGS, EfficientNetV2
+
+    return DEFAULT_BLOCKS_ARGS, EfficientNetV2
+
+
+def loaded_keras_home() -> str | None:
+    """The KERAS_HOME an already imported Keras settled on (it reads the variable once, at import);
+    None when Keras is not imported, so a listing need not import it."""
+    config = sys.modules.get("keras.src.backend.config")
+    return None if config is None else config.keras_home()
+
+
+def trial_id(trial) -> int:
+    """Optuna's storage id of a trial (`_trial_id`): what a worker process needs to open the same trial
+    (`trial.number` is per study and not a storage key)."""
+    return trial._trial_id
