@@ -71,7 +71,7 @@ def test_find_recipe_takes_a_path_or_a_shipped_name(tmp_path, monkeypatch):
 ])
 def test_an_unknown_recipe_is_one_line_with_a_suggestion(arg, hint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CellfuseError, match="no such recipe file or shipped recipe") as error:
+    with pytest.raises(CellfuseError, match="does not exist, and no shipped recipe has that name") as error:
         catalog.find_recipe(arg)
     assert str(error.value).startswith(f"{arg}: ") and hint in str(error.value)
 

@@ -78,7 +78,7 @@ def cases(p) -> list[tuple[list, str]]:
     T, good, bad, model, missing = p["T"], p["good"], p["bad"], p["model"], p["missing"]
     on = ["--set", f"data.train={good}"]
     return [
-        (["train", "recipes/nope.toml"], "no such recipe"),
+        (["train", "recipes/nope.toml"], "does not exist"),
         (["train", "tiny", "--set", "train.epocs=3"], "did you mean 'epochs'"),
         (["train", "tiny", "--set", f"data.train={missing}.npz", "--out", T / "r"], "missing.npz: does not exist"),
         (["train", "tiny", "--set", f"data.train={bad}", "--out", T / "r"], "not a readable .npz"),

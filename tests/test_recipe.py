@@ -66,7 +66,7 @@ def test_bad_recipes_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_missing_recipe(tmp_path):
-    with pytest.raises(CellfuseError, match="no such recipe"):
+    with pytest.raises(CellfuseError, match="does not exist"):
         load_recipe(tmp_path / "nope.toml")
 
 

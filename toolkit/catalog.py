@@ -113,7 +113,7 @@ def find_recipe(arg: str | Path) -> Path:
         return Path(arg)
     found = shipped_file(str(arg))
     if found is None:
-        raise CellfuseError(f"{arg}: no such recipe file or shipped recipe; `cellfuse recipes` lists them"
+        raise CellfuseError(f"{arg}: does not exist, and no shipped recipe has that name; `cellfuse recipes` lists them"
                             + did_you_mean(str(arg)))
     return found
 

@@ -6,6 +6,7 @@ Each stage is the same function its command calls, so the demo exercises exactly
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,8 @@ class Pipeline:
         return table
 
 
-def member_overrides(clean_npz: Path, val_corrupt: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return [f'data.train="{clean_npz}"', f'data.extra_val=["{val_corrupt}"]', *extra]
+def member_overrides(clean_npz: Path, extra_val: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
+    return [f'data.train="{clean_npz}"', f"data.extra_val={json.dumps([str(p) for p in extra_val])}", *extra]
 
 
 def common_split(recipes) -> tuple[float, int]:
@@ -74,7 +75,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     """Everything after the data exists. Returns each stage's main figures."""
     from toolkit.clean import clean_file
     from toolkit.corrupt import write_val_files
-    from toolkit.distill import distill_recipe
+    from toolkit.distill import closing_line, distill_recipe
     from toolkit.ensemble import build_ensemble
     from toolkit.export import export_submission, grade_submission
     from toolkit.recipe import load_recipe
@@ -89,8 +90,8 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
 
     member_paths = ([find_recipe(recipe) for recipe in members] if members
                     else [shipped_recipe(name) for name in MEMBER_RECIPES])
-    val, val_corrupt = out / "clean" / "val.npz", out / "clean" / "val_corrupt.npz"
-    recipes = [load_recipe(path, member_overrides(clean_npz, val_corrupt, member_extra))
+    val, val_corrupt, val_heldout = (out / "clean" / f"{name}.npz" for name in ("val", "val_corrupt", "val_heldout"))
+    recipes = [load_recipe(path, member_overrides(clean_npz, [val_corrupt, val_heldout], member_extra))
                for path in member_paths]
     fraction, seed = common_split(recipes)
 
@@ -107,17 +108,18 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
         p.done(f"val acc {summary['metrics']['val']['accuracy']:.3f}", summary["run"])
 
     p.step("ensemble")
-    figures["ensemble"] = build_ensemble(runs, [val, val_corrupt], out / "ensemble", force=force, console=console)
+    # steered by the held-out families (the last file): corruptions no member trained on
+    figures["ensemble"] = build_ensemble(runs, [val, val_corrupt, val_heldout], out / "ensemble", force=force,
+                                         console=console)
     p.done("selected members, views, temperatures", out / "ensemble" / "ensemble.json")
 
     p.step("distill")
     student = find_recipe(student) if student else shipped_recipe(STUDENT_RECIPE)
     figures["distill"] = distill_recipe(out / "ensemble", student,
-                                        member_overrides(clean_npz, val_corrupt, student_extra),
+                                        member_overrides(clean_npz, [val_corrupt, val_heldout], student_extra),
                                         force=force, console=console, runs_root=out / "runs")
     student_run = Path(figures["distill"]["student_run"])
-    p.done(f"{figures['distill']['size_ratio']:.1f}x smaller, {figures['distill']['speed_ratio']:.1f}x faster",
-           student_run)
+    p.done(closing_line(figures["distill"]), student_run)
 
     p.step("export")
     figures["export"] = export_submission(student_run, out / "submission.zip", force=True, console=console)

@@ -20,10 +20,8 @@ from toolkit.errors import CellfuseError
 from toolkit.recipe import check_student, load_recipe
 from toolkit.runs import (
     check_new_file,
-    check_replaceable,
+    check_output_folder,
     check_run_folder,
-    lock_output,
-    refuse_inputs_inside,
     resolve_model_file,
 )
 
@@ -126,19 +124,8 @@ def ensemble_folder(path) -> Path:
 
 def output_folder(path, force: bool, inputs=(), kind: str = "output") -> Path:
     """What runs.fresh_dir would refuse about an output folder, checked without writing anything."""
-    path = Path(path)
-    lock_output(path)
-    refuse_inputs_inside(path, inputs)
-    if path.is_symlink():
-        raise CellfuseError(f"{path}: is a symbolic link; cellfuse writes only into a real folder, "
-                            "so give the folder it points to, or another --out")
-    if path.exists() and not path.is_dir():
-        raise CellfuseError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        check_replaceable(path, kind)
-        if not force:
-            raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
-    return path
+    check_output_folder(Path(path), force, inputs, kind)
+    return Path(path)
 
 
 def output_file(path, suffix: str | None, force: bool, inputs=()) -> Path:

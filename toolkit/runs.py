@@ -234,6 +234,19 @@ def fresh_dir(path: str | Path, force: bool = False, inputs=(), kind: str = "out
     """An empty output folder of `kind`, locked for this command. With `force`, an existing one is
     emptied only when cellfuse made it as the same kind and everything in it is cellfuse's own."""
     path = Path(path)
+    if not check_output_folder(path, force, inputs, kind):
+        return make_own_dir(path, kind)
+    if any(path.iterdir()):
+        _delete_contents(path)
+    # an empty folder of the user's is kept: cellfuse fills it and owns what it writes, not the folder
+    kept = _manifest(path).get("kept", folder_kind(path) is None)
+    _write_manifest(path, {"kind": kind, "own": [], "kept": kept})
+    return path
+
+
+def check_output_folder(path: Path, force: bool, inputs=(), kind: str = "output") -> bool:
+    """Lock an output folder and refuse, in one line, what fresh_dir must not do with it; writes
+    nothing (commands call it before TensorFlow loads). Whether the folder exists."""
     lock_output(path)
     refuse_inputs_inside(path, inputs)
     refuse_file_on_the_way(path)
@@ -242,17 +255,11 @@ def fresh_dir(path: str | Path, force: bool = False, inputs=(), kind: str = "out
                             "so give the folder it points to, or another --out")
     if path.exists() and not path.is_dir():
         raise CellfuseError(f"{path}: exists and is not a directory")
-    if not path.exists():
-        return make_own_dir(path, kind)
-    if any(path.iterdir()):
+    if path.is_dir() and any(path.iterdir()):
         check_replaceable(path, kind)
         if not force:
             raise CellfuseError(f"{path}: already exists and is not empty; pass --force to replace it")
-        _delete_contents(path)
-    # an empty folder of the user's is kept: cellfuse fills it and owns what it writes, not the folder
-    kept = _manifest(path).get("kept", folder_kind(path) is None)
-    _write_manifest(path, {"kind": kind, "own": [], "kept": kept})
-    return path
+    return path.exists()
 
 
 def check_replaceable(folder: Path, kind: str) -> None:
