@@ -20,10 +20,11 @@ What runs as the recipe says, and what the CPU changes:
 | weights          | "none" where the ImageNet file is not on the machine (see above)                 |
 | input_size       | 32 px for every recipe; the recipe's own size is only a Resizing layer's argument |
 
-Cost, measured on 2 shared cores: a tiny-cnn recipe trains, exports and grades in ~40 s (train ~20 s,
-grading ~16 s, mostly TensorFlow's import in the grader's subprocess); a MobileNet recipe trains in
-~100 s; gpu-resnet50v2 (EMA, XLA) in ~9 min, the other GPU backbones longer (their train steps take
-minutes to trace at any input size). The whole matrix is far beyond a CI budget of a few minutes, so:
+Cost, measured with --durations on 2 shared cores (train + export + grade): tiny 24 s, quick 21 s
+(grading is ~15 s of it, mostly TensorFlow's import in the grader's subprocess), cpu-mobilenet 80 s,
+gpu-resnet50v2 (EMA, XLA) 228 s; the deeper GPU backbones cost more (their train steps take minutes to
+trace at any input size; XLA is not what costs: resnet50v2 without it was no faster). The whole matrix
+is far beyond a CI budget of a few minutes, so:
 
 - every run (CI): `tiny` and `quick`, the two tiny-cnn recipes, end to end (train, export, grade);
 - CELLFUSE_SLOW=1 (`make test-slow`): every other shipped recipe, GPU and student ones included, end to

@@ -37,6 +37,7 @@ MEASURED_CPU_TIME = {
     "student-cpu": "32.5 min",
     "student-cpu-effv2": "46.2 min",
     "tiny": "seconds",
+    "quick": "about 1 min",
     "gpu-convnext-base": "GPU",
     "gpu-densenet121": "GPU",
     "gpu-efficientnetv2-m": "GPU",
