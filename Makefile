@@ -12,7 +12,7 @@ install:
 	$(PY) -m toolkit --version
 
 test:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-slow:
 	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests

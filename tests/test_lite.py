@@ -183,8 +183,8 @@ def test_fractional_unfreeze_trains_the_top_share_with_batchnorm():
 
     keras.backend.clear_session()
     model = build_classifier(ModelConfig(backbone="efficientnet-lite0", weights="imagenet", input_size=32,
-                                         head="linear"), 4)
-    layers = weighted_leaf_layers(model.get_layer("backbone"))
+                                         head="seed"), 4)  # a linear probe starts at zero: no gradient reaches
+    layers = weighted_leaf_layers(model.get_layer("backbone"))  # the backbone on the first step
     set_trainable(model, 0.25)
     trainable = [layer.trainable for layer in layers]
     first = len(layers) - round(0.25 * len(layers))

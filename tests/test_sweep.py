@@ -125,7 +125,8 @@ def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
     again = train_recipe(load_recipe(run / "recipe.toml"), runs_root=tmp_path)
     trial = json.loads((run / "metrics.json").read_text())
     # CPU kernels are not bit-for-bit deterministic across processes under load: a point of AUC at most
-    assert again["metrics"]["val_corrupt"]["auc_ovr"] == pytest.approx(float(row["objective"]), abs=0.02)
+    # (the sweep's objective is read at each epoch's end; metrics.json scores best.keras, the best epoch)
+    assert again["metrics"]["val_corrupt"]["auc_ovr"] == pytest.approx(trial["val_corrupt"]["auc_ovr"], abs=0.02)
     assert again["metrics"]["val"]["nll"] == pytest.approx(trial["val"]["nll"], abs=0.05)
 
 

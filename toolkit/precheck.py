@@ -86,7 +86,7 @@ def recipe_data(loaded) -> None:
 
 
 def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
-    """Refuse what `train`/`distill` would refuse about OUT/<name> (train.prepare_run_dir checks again,
+    """Refuse what `train`/`distill` would refuse about OUT/<name> (runs.prepare_run_dir checks again,
     under its lock). Returns True when the run is complete and --resume will only report it."""
     if "TF_CONFIG" in os.environ:  # other workers of one multi-worker run see the chief's folder appear
         return False

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +365,74 @@ def check_run_folder(run: Path, kind: str, *, resume: bool, force: bool, inputs=
     check_only_own(run)
     return True
 
+
+# ---------------------------------------------------------------- run folders (train, distill, sweep trials)
+
+def prepare_run_dir(recipe, root: Path, resume: bool, force: bool, *, inputs=(), kind="run",
+                    extra_env=None) -> tuple[Path, bool]:
+    """The run directory, locked for this process: a new one (made True), or the existing run of the
+    same recipe on --resume, or a replaced one on --force. Anything that is not a cellfuse run of this
+    kind, or that holds an input, is refused in one line before anything is written."""
+    run = root / recipe.name
+    lock_output(run)
+    exists = check_run_folder(run, kind, resume=resume, force=force, inputs=inputs)
+    if exists and resume:
+        check_same_recipe(run, recipe)
+    elif exists:
+        remove_own(run, kind)
+    made = not (exists and resume)
+    if made:
+        if not root.exists():
+            make_own_dir(root, "runs")
+        make_own_dir(run, kind)
+        atomic_write_text(run / "recipe.toml", recipe.to_toml())
+    write_json(run / "env.json", {**env_info(), **(extra_env or {})})
+    return run, made
+
+
+
+def check_same_recipe(run: Path, recipe) -> None:
+    """--resume continues the recipe a run started with, or nothing (compared as parsed TOML, so a
+    snapshot written by an older cellfuse compares by value, not by layout)."""
+    snapshot = run / "recipe.toml"
+    if not snapshot.exists():
+        return
+    changed = changed_keys(tomllib.loads(snapshot.read_text()), tomllib.loads(recipe.to_toml()))
+    if changed:
+        raise CellfuseError(f"{run}: the recipe changed since this run started ({'; '.join(changed[:6])}); "
+                            f"resume needs the same recipe: `cellfuse train {snapshot} --out {run.parent} "
+                            "--resume` continues it as it was, --force starts over")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two parsed recipes, as "key: old -> new"."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def never_trained(run: Path) -> bool:
+    """No finished epoch (history.csv) and no backup inside one: nothing a resume could use."""
+    backups = run / "checkpoint"
+    return not (run / "history.csv").exists() and not (
+        backups.is_dir() and any(f.is_file() and f.name != MANIFEST for f in backups.rglob("*")))
+
+
+def read_summary(run: Path) -> dict | None:
+    """A finished run's summary, or None. summary.json is written last: it marks completion."""
+    try:
+        return json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+
+# ---------------------------------------------------------------- model
 
 def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Path:
     """An output file path, locked for this command: the right suffix, not a folder, not an input, and

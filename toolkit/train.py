@@ -31,7 +31,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +69,18 @@ from toolkit.errors import CellfuseError
 from toolkit.procs import run_all, spawn
 from toolkit.recipe import Recipe, load_recipe
 from toolkit.runs import (
-    MANIFEST,
     OUTPUTS,
     adopt_library_files,
     assign_by_path,
-    atomic_write_text,
-    check_run_folder,
-    env_info,
+    check_same_recipe,
     folder_kind,
     load_model,
     load_weights,
     lock_output,
     make_own_dir,
+    never_trained,
+    prepare_run_dir,
+    read_summary,
     remove_own,
     remove_scratch,
     save_model_atomic,
@@ -186,7 +185,7 @@ def discard_failed_start(start: RunStart):
     try:
         yield
     except BaseException:
-        if start.created and _never_trained(start.run):
+        if start.created and never_trained(start.run):
             adopt_library_files(start.run / "tb")  # written by this process since it made the run
             remove_own(start.run)
         raise
@@ -203,72 +202,6 @@ def check_distinct_names(recipes: list[Recipe]) -> None:
 
 
 # ---------------------------------------------------------------- run directory
-
-def prepare_run_dir(recipe: Recipe, root: Path, resume: bool, force: bool, *, inputs=(), kind="run",
-                    extra_env=None) -> tuple[Path, bool]:
-    """The run directory, locked for this process: a new one (made True), or the existing run of the
-    same recipe on --resume, or a replaced one on --force. Anything that is not a cellfuse run of this
-    kind, or that holds an input, is refused in one line before anything is written."""
-    run = root / recipe.name
-    lock_output(run)
-    exists = check_run_folder(run, kind, resume=resume, force=force, inputs=inputs)
-    if exists and resume:
-        check_same_recipe(run, recipe)
-    elif exists:
-        remove_own(run, kind)
-    made = not (exists and resume)
-    if made:
-        if not root.exists():
-            make_own_dir(root, "runs")
-        make_own_dir(run, kind)
-        atomic_write_text(run / "recipe.toml", recipe.to_toml())
-    write_json(run / "env.json", {**env_info(), **(extra_env or {})})
-    return run, made
-
-
-
-def check_same_recipe(run: Path, recipe: Recipe) -> None:
-    """--resume continues the recipe a run started with, or nothing (compared as parsed TOML, so a
-    snapshot written by an older cellfuse compares by value, not by layout)."""
-    snapshot = run / "recipe.toml"
-    if not snapshot.exists():
-        return
-    changed = changed_keys(tomllib.loads(snapshot.read_text()), tomllib.loads(recipe.to_toml()))
-    if changed:
-        raise CellfuseError(f"{run}: the recipe changed since this run started ({'; '.join(changed[:6])}); "
-                            f"resume needs the same recipe: `cellfuse train {snapshot} --out {run.parent} "
-                            "--resume` continues it as it was, --force starts over")
-
-
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two parsed recipes, as "key: old -> new"."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _never_trained(run: Path) -> bool:
-    """No finished epoch (history.csv) and no backup inside one: nothing a resume could use."""
-    backups = run / "checkpoint"
-    return not (run / "history.csv").exists() and not (
-        backups.is_dir() and any(f.is_file() and f.name != MANIFEST for f in backups.rglob("*")))
-
-
-def read_summary(run: Path) -> dict | None:
-    """A finished run's summary, or None. summary.json is written last: it marks completion."""
-    try:
-        return json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-
-# ---------------------------------------------------------------- model
 
 def _seed_everything(seed: int) -> None:
     import keras
@@ -330,10 +263,11 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     ckpt = make_own_dir(run / "checkpoint", "part")
     train_ds = train_ds or make_dataset(split.train, recipe, training=True)
     check_batch(next(iter(train_ds))[0])
-    calibration = calibration_images(train_ds) if recipe.train.ema else None
+    steps = steps_per_epoch(recipe, len(split.train))
+    # BatchNorm re-estimation for EMA: 512 training images, or one epoch's when an epoch holds fewer
+    calibration = calibration_images(train_ds, min(512, steps * recipe.train.batch_size)) if recipe.train.ema else None
     val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False, validation_augment=True)
     compile_fn = compile_fn or compile_model
-    steps = steps_per_epoch(recipe, len(split.train))
     offset = 0
     for i, stage in enumerate(recipe.train.stages):
         done = ckpt / f"stage{i}.weights.h5"
