@@ -1,4 +1,5 @@
-"""Every registered backbone builds at a tiny input with weights "none"; local weights files load."""
+"""Every registered backbone builds at its minimum input size with weights "none"; the registry takes
+new entries through one decorator; local weights files load."""
 
 from pathlib import Path
 
@@ -6,17 +7,37 @@ import numpy as np
 import pytest
 from conftest import slow
 
-from toolkit.backbones import BACKBONES, build_classifier, load_weights_file, set_trainable
+from toolkit.backbones import (
+    BACKBONES,
+    HUB,
+    HubPreset,
+    backbone_spec,
+    build_classifier,
+    load_weights_file,
+    pretrained_status,
+    register,
+    set_trainable,
+)
 from toolkit.errors import CellfuseError
 from toolkit.recipe import ModelConfig
 
+# Every entry but hub:, whose presets download (test_hub_* below build a local one).
+BUILT_OFFLINE = sorted(name for name, spec in BACKBONES.items() if not isinstance(spec.weights, HubPreset))
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_builds_raw_pixels_in_probabilities_out(name):
+
+def test_the_registry_holds_the_special_backbones_too():
+    assert {"tiny-cnn", "efficientnetv2-custom", "efficientnet-lite0", HUB} <= set(BACKBONES)
+    assert all(spec.name == name and spec.min_size >= 1 for name, spec in BACKBONES.items())
+
+
+@pytest.mark.parametrize("name", BUILT_OFFLINE)
+def test_every_backbone_builds_at_its_minimum_size_raw_pixels_in_probabilities_out(name):
     import keras
 
     keras.backend.clear_session()
-    model = build_classifier(ModelConfig(backbone=name, weights="none", input_size=32, head="linear"), 8)
+    size = BACKBONES[name].min_size
+    model = build_classifier(ModelConfig(backbone=name, weights="none", input_size=size, head="linear"), 8)
+    assert model.get_layer("backbone").input_shape[1:3] == (size, size)
     x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
     probs = np.asarray(model(x, training=False))
     assert probs.shape == (2, 8)
@@ -84,8 +105,32 @@ def test_missing_local_weights_file_is_named():
 
 
 def test_unknown_backbone():
-    with pytest.raises(CellfuseError, match="unknown backbone 'resnet9000'"):
+    with pytest.raises(CellfuseError, match="unknown backbone 'resnet9000'; registered: .*tiny-cnn"):
         build_classifier(ModelConfig(backbone="resnet9000", weights="none"), 8)
+
+
+def test_a_registered_builder_is_a_backbone_everywhere(monkeypatch):
+    """One decorated function: recipes may name it, classifiers build it, its weights are reported."""
+    import keras
+
+    monkeypatch.setattr("toolkit.backbones.BACKBONES", dict(BACKBONES))  # the entry leaves with the test
+
+    @register("two-conv", default_size=64, preprocess="unit", min_size=8)
+    def two_conv(input_shape, weights):
+        inputs = keras.Input(input_shape)
+        return keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=2, name="c")(inputs))
+
+    assert backbone_spec("two-conv").min_size == 8 and pretrained_status("two-conv") == "none"
+    model = build_classifier(ModelConfig(backbone="two-conv", weights="none", head="linear"), 3)
+    assert model.get_layer("resize").output.shape[1] == 64 and model.output_shape == (None, 3)
+    with pytest.raises(ValueError, match="'two-conv' is registered twice"):
+        register("two-conv", default_size=64, preprocess="unit")(two_conv)
+
+
+def test_hub_presets_are_one_entry_bound_to_the_preset_name():
+    spec = backbone_spec("hub:some_preset")
+    assert spec.name == HUB and spec.preprocess == "hub" and spec is not BACKBONES[HUB]
+    assert pretrained_status("hub:some_preset") == "keras-hub preset: download on first use"
 
 
 def test_hub_preset_offline_fails_fast():

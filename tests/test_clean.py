@@ -11,7 +11,14 @@ from PIL import Image
 
 from toolkit import clean
 from toolkit.cli import main
-from toolkit.data import load_dataset, save_dataset
+from toolkit.data import (
+    hamming,
+    hash_groups,
+    load_dataset,
+    near_duplicate_pairs,
+    phash_bits,
+    save_dataset,
+)
 from toolkit.errors import CellfuseError
 
 
@@ -81,7 +88,7 @@ def sha(path):
 def test_phash_bits_are_imagehash_phash():
     images, _ = cells(5)
     expected = [int(str(imagehash.phash(Image.fromarray(x))), 16) for x in images]
-    assert clean.phash_bits(images).tolist() == expected
+    assert phash_bits(images).tolist() == expected
 
 
 def test_near_duplicate_pairs_match_brute_force():
@@ -90,9 +97,9 @@ def test_near_duplicate_pairs_match_brute_force():
     flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, k, replace=False).astype(np.uint64))
              for k in rng.integers(1, 9, 300)]
     hashes = np.concatenate([base, base ^ np.array(flips, np.uint64)])  # near twins at 1..8 bits
-    distance = clean.hamming(hashes[:, None], hashes[None, :])
+    distance = hamming(hashes[:, None], hashes[None, :])
     for threshold in (0, 2, 4, 7):
-        i, j = clean.near_duplicate_pairs(hashes, threshold)
+        i, j = near_duplicate_pairs(hashes, threshold)
         bi, bj = np.nonzero(np.triu(distance <= threshold, k=1))
         assert np.array_equal(np.stack([i, j]), np.stack([bi, bj]))  # both in (i, j) order
         assert threshold == 0 or len(i) > 0
@@ -100,10 +107,10 @@ def test_near_duplicate_pairs_match_brute_force():
 
 def test_hash_groups_join_chains_and_identical_hashes():
     hashes = np.array([0b0, 0b11, 0b1111, 0b11, 0xFF00FF00, 0b0], dtype=np.uint64)
-    group = clean.hash_groups(hashes, threshold=2)  # 0 -2- 0b11 -2- 0b1111: one chain
+    group = hash_groups(hashes, threshold=2)  # 0 -2- 0b11 -2- 0b1111: one chain
     assert len({group[0], group[1], group[2], group[3], group[5]}) == 1
     assert group[4] != group[0]
-    assert len(set(clean.hash_groups(hashes, threshold=0))) == 4
+    assert len(set(hash_groups(hashes, threshold=0))) == 4
 
 
 def test_exact_duplicates_found_by_bytes():
@@ -115,7 +122,7 @@ def test_exact_duplicates_found_by_bytes():
 def test_find_duplicates_groups_near_copies_only():
     images, _ = cells(20, seed=3)
     images = np.concatenate([images, jitter(images[4], 0)[None], images[9][None]])
-    groups = clean.find_duplicates(clean.phash_bits(images), clean.DEFAULT_THRESHOLD)
+    groups = clean.find_duplicates(phash_bits(images), clean.DEFAULT_THRESHOLD)
     assert [g.tolist() for g in groups] == [[4, 20], [9, 21]]
 
 

@@ -475,3 +475,21 @@ def test_an_extra_validation_file_cannot_replace_the_split(tiny_npz, tmp_path):
     recipe = tiny_recipe(tiny_npz, tmp_path, f'data.extra_val=["{tmp_path / "val.npz"}"]')
     with pytest.raises(CellfuseError, match="already taken"):
         load_split(recipe, Console(quiet=True))
+
+
+def test_augmented_batches_stay_float32_under_mixed_precision(tiny_npz, tmp_path):
+    """toolkit.augment builds its layers under float32 whatever the global policy: built under
+    mixed_float16 they would compute 0..255 pixels in float16, and the first loss is NaN."""
+    import keras
+    from rich.console import Console
+
+    from toolkit.batches import load_split, make_dataset
+
+    recipe = tiny_recipe(tiny_npz, tmp_path, "augment.preset=\"heavy\"")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        images, _ = next(iter(make_dataset(load_split(recipe, Console(quiet=True)).train, recipe, training=True)))
+        assert keras.mixed_precision.global_policy().name == "mixed_float16", "the caller's policy is kept"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert images.dtype == "float32" and np.isfinite(images).all()

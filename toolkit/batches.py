@@ -2,6 +2,8 @@
 (class balance, train/validation leakage), then fed as tf.data batches: uint8 arrays -> float32
 0..255, augmented, sharded over workers.
 
+Also here: the first batch's and the untrained model's sanity checks, and Predictor (batched forward
+passes in inference mode, the one way cellfuse runs a model it is training or has just trained).
 Below train, consistency, distill and sweep, which all read data this way. TensorFlow is imported
 inside functions: importing this module is instant.
 """
@@ -9,6 +11,7 @@ inside functions: importing this module is instant.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +20,16 @@ from rich.console import Console
 from rich.panel import Panel
 
 from toolkit.augment import make_batch_augmenter
-from toolkit.clean import DEFAULT_THRESHOLD, hash_groups, phash_bits
 from toolkit.corrupt import corrupt_images
-from toolkit.data import Dataset, load_dataset, one_hot, stratified_split
+from toolkit.data import (
+    DEFAULT_THRESHOLD,
+    Dataset,
+    hash_groups,
+    load_dataset,
+    one_hot,
+    phash_bits,
+    stratified_split,
+)
 from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe
 
@@ -96,6 +106,26 @@ def leaked_rows(train_hashes: np.ndarray, val_hashes: np.ndarray) -> int:
     return int(np.isin(groups[len(train_hashes):], groups[:len(train_hashes)]).sum())
 
 
+def check_initial_loss(model, val: Dataset, recipe: Recipe, console: Console) -> float:
+    """Before training, the loss should be near ln(n_classes): far off means broken inputs or head."""
+    import keras
+
+    rows = np.arange(min(len(val), 256))
+    probs = Predictor(model, 64)(val.images[rows])
+    if not np.isfinite(probs).all():
+        raise CellfuseError("the untrained model outputs NaN: check model.weights and the input range")
+    loss = float(keras.losses.CategoricalCrossentropy()(one_hot(val.labels[rows], val.n_classes), probs))
+    expected = math.log(val.n_classes)
+    if abs(loss - expected) > 0.5 * expected:
+        warn(console, f"initial loss {loss:.3f} is far from ln({val.n_classes}) = {expected:.3f}: "
+                       "the inputs may be scaled twice, channels flipped, or the head mis-initialised")
+    else:
+        console.print(f"initial loss {loss:.3f} (ln({val.n_classes}) = {expected:.3f}): ok")
+    return loss
+
+
+
+
 def warn(console: Console, text: str) -> None:
     console.print(Panel(text, title="WARNING", border_style="bold red"))
 
@@ -112,25 +142,13 @@ def make_dataset(data: Dataset, recipe: Recipe, *, training: bool, validation_au
     ds = ds.batch(cfg.batch_size, drop_remainder=training)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if training or validation_augment:
-        augmenter = _float32_augmenter(recipe, targets.shape[1], training)
+        augmenter = make_batch_augmenter(recipe.augment, targets.shape[1], seed=recipe.train.seed,
+                                         validation=not training)  # its layers built under float32
         if augmenter is not None:
             ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()  # several workers: each takes its share of every global batch
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def _float32_augmenter(recipe: Recipe, n_classes: int, training: bool):
-    """Augmentation layers built under float32: made under mixed_float16 they compute 0..255 pixels
-    in float16 and the first batch's loss is NaN."""
-    import keras
-
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        return make_batch_augmenter(recipe.augment, n_classes, seed=recipe.train.seed, validation=not training)
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
@@ -159,3 +177,20 @@ def class_weight(recipe: Recipe, train: Dataset):
     present = np.unique(train.labels)
     weights = compute_class_weight("balanced", classes=present, y=train.labels)
     return {int(c): float(w) for c, w in zip(present, weights, strict=False)}
+
+
+class Predictor:
+    """Batched forward passes of `source` in inference mode. Local to this process (no collective op),
+    so every worker of a cluster computes the same values from the same weights."""
+
+    def __init__(self, source, batch_size: int = 256):
+        self.source, self.batch_size = source, batch_size
+        self._forward = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._forward is None:
+            self._forward = tf.function(lambda v: self.source(v, training=False), reduce_retracing=True)
+        return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
+                                          dtype=np.float32) for i in range(0, len(x), self.batch_size)])

@@ -1,8 +1,7 @@
 """The callbacks of every fit: backups, EMA with matching BatchNorm statistics, NaN guard, validation
 AUC, multi-worker agreement, best checkpoint, the epoch log. make_callbacks puts them in order.
 
-Also here: Predictor (batched forward passes, local to this process: the validation callbacks and a
-distillation teacher) and read_history (history.csv, which EpochLog writes). A new callback: a class
+Also here: read_history (history.csv, which EpochLog writes). A new callback: a class
 here, then one line in make_callbacks. Importing this module loads Keras.
 """
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from toolkit import report
+from toolkit.batches import Predictor
 from toolkit.compat import BACKUP_SAVE_METHOD, flatten_layers, initial_epoch, set_initial_epoch
 from toolkit.data import Dataset
 from toolkit.distribute import is_multi_worker, sync_replicas, tf_variables
@@ -190,23 +190,6 @@ class NaNGuard(keras.callbacks.Callback):
         if loss is not None and not np.isfinite(loss):
             self.where = f"epoch {self.offset + self.epoch + 1}, step {batch + 1}"
             self.model.stop_training = True
-
-
-class Predictor:
-    """Batched forward passes of `source` in inference mode. Local to this process (no collective op),
-    so every worker of a cluster computes the same values from the same weights."""
-
-    def __init__(self, source, batch_size: int = 256):
-        self.source, self.batch_size = source, batch_size
-        self._forward = None
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        if self._forward is None:
-            self._forward = tf.function(lambda v: self.source(v, training=False), reduce_retracing=True)
-        return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
-                                          dtype=np.float32) for i in range(0, len(x), self.batch_size)])
 
 
 class ValidationAUC(keras.callbacks.Callback):

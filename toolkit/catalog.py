@@ -1,27 +1,21 @@
 """The recipes that ship with cellfuse, and the backbone registry, as `cellfuse recipes` and
-`cellfuse backbones` list them.
+`cellfuse backbones` list them; `cellfuse recipes copy` writes one out to edit.
 
-The recipes live in the checkout's top-level recipes/ and install as the package data of
-`toolkit.recipes` (pyproject.toml), so they are found through importlib.resources after any install,
-editable or not. Wherever a command takes a recipe file it also takes a shipped recipe's name:
-
-    find_recipe("tiny")            -> .../toolkit/recipes/tiny.toml (the shipped file)
-    find_recipe("my/tiny.toml")    -> my/tiny.toml (a path that exists is used as is)
-
-Nothing here imports TensorFlow: listing parses the recipes' TOML and reads the tables below.
+Finding a recipe by name (find_recipe, shipped_recipe) lives in toolkit.recipe, which loads recipes;
+the names stay importable from here. Nothing here imports TensorFlow: listing parses the recipes' TOML
+and reads the tables below.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-import tomllib
-from importlib.resources import files
 from pathlib import Path
 
-from toolkit.errors import CellfuseError
-
-SHIPPED_PACKAGE = "toolkit.recipes"
+from toolkit.backbones import BACKBONES, HUB, IMAGE_SIZE, pretrained_status
+from toolkit.recipe import ModelConfig, read_toml, shipped_dir, shipped_names, shipped_recipe
+from toolkit.recipe import find_recipe as find_recipe  # re-exported: the commands find recipes here
+from toolkit.recipe import shipped_file as shipped_file  # re-exported
+from toolkit.runs import atomic_write_text, check_new_file
 
 # Wall time of each recipe's whole schedule on the real training file (5,091 training images) on a
 # 2-core CPU, as measured in README Results; "GPU" for recipes sized for a GPU. A shipped recipe missing
@@ -62,6 +56,7 @@ BACKBONE_PARAMS = {
     "efficientnetv2-b1": 6_931_124,
     "efficientnetv2-b2": 8_769_374,
     "efficientnetv2-b3": 12_930_622,
+    "efficientnetv2-custom": 5_919_312,  # at width = depth = 1 (model.width, model.depth scale it)
     "efficientnetv2-l": 117_746_848,
     "efficientnetv2-m": 53_150_388,
     "efficientnetv2-s": 20_331_360,
@@ -74,57 +69,6 @@ BACKBONE_PARAMS = {
 }
 
 
-# ---------------------------------------------------------------- where the shipped recipes are
-
-def shipped_dir() -> Path:
-    """The installed recipes folder (the checkout's recipes/ under an editable install)."""
-    try:
-        folder = Path(str(files(SHIPPED_PACKAGE)))
-    except ModuleNotFoundError:
-        raise CellfuseError(f"the shipped recipes ({SHIPPED_PACKAGE}) are not installed; reinstall cellfuse "
-                            "(`make install`, or pip install .)") from None
-    return folder
-
-
-def shipped_names() -> list[str]:
-    """Names of the shipped recipes (file stems), search spaces excluded."""
-    return sorted(p.stem for p in shipped_dir().glob("*.toml"))
-
-
-def shipped_recipe(name: str) -> Path:
-    """The shipped recipe `name` (with or without .toml; `spaces/x` for a search space)."""
-    found = shipped_file(name)
-    if found is None:
-        raise CellfuseError(f"{name}: no such shipped recipe; `cellfuse recipes` lists them" + did_you_mean(name))
-    return found
-
-
-def shipped_file(name: str) -> Path | None:
-    """The shipped file called `name` (with or without .toml; `spaces/x` for a search space), or None."""
-    folder = shipped_dir()
-    path = folder / (name if name.endswith(".toml") else f"{name}.toml")
-    if path.is_file() and path.resolve().is_relative_to(folder.resolve()):
-        return path
-    return None
-
-
-def find_recipe(arg: str | Path) -> Path:
-    """A recipe file: a path that exists is used as is; otherwise a shipped recipe's name."""
-    if Path(arg).exists():
-        return Path(arg)
-    found = shipped_file(str(arg))
-    if found is None:
-        raise CellfuseError(f"{arg}: does not exist, and no shipped recipe has that name; `cellfuse recipes` lists them"
-                            + did_you_mean(str(arg)))
-    return found
-
-
-def did_you_mean(arg: str) -> str:
-    stem = Path(arg).name.removesuffix(".toml")
-    close = difflib.get_close_matches(stem, shipped_names(), n=1, cutoff=0.6)
-    return f" (did you mean the shipped recipe {close[0]!r}?)" if close else ""
-
-
 # ---------------------------------------------------------------- listing
 
 def shipped_recipes() -> list[dict]:
@@ -133,13 +77,7 @@ def shipped_recipes() -> list[dict]:
 
 
 def recipe_row(path: Path) -> dict:
-    from toolkit.recipe import ModelConfig
-
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CellfuseError(f"{path}: not valid TOML ({e})") from None
+    text, raw = path.read_text(), read_toml(path)
     model, train = raw.get("model", {}), raw.get("train", {})
     backbone = model.get("backbone", ModelConfig.backbone)
     stages = train.get("stages", [{}])
@@ -153,8 +91,6 @@ def recipe_row(path: Path) -> dict:
 def input_size(backbone: str, size: int) -> int:
     """The side the backbone sees: the recipe's, else the one build_classifier picks (its pretraining
     size, or the data's 96 px when that is more than twice 96)."""
-    from toolkit.backbones import BACKBONES, IMAGE_SIZE
-
     spec = BACKBONES.get(backbone)
     if size or spec is None:
         return size or IMAGE_SIZE
@@ -172,20 +108,18 @@ def purpose(text: str) -> str:
 
 
 def backbone_rows() -> list[dict]:
-    """One row per registered backbone: pretraining size, parameters, and whether its ImageNet weights
-    can be had on this machine right now."""
-    from toolkit.backbones import BACKBONES, pretrained_status
-
-    return [{"name": name, "default_size": spec.default_size, "params": BACKBONE_PARAMS.get(name),
-             "pretrained": pretrained_status(name)} for name, spec in sorted(BACKBONES.items())]
+    """One row per registered backbone: pretraining and minimum sizes, parameters, and whether its
+    pretrained weights can be had on this machine right now. The hub: entry has no row: its size and
+    parameters are each preset's own."""
+    return [{"name": name, "default_size": spec.default_size, "min_size": spec.min_size,
+             "params": BACKBONE_PARAMS[name], "pretrained": pretrained_status(name)}
+            for name, spec in sorted(BACKBONES.items()) if name != HUB]
 
 
 # ---------------------------------------------------------------- copying one out to edit
 
 def copy_recipe(name: str, path: str | Path, force: bool = False) -> Path:
     """Write the shipped recipe `name` to `path`, its opening command naming the new file."""
-    from toolkit.runs import atomic_write_text, check_new_file
-
     source = shipped_recipe(name)
     out = check_new_file(Path(path), ".toml", force)
     shipped_as = f"recipes/{source.relative_to(shipped_dir()).as_posix()}"

@@ -1,4 +1,5 @@
-"""Load and validate data sets; stratified splits; tf.data pipelines.
+"""Load and validate data sets; stratified splits; perceptual hashes and near-duplicate groups
+(`cellfuse clean` and the leakage check of a run's split both use them).
 
 Every stage reads data through `load_dataset`, so every stage rejects bad input the same way:
 one `CellfuseError` line naming the file and the problem, never a numpy/TensorFlow traceback.
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import CellfuseError
+from toolkit.runs import atomic_write_bytes
 
 CLASS_NAMES = (
     "basophil", "eosinophil", "erythroblast", "immature granulocyte",
@@ -289,8 +291,6 @@ def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray, tuple
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """Write an npz atomically: a crash never leaves a half-written file under `path`."""
-    from toolkit.runs import atomic_write_bytes
-
     buf = io.BytesIO()
     # zlib level 1: photos barely compress, and the default level triples the write time for ~2%.
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
@@ -333,3 +333,89 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[labels]
+
+
+# ---------------------------------------------------------------- perceptual hashes and near duplicates
+# (clean's duplicate search, and the leakage check of a run's split)
+
+# Max phash Hamming distance between near duplicates. phash marks the 64 low DCT coefficients
+# above their median, so every hash has 32 bits set and distances are even. On the real
+# train.npz, ignoring byte-identical copies, the nearest-neighbour distance of the 6,130 distinct
+# images is 0 (124 cells + the planted pictures' variants) or 2 (17): all re-encoded or slightly
+# altered copies (mean |pixel difference| 3-6). Nothing lies at 4; the closest *different* cells
+# are at 6 (1 pair, mean difference 24) and 8 (41). Every pair that is close in pixel space (RMS
+# < 8 on 24x24 thumbnails) is within 2 bits. 4 sits in that empty gap: a copy may drift one more
+# bit pair than any seen and still match, while the nearest different cells (6) stay apart.
+DEFAULT_THRESHOLD = 4
+
+
+def phash_bits(images: np.ndarray, console=None) -> np.ndarray:
+    """imagehash.phash of every image as a uint64 (row-major bits), with a progress bar."""
+    import imagehash
+    from PIL import Image
+
+    bits = np.empty((len(images), 64), dtype=bool)
+    with _progress(console) as progress:
+        task = progress.add_task("perceptual hashes", total=len(images))
+        for i, image in enumerate(images):
+            bits[i] = imagehash.phash(Image.fromarray(image)).hash.ravel()
+            if i % 512 == 511 or i == len(images) - 1:
+                progress.update(task, completed=i + 1)
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 hashes, vectorised."""
+    x = np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64))
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x).astype(np.int64)
+    return np.unpackbits(np.atleast_1d(x).view(np.uint8).reshape(-1, 8), axis=1).sum(1).reshape(x.shape)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of positions whose hashes differ in at most `threshold` bits.
+
+    Multi-index hashing: cut the 64 bits into threshold + 1 chunks. Two hashes within `threshold`
+    bits agree exactly on at least one chunk (pigeonhole), so only hashes sharing a chunk value
+    are compared; sorting on each chunk finds them. Pass distinct hashes (see `hash_groups`):
+    n identical hashes would make n^2/2 pairs.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if not 0 <= threshold < 64:
+        raise ValueError(f"threshold must be 0..63 bits, got {threshold}")
+    n = len(hashes)
+    edges = np.linspace(0, 64, threshold + 2).astype(int)
+    found = [np.empty(0, np.int64)]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        key = (hashes >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts, gap = np.arange(n - 1), 1
+        while starts.size:  # runs of equal keys: compare each item with the next, 2nd next, ...
+            starts = starts[starts + gap < n]
+            starts = starts[key[starts] == key[starts + gap]]
+            i, j = order[starts], order[starts + gap]
+            close = hamming(hashes[i], hashes[j]) <= threshold
+            found.append(np.minimum(i, j)[close] * n + np.maximum(i, j)[close])
+            gap += 1
+    pairs = np.unique(np.concatenate(found))
+    return pairs // max(n, 1), pairs % max(n, 1)
+
+
+def hash_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """A group id per row: rows linked by chains of near-duplicate hashes share one."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    distinct, row_to_distinct = np.unique(hashes, return_inverse=True)
+    i, j = near_duplicate_pairs(distinct, threshold)
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(distinct),) * 2)
+    _, component = connected_components(graph, directed=False)
+    return component[row_to_distinct.ravel()]
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)

@@ -1,5 +1,10 @@
 """Recipes: TOML -> frozen dataclasses, strict keys, checked values, typed `--set key=value` overrides.
 
+A recipe file is a path, or the name of a recipe that ships with cellfuse (find_recipe):
+
+    find_recipe("tiny")            -> .../toolkit/recipes/tiny.toml (the shipped file)
+    find_recipe("my/tiny.toml")    -> my/tiny.toml (a path that exists is used as is)
+
 A recipe fully describes a run. Every key has a default here, with a comment saying what it does,
 so a recipe file only names what it changes. Unknown keys are errors (with a did-you-mean), never
 silently ignored, and every value is checked at load against RULES, so a bad number stops the
@@ -20,13 +25,13 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import tomli_w
 
 from toolkit.augment import DEFAULTS as AUGMENT_DEFAULTS
 from toolkit.augment import check_section
-from toolkit.catalog import find_recipe
 from toolkit.errors import CellfuseError
 
 
@@ -257,6 +262,62 @@ def _key_paths(node, at: str = "") -> set[str]:
     else:
         return set()
     return {path for key, value in children for path in (key, *_key_paths(value, key))}
+
+
+# ---------------------------------------------------------------- finding a recipe: a path, or a shipped one's name
+
+# The shipped recipes live in the checkout's top-level recipes/ and install as the package data of
+# toolkit.recipes (pyproject.toml), so importlib.resources finds them after any install, editable or not.
+SHIPPED_PACKAGE = "toolkit.recipes"
+
+
+def shipped_dir() -> Path:
+    """The installed recipes folder (the checkout's recipes/ under an editable install)."""
+    try:
+        folder = Path(str(files(SHIPPED_PACKAGE)))
+    except ModuleNotFoundError:
+        raise CellfuseError(f"the shipped recipes ({SHIPPED_PACKAGE}) are not installed; reinstall cellfuse "
+                            "(`make install`, or pip install .)") from None
+    return folder
+
+
+def shipped_names() -> list[str]:
+    """Names of the shipped recipes (file stems), search spaces excluded."""
+    return sorted(p.stem for p in shipped_dir().glob("*.toml"))
+
+
+def shipped_recipe(name: str) -> Path:
+    """The shipped recipe `name` (with or without .toml; `spaces/x` for a search space)."""
+    found = shipped_file(name)
+    if found is None:
+        raise CellfuseError(f"{name}: no such shipped recipe; `cellfuse recipes` lists them" + did_you_mean_recipe(name))
+    return found
+
+
+def shipped_file(name: str) -> Path | None:
+    """The shipped file called `name` (with or without .toml; `spaces/x` for a search space), or None."""
+    folder = shipped_dir()
+    path = folder / (name if name.endswith(".toml") else f"{name}.toml")
+    if path.is_file() and path.resolve().is_relative_to(folder.resolve()):
+        return path
+    return None
+
+
+def find_recipe(arg: str | Path) -> Path:
+    """A recipe file: a path that exists is used as is; otherwise a shipped recipe's name."""
+    if Path(arg).exists():
+        return Path(arg)
+    found = shipped_file(str(arg))
+    if found is None:
+        raise CellfuseError(f"{arg}: does not exist, and no shipped recipe has that name; `cellfuse recipes` lists them"
+                            + did_you_mean_recipe(str(arg)))
+    return found
+
+
+def did_you_mean_recipe(arg: str) -> str:
+    stem = Path(arg).name.removesuffix(".toml")
+    close = difflib.get_close_matches(stem, shipped_names(), n=1, cutoff=0.6)
+    return f" (did you mean the shipped recipe {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------- loading

@@ -17,18 +17,16 @@ datasets; a sweep trial is a run with a pruning callback):
     fit_stages(model, recipe, split, run, strategy, console, train_ds=, val_ds=, compile_fn=, ...)
     finish_run(recipe, split, run, started, console)   best.keras, metrics, plots, summary.json
 
-The parts live beside it: toolkit.batches (split, data checks, tf.data), toolkit.callbacks (every
-callback of a fit), toolkit.distribute (cluster, strategy, precision), toolkit.procs (child processes
-for --parallel). Names that moved there and distill uses stay importable from here.
+The parts live beside it: toolkit.batches (split, data and model checks, tf.data, Predictor),
+toolkit.callbacks (every callback of a fit), toolkit.averaging (the inference model, snapshots, SWA,
+WiSE-FT), toolkit.distribute (cluster, strategy, precision), toolkit.procs (child processes for
+--parallel). The names above, and those distill uses from there, are importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -38,25 +36,21 @@ import numpy as np
 from rich.console import Console
 
 from toolkit import consistency, report
+from toolkit.averaging import inference_model, save_snapshots, save_wise, weights_digest
 from toolkit.backbones import backbone_spec, build_classifier, set_trainable
 from toolkit.batches import (
+    Predictor,
     Split,
     check_batch,
     check_data,
+    check_initial_loss,
     class_weight,
     load_split,
     make_dataset,
     steps_per_epoch,
-    warn,
 )
-from toolkit.callbacks import (
-    NaNGuard,
-    Predictor,  # noqa: F401  (distill uses T.Predictor)
-    calibration_images,
-    make_callbacks,
-    read_history,
-)
-from toolkit.data import Dataset, one_hot, save_npz
+from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks, read_history
+from toolkit.data import save_npz
 from toolkit.distribute import (
     Cluster,
     choose_strategy,
@@ -218,36 +212,6 @@ def build_model(recipe: Recipe, n_classes: int):
     return build_classifier(recipe.model, n_classes)
 
 
-def inference_model(recipe: Recipe, n_classes: int, checkpoint: Path):
-    """The trained weights in a fresh float32 model with no optimizer: what best.keras holds."""
-    import keras
-
-    keras.mixed_precision.set_global_policy("float32")
-    model = build_classifier(dataclasses.replace(recipe.model, weights="none"), n_classes)
-    load_weights(model, checkpoint)
-    return model
-
-
-# ---------------------------------------------------------------- sanity checks
-
-def check_initial_loss(model, val: Dataset, recipe: Recipe, console: Console) -> float:
-    """Before training, the loss should be near ln(n_classes): far off means broken inputs or head."""
-    import keras
-
-    rows = np.arange(min(len(val), 256))
-    probs = model.predict(val.images[rows].astype(np.float32), verbose=0, batch_size=64)
-    if not np.isfinite(probs).all():
-        raise CellfuseError("the untrained model outputs NaN: check model.weights and the input range")
-    loss = float(keras.losses.CategoricalCrossentropy()(one_hot(val.labels[rows], val.n_classes), probs))
-    expected = math.log(val.n_classes)
-    if abs(loss - expected) > 0.5 * expected:
-        warn(console, f"initial loss {loss:.3f} is far from ln({val.n_classes}) = {expected:.3f}: "
-                       "the inputs may be scaled twice, channels flipped, or the head mis-initialised")
-    else:
-        console.print(f"initial loss {loss:.3f} (ln({val.n_classes}) = {expected:.3f}): ok")
-    return loss
-
-
 # ---------------------------------------------------------------- fitting
 
 def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console: Console, *,
@@ -341,9 +305,9 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     adopt_library_files(run / "tb")
     candidates = save_snapshots(recipe, split, run)
     wise = save_wise(recipe, split, run, model) if recipe.train.init_from else None
-    metrics = {}
+    metrics, predict = {}, Predictor(model)
     for name, data in split.val.items():
-        probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+        probs = predict(data.images)
         metrics[name] = report.classification_metrics(data.labels, probs, data.class_names)
         save_npz(run / f"probs_{name}.npz", probs=probs, labels=data.labels, index=data.index)
         report.plot_confusion(metrics[name]["confusion"], data.class_names, run / f"confusion_{name}.png",
@@ -368,55 +332,6 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     return summary
 
 
-def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
-    """snapshot_e<N>.keras for each kept epoch and swa.keras, their weights averaged (BatchNorm's
-    moving statistics averaged too: an approximation of SWA's re-estimation), beside best.keras so
-    that they share its validation split; -> {file name: accuracy on the validation split}."""
-    files = sorted((run / "checkpoint").glob("snapshot_e*.weights.h5"),
-                   key=lambda f: int(f.name.removeprefix("snapshot_e").removesuffix(".weights.h5")))
-    if not files:
-        return {}
-    val, accuracy, total = split.val["val"], {}, None
-    model = inference_model(recipe, split.train.n_classes, files[0])
-
-    def keep(name: str) -> None:
-        save_model_atomic(model, run / name)
-        probs = model.predict(val.images.astype(np.float32), batch_size=256, verbose=0)
-        accuracy[name] = round(float((probs.argmax(1) == val.labels).mean()), 4)
-
-    for file in files:
-        load_weights(model, file)
-        weights = model.get_weights()
-        total = weights if total is None else [t + w for t, w in zip(total, weights, strict=True)]
-        keep(file.name.removesuffix(".weights.h5") + ".keras")
-    model.set_weights([t / len(files) for t in total])
-    keep("swa.keras")
-    return accuracy
-
-
-WISE_ALPHAS = (0.25, 0.5, 0.75)  # weight of the fine-tuned model; 0 is the start, 1 the result
-
-
-def save_wise(recipe: Recipe, split: Split, run: Path, model) -> dict:
-    """wise.keras: the start's and the result's weights blended (WiSE-FT), the blend chosen on the
-    held-out families (val_heldout among data.extra_val) when given, else on the validation split:
-    corruption-tuned weights must not be chosen on the corruptions they were tuned on."""
-    start = weights_by_path(load_model(recipe.train.init_from, compile=False))
-    tuned = weights_by_path(model)
-    steer = "val_heldout" if "val_heldout" in split.val else "val"
-    data = split.val[steer]
-    scores = {}
-    for alpha in WISE_ALPHAS:
-        assign_by_path(model, {k: (1 - alpha) * start[k] + alpha * w for k, w in tuned.items()}, run)
-        probs = model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
-        scores[alpha] = round(float((probs.argmax(1) == data.labels).mean()), 4)
-    alpha = max(scores, key=scores.get)
-    assign_by_path(model, {k: (1 - alpha) * start[k] + alpha * w for k, w in tuned.items()}, run)
-    save_model_atomic(model, run / "wise.keras")
-    assign_by_path(model, tuned, run)
-    return {"alpha": alpha, "chosen_on": steer, "accuracy": scores}
-
-
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
     """A non-chief worker's end: its temporary folder goes; it reports the digest of its final
     weights, which equals the chief's when the workers stayed in sync."""
@@ -425,14 +340,6 @@ def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> d
     remove_scratch(start.run)
     console.print(f"worker {summary['task']} done; the chief wrote the run directory")
     return summary
-
-
-def weights_digest(weights: list) -> str:
-    digest = hashlib.sha1()
-    for w in weights:
-        digest.update(np.ascontiguousarray(w).tobytes())
-    return digest.hexdigest()
-
 
 
 # ---------------------------------------------------------------- several recipes at once
