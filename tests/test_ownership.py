@@ -24,7 +24,14 @@ from conftest import make_images
 
 from toolkit.cli import main
 from toolkit.data import save_dataset
-from toolkit.runs import MANIFEST, atomic_write_bytes, atomic_write_text, make_own_dir
+from toolkit.runs import (
+    MANIFEST,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_new_file,
+    make_own_dir,
+    release_locks,
+)
 
 # The smallest training cellfuse does: the tiny recipe, one epoch of one step.
 TINY = ("--set data.train=d.npz --set train.steps_per_epoch=1 "
@@ -157,8 +164,12 @@ def _real(root: Path, work: Path, rel: str) -> str:
 
 # ---------------------------------------------------------------- the layouts
 
-def own_file(path: str, data: bytes = b"written by cellfuse") -> None:
+def own_file(path: str, data: bytes = b"written by cellfuse", writer: str | None = None) -> None:
+    """A file cellfuse wrote; as a command writing single files (`writer`) would record it, when named."""
+    if writer:
+        check_new_file(Path(path), None, False, writer=writer)
     atomic_write_bytes(path, data)
+    release_locks()
 
 
 def own_sweep_with_best_toml(work: Path) -> None:
@@ -240,19 +251,24 @@ CASES = [
     Case("corrupt-symlinked-file", "corrupt d.npz --out c.npz", link("c.npz", "user/notes.txt")),
     Case("corrupt-into-symlinked-folder", "corrupt d.npz --out link/c.npz --families own", forces=(True,),
          expect=ok(0, 0), writes=("link/c.npz", f"link/{MANIFEST}")),
-    Case("corrupt-own-file", "corrupt d.npz --out c.npz", lambda w: own_file(w / "c.npz"), expect=ok(2, 0),
-         writes=("c.npz",), replaces=("c.npz",)),
+    Case("corrupt-own-file", "corrupt d.npz --out c.npz", lambda w: own_file(w / "c.npz", writer="corrupt"),
+         expect=ok(2, 0), writes=("c.npz",), replaces=("c.npz",)),
+    Case("corrupt-over-synth-s-file", "corrupt d.npz --out c.npz", lambda w: own_file(w / "c.npz", writer="synth")),
+    Case("corrupt-over-clean-s-data", "corrupt d.npz --out clean/clean.npz"),
     # split DATA --out DIR
     Case("split-user-val", "split d.npz --out user", user_files("user/val.npz")),
     Case("split-out-is-input", "split d.npz --out d.npz"),
     Case("split-out-inside-input", "split d.npz --out d.npz/sub"),
     Case("split-into-own-output-holding-input", "split clean/clean.npz --out clean --families ''",
          forces=(False,), expect=ok(0, 0), writes=("clean",)),
+    Case("split-over-corrupt-s-file", "split d.npz --out user --families ''",
+         lambda w: own_file(w / "user" / "val.npz", writer="corrupt"), says="user/val.npz"),
     Case("split-symlink", "split d.npz --out link --families ''", forces=(True,), expect=ok(0, 0), writes=("user",)),
     # preview RECIPE --out PNG
     Case("preview-user-file", f"preview tiny {NO_TRAIN} --out user/p.png", user_files("user/p.png")),
     Case("preview-out-is-recipe", f"preview student.toml {NO_TRAIN} --out student.toml"),
     Case("preview-out-inside-input", f"preview tiny {NO_TRAIN} --out d.npz/p.png"),
+    Case("preview-over-a-run-s-plot", f"preview tiny {NO_TRAIN} --out runs/tiny/curves.png"),
     Case("preview-symlinked-file", f"preview tiny {NO_TRAIN} --out p.png", link("p.png", "user/notes.txt")),
     # train RECIPE --out ROOT (the run is ROOT/<name>)
     Case("train-user-folder-named", f"train tiny {NO_TRAIN} --out . --set name=user"),
@@ -295,6 +311,8 @@ CASES = [
     Case("export-out-is-run", "export runs/tiny --out runs/tiny"),
     Case("export-out-inside-input", "export runs/tiny --out d.npz/s.zip"),
     Case("export-symlinked-file", "export runs/tiny --out s.zip", link("s.zip", "user/notes.txt")),
+    Case("export-over-a-run-s-model", "export runs/tiny --out runs/tiny/best.keras"),
+    Case("export-over-predict-s-file", "export runs/tiny --out s.zip", lambda w: own_file(w / "s.zip", writer="predict")),
     Case("export-into-run", "export runs/tiny --out runs/tiny/s.zip", forces=(False,), expect=ok(0, 0),
          writes=("runs/tiny/s.zip",)),
     # inspect MODEL DATA --out DIR
@@ -320,20 +338,25 @@ CASES = [
     Case("synth-user-file", "synth --out d.npz --n 8"),
     Case("synth-out-inside-input", "synth --out d.npz/s.npz --n 8"),
     Case("synth-symlinked-file", "synth --out s.npz --n 8", link("s.npz", "user/notes.txt")),
+    Case("synth-over-clean-s-data", "synth --out clean/clean.npz --n 8"),
     Case("synth-into-user-folder", "synth --out user/s.npz --n 8", forces=(True,), expect=ok(0, 0),
          writes=("user/s.npz", "user/s.planted.json", f"user/{MANIFEST}")),
     # predict MODEL INPUT --out CSV
     Case("predict-user-file", "predict runs/tiny d.npz --out user/p.csv", user_files("user/p.csv")),
     Case("predict-out-is-input", "predict runs/tiny d.npz --out d.npz"),
     Case("predict-out-inside-input", "predict runs/tiny d.npz --out d.npz/p.csv"),
+    Case("predict-over-a-run-s-history", "predict runs/tiny d.npz --out runs/tiny/history.csv"),
+    Case("predict-over-export-s-file", "predict runs/tiny d.npz --out p.csv",
+         lambda w: own_file(w / "p.csv", writer="export")),
     Case("predict-symlinked-file", "predict runs/tiny d.npz --out p.csv", link("p.csv", "user/notes.txt")),
     # recipes copy NAME PATH
     Case("recipes-copy-user-file", "recipes copy tiny user/t.toml", user_files("user/t.toml")),
     Case("recipes-copy-over-recipe", "recipes copy tiny student.toml"),
     Case("recipes-copy-inside-file", "recipes copy tiny d.npz/t.toml"),
     Case("recipes-copy-symlinked-file", "recipes copy tiny t.toml", link("t.toml", "user/notes.txt")),
-    Case("recipes-copy-own-file", "recipes copy tiny t.toml", lambda w: own_file(w / "t.toml"), expect=ok(2, 0),
-         writes=("t.toml",), replaces=("t.toml",)),
+    Case("recipes-copy-own-file", "recipes copy tiny t.toml", lambda w: own_file(w / "t.toml", writer="recipes copy"),
+         expect=ok(2, 0), writes=("t.toml",), replaces=("t.toml",)),
+    Case("recipes-copy-over-a-run-s-recipe", "recipes copy tiny runs/tiny/recipe.toml"),
     # demo and bench: refused in their output's preparation, before any work (a real run takes minutes)
     Case("demo-user-folder", "demo --out user"),
     Case("demo-out-holds-input", "demo --data d.npz --out ."),
@@ -457,3 +480,32 @@ def test_a_symlinked_out_with_force_is_one_line_and_deletes_nothing(sandbox):
     (sandbox / "cl").symlink_to("user/clean")
     result = run_checked(sandbox.parent, "clean d.npz --out cl --no-tsne --force", expect=2)
     assert "symbolic link" in result.output
+
+
+# ---------------------------------------------------------------- --force on a file: only the same command's
+
+def test_predict_force_never_replaces_a_run_s_history(sandbox):
+    """`predict RUN DATA --out RUN/history.csv --force` replaced the run's history with predictions."""
+    result = run_checked(sandbox.parent, "predict runs/tiny d.npz --out runs/tiny/history.csv --force", expect=2)
+    assert "history.csv: belongs to a run output of `cellfuse train`" in result.output
+    assert "`cellfuse predict` will not replace it" in result.output
+
+
+def test_export_force_never_replaces_a_run_s_model(sandbox):
+    """`export RUN --out RUN/best.keras --force`: the run's model stays (and no zip lands on it)."""
+    before = (sandbox / "runs" / "tiny" / "best.keras").read_bytes()
+    run_checked(sandbox.parent, "export runs/tiny --out runs/tiny/best.keras --force", expect=2)
+    assert (sandbox / "runs" / "tiny" / "best.keras").read_bytes() == before
+
+
+def test_a_command_may_force_over_its_own_earlier_output(sandbox):
+    """The same command replaces what it wrote; another command may not."""
+    run_checked(sandbox.parent, "predict runs/tiny d.npz --out user/p.csv", expect=0,
+                writes=("user/p.csv", f"user/{MANIFEST}"))
+    run_checked(sandbox.parent, "predict runs/tiny d.npz --out user/p.csv --force", expect=0,
+                replaces=("user/p.csv",), writes=("user/p.csv",))
+    manifest = json.loads((sandbox / "user" / MANIFEST).read_text())
+    assert manifest == {"own": ["p.csv"], "writers": {"p.csv": "predict"}}
+    result = run_checked(sandbox.parent, "corrupt d.npz --out user/p.csv --force", expect=2)
+    assert "`cellfuse predict`" in result.output
+

@@ -22,7 +22,9 @@ from toolkit.runs import (
     release_locks,
     remove_own,
     save_weights,
+    write_csv,
     write_json,
+    writer_of,
 )
 
 
@@ -128,9 +130,53 @@ def test_check_new_file_replaces_only_files_cellfuse_wrote(tmp_path):
     assert theirs.read_text() == "{}"
     with pytest.raises(CellfuseError, match="also an input"):
         check_new_file(mine, ".json", force=True, inputs=[mine])
-    assert json.loads((tmp_path / MANIFEST).read_text()) == {"own": ["report.json"]}  # claims no folder
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {  # claims no folder, and names who wrote it
+        "own": ["report.json"], "writers": {"report.json": "(python)"}}
     with pytest.raises(CellfuseError, match="not a directory"):
         check_new_file(mine / "x.npz", ".npz", force=False)
+
+
+def test_force_replaces_a_file_only_for_the_command_that_wrote_it(tmp_path):
+    preds = check_new_file(tmp_path / "p.csv", ".csv", force=False, writer="predict")
+    write_csv(preds, [{"a": 1}])
+    assert writer_of(preds) == "predict"
+    check_new_file(preds, ".csv", force=True, writer="predict")  # its own earlier output: replaceable
+    with pytest.raises(CellfuseError, match=r"p.csv: was written by `cellfuse predict`.*choose another --out"):
+        check_new_file(preds, ".csv", force=True, writer="export")
+    run = make_own_dir(tmp_path / "run", "run")
+    write_csv(run / "history.csv", [{"epoch": 1}])  # the folder's command's file: train's
+    with pytest.raises(CellfuseError, match=r"history.csv: belongs to a run output of `cellfuse train`, so "
+                                            r"`cellfuse predict` will not replace it"):
+        check_new_file(run / "history.csv", ".csv", force=True, writer="predict")
+    write_csv(run / "history.csv", [{"epoch": 2}])  # train itself still rewrites it every epoch
+    assert "2" in (run / "history.csv").read_text()
+
+
+def test_the_last_guard_refuses_a_write_over_another_command_s_file(tmp_path):
+    """A write under check_new_file's claim never lands on a file the claim did not check."""
+    run = make_own_dir(tmp_path / "run", "run")
+    write_csv(run / "history.csv", [{"epoch": 1}])
+    check_new_file(run / "p.csv", ".csv", force=False, writer="predict")
+    write_csv(run / "p.csv", [{"a": 1}])
+    release_locks()  # the command is over: its claims go with its locks
+    with pytest.raises(CellfuseError, match="written by `cellfuse predict`"):
+        write_csv(run / "p.csv", [{"epoch": 1}])  # the run's own writes never replace predict's file
+    assert "a" in (run / "p.csv").read_text()
+
+
+def test_files_recorded_before_writers_were_are_their_folder_s(tmp_path):
+    """Manifests written by an older cellfuse have no writers: a run's files stay train's, and a lone
+    file in a user's folder is nobody's to replace."""
+    run = make_own_dir(tmp_path / "run", "run")
+    (run / "history.csv").write_text("epoch\n1\n")
+    (run / MANIFEST).write_text(json.dumps({"kind": "run", "own": ["history.csv"]}))
+    with pytest.raises(CellfuseError, match="belongs to a run output"):
+        check_new_file(run / "history.csv", ".csv", force=True, writer="predict")
+    (tmp_path / "old.csv").write_text("source\n")
+    (tmp_path / MANIFEST).write_text(json.dumps({"own": ["old.csv"]}))
+    with pytest.raises(CellfuseError, match="old.csv: was recorded by an older cellfuse"):
+        check_new_file(tmp_path / "old.csv", ".csv", force=True, writer="predict")
+    assert (tmp_path / "old.csv").read_text() == "source\n"
 
 
 def test_a_user_file_deep_inside_a_cellfuse_folder_blocks_force(tmp_path):

@@ -463,7 +463,7 @@ def corrupt_file(data, out, *, severity: int = 3, seed: int = 0, families=None, 
     data, out = Path(data), Path(out)
     if out.exists() and data.exists() and out.resolve() == data.resolve():
         raise CellfuseError(f"{out}: is the input data itself; choose another --out")
-    check_new_file(out, ".npz", force)  # never a run's model or another command's file of another type
+    check_new_file(out, ".npz", force, writer="corrupt")  # never another command's file, not even a .npz
     names = parse_families(families)
     dataset = load_dataset(data)
     with Progress(console=console, transient=True) as progress:
@@ -487,7 +487,8 @@ def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed
 
     clean_npz, out = Path(clean_npz), Path(out)
     names = ["val.npz", "val_corrupt.npz"] + (["val_heldout.npz"] if held_out else [])
-    targets = {name.removesuffix(".npz"): check_new_file(out / name, ".npz", force, inputs=[clean_npz])
+    targets = {name.removesuffix(".npz"): check_new_file(out / name, ".npz", force, inputs=[clean_npz],
+                                                         writer="split")
                for name in names}
     families = parse_families(held_out) if held_out else None  # a bad name fails before any work
     data = load_dataset(clean_npz)

@@ -113,7 +113,7 @@ def export_submission(run, out, *, tta="none", precision="float32", force=False,
     """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters."""
     console = console or Console()
     out = Path(out)
-    check_new_file(out, ".zip", force)
+    check_new_file(out, ".zip", force, writer="export")
     if precision not in PRECISIONS:
         raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if tta != "none":

@@ -48,7 +48,7 @@ def predict_files(model, inputs, out, *, tta: str = "none", batch_size: int = 25
         raise CellfuseError(f"batch size must be positive, got {batch_size}")
     found = find_inputs(inputs)
     model_path = check_model_path(model)
-    out = check_new_file(out, ".csv", force, inputs=[model_path, *found.named])
+    out = check_new_file(out, ".csv", force, inputs=[model_path, *found.named], writer="predict")
     sources, images, skipped = read_inputs(found, console)
     probs = predict_images(model_path, images, views, how, batch_size, console)
     names = class_names(probs.shape[1])

@@ -29,13 +29,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def _claim_file(path: str | Path) -> Path:
-    """Check a file about to be written; the last guard: a file cellfuse did not write is never replaced.
-    The writer records it once written, so a write that fails claims nothing."""
+    """Check a file about to be written; the last guard: a file cellfuse did not write, or another
+    command wrote, is never replaced. The writer records it once written, so a write that fails claims
+    nothing."""
     path = Path(path)
     _ensure_dir(path.parent)
     if (path.exists() or path.is_symlink()) and not is_own(path):
         raise CellfuseError(f"{path}: exists and was not written by cellfuse; refusing to replace it "
                             "(move it, or choose another --out)")
+    if path.exists():
+        refuse_another_writer(path, _writer_about_to_write(path) or _folder_writer(path.parent))
     return path
 
 
@@ -101,11 +104,19 @@ def _jsonable(obj):
 #   a MANIFEST there that has no kind: it claims that file, never the folder.
 # - A folder is deleted only when everything in it, all the way down, is recorded; its kind must be
 #   the one the command replaces (`train --force` never replaces a `clean` output).
+# - A file is replaced only by the command that wrote it (`predict --force` never replaces a run's
+#   history.csv): MANIFEST's "writers" names the command of each file a single-file command wrote
+#   (check_new_file) or that was written into a user's folder; any other file is its folder's, written
+#   by the command that made the folder (KIND_WRITERS), also when recorded before writers were.
 # Commands check their inputs first and claim outputs last (fresh_dir, make_run_dir, check_new_file),
 # holding a lock on each output (lock_output) so that two commands never write one place.
 
 MANIFEST = ".cellfuse.json"
 TMP_PREFIX = ".cellfuse-tmp."  # temporary files of atomic writes: a crash may leave one behind
+KIND_WRITERS = {"run": "train", "runs": "train", "student": "distill", "clean": "clean", "ensemble": "ensemble",
+                "sweep": "sweep", "inspect": "inspect", "demo": "demo", "bench": "bench"}
+PYTHON_WRITER = "(python)"  # a library call outside the CLI that names no writer
+_CLAIMS: dict[str, str] = {}  # output file (resolved) -> the command that checked it, to record on write
 
 
 def _manifest(folder: Path) -> dict:
@@ -172,17 +183,26 @@ def refuse_file_on_the_way(path: str | Path) -> None:
 
 
 def record_own(path: str | Path) -> Path:
-    """Record that cellfuse wrote `path` (or is about to: a file a library writes for it)."""
+    """Record that cellfuse wrote `path` (or is about to: a file a library writes for it), and which
+    command, when check_new_file claimed it for one."""
     import fcntl
 
     path = Path(path)
-    if path.name in _manifest(path.parent).get("own", []):
+    manifest = _manifest(path.parent)
+    writer = None if path.is_dir() else _writer_about_to_write(path)
+    if path.name in manifest.get("own", []) and (writer is None or _writers(manifest).get(path.name) == writer):
         return path
     fd = os.open(path.parent, os.O_RDONLY)  # several processes (parallel trials) record into one folder
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         manifest = _manifest(path.parent)
+        writers = _writers(manifest)
+        if writer:
+            writers[path.name] = writer
+        elif path.name not in manifest.get("own", []):
+            writers.pop(path.name, None)  # a stale name from a deleted file: this one is the folder's
         manifest["own"] = sorted(set(manifest.get("own", [])) | {path.name})
+        manifest = {**manifest, "writers": writers} if writers else _without_writers(manifest)
         _write_manifest(path.parent, manifest)
     finally:
         os.close(fd)
@@ -203,6 +223,81 @@ def adopt_library_files(folder: str | Path) -> None:
                 _write_manifest(sub, {"kind": "part", "own": []})
             adopt_library_files(sub)
         record_own(sub)
+
+
+def _writers(manifest: dict) -> dict:
+    writers = manifest.get("writers")
+    return dict(writers) if isinstance(writers, dict) else {}
+
+
+def _without_writers(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "writers"}
+
+
+def _key(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _writer_about_to_write(path: Path) -> str | None:
+    """Who a file about to be written is recorded as: the command check_new_file checked it for; else,
+    in a folder cellfuse did not make, the command running; else None (the folder's command)."""
+    claimed = _CLAIMS.get(_key(path))
+    return claimed or (None if folder_kind(path.parent) else current_writer())
+
+
+def writer_of(path: str | Path) -> str | None:
+    """The command that wrote a file cellfuse recorded: named in the manifest beside it, else the
+    command that made its folder (also for files recorded before writers were); None when unknown."""
+    path = Path(path)
+    return _writers(_manifest(path.parent)).get(path.name) or _folder_writer(path.parent)
+
+
+def _output_kind(folder: Path) -> str | None:
+    """The kind of output `folder` belongs to (a "part" folder is its parent's)."""
+    kind = folder_kind(folder)
+    while kind == "part":
+        folder = folder.parent
+        kind = folder_kind(folder)
+    return kind
+
+
+def _folder_writer(folder: Path) -> str | None:
+    """The command that made `folder`, from its kind."""
+    kind = _output_kind(folder)
+    return KIND_WRITERS.get(kind, kind)
+
+
+def current_writer() -> str:
+    """The CLI command running ("predict", "recipes copy"), or PYTHON_WRITER outside the CLI."""
+    import click
+
+    ctx, names = click.get_current_context(silent=True), []
+    while ctx is not None and ctx.parent is not None:  # the root's name is the program's, not a command
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(names) or PYTHON_WRITER
+
+
+def refuse_another_writer(path: Path, writer: str) -> None:
+    """--force on a file output replaces only a file the same command wrote: one line otherwise."""
+    found = writer_of(path)
+    if found == writer:
+        return
+    named = _writers(_manifest(path.parent)).get(path.name)
+    kind = _output_kind(path.parent)
+    if named:
+        what, other = f"was written by {_shown(named)}", " (or remove it yourself)"
+    elif kind:  # part of a cellfuse output: its own command replaces it, never by hand
+        what, other = f"belongs to {_a(kind)} output{f' of {_shown(found)}' if kind in KIND_WRITERS else ''}", ""
+    else:
+        what = "was recorded by an older cellfuse without the command that wrote it"
+        other = " (or remove it yourself)"
+    raise CellfuseError(f"{path}: {what}, so {_shown(writer)} will not replace it, even with --force; "
+                        f"choose another --out{other}")
+
+
+def _shown(writer: str) -> str:
+    return "a Python call" if writer == PYTHON_WRITER else f"`cellfuse {writer}`"
 
 
 def is_own(path: str | Path) -> bool:
@@ -304,7 +399,7 @@ def _delete_contents(folder: Path) -> None:
             shutil.rmtree(sub)
         else:
             sub.unlink()
-    _write_manifest(folder, {**manifest, "own": []})
+    _write_manifest(folder, {**_without_writers(manifest), "own": []})
 
 
 def clear_own(folder: str | Path, keep=()) -> None:
@@ -316,7 +411,8 @@ def clear_own(folder: str | Path, keep=()) -> None:
         if name not in keep and path.is_file() and not path.is_symlink():
             path.unlink()
     manifest["own"] = [n for n in manifest.get("own", []) if (folder / n).exists()]
-    _write_manifest(folder, manifest)
+    writers = {n: w for n, w in _writers(manifest).items() if n in manifest["own"]}
+    _write_manifest(folder, {**manifest, "writers": writers} if writers else _without_writers(manifest))
 
 
 def remove_scratch(path: str | Path) -> None:
@@ -434,10 +530,12 @@ def read_summary(run: Path) -> dict | None:
 
 # ---------------------------------------------------------------- model
 
-def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Path:
+def check_new_file(out: Path, suffix: str | None, force: bool, inputs=(), writer: str | None = None) -> Path:
     """An output file path, locked for this command: the right suffix, not a folder, not an input, and
-    no existing file replaced unless --force is given and cellfuse wrote it."""
+    no existing file replaced unless --force is given and `writer` (the command writing it; by default
+    the CLI command running) wrote it. The file is recorded as the writer's when it is written."""
     out = Path(out)
+    writer = writer or current_writer()
     if suffix and out.suffix != suffix:
         raise CellfuseError(f"{out}: expected a {suffix} file name")
     lock_output(out)
@@ -455,6 +553,8 @@ def check_new_file(out: Path, suffix: str | None, force: bool, inputs=()) -> Pat
         if not is_own(out):
             raise CellfuseError(f"{out}: was not written by cellfuse, so --force will not replace it; "
                                 "choose another name or remove it yourself")
+        refuse_another_writer(out, writer)
+    _CLAIMS[_key(out)] = writer
     return out
 
 
@@ -471,7 +571,7 @@ def lock_output(path: str | Path) -> None:
     import fcntl
     import hashlib
 
-    key = str(Path(path).resolve())
+    key = _key(path)
     if key in _LOCKS:
         return
     folder = Path(tempfile.gettempdir()) / f"cellfuse-locks-{os.getuid()}"
@@ -492,6 +592,7 @@ def lock_output(path: str | Path) -> None:
 
 def release_locks() -> None:
     """Let go of every output this process locked (the command is over)."""
+    _CLAIMS.clear()
     while _LOCKS:
         os.close(_LOCKS.popitem()[1])
 

@@ -438,8 +438,8 @@ def write_synthetic(out, *, n: int = 2000, seed: int = 0, force: bool = False, c
 
     out = Path(out)
     console = console or Console()
-    check_new_file(out, ".npz", force)
-    check_new_file(out.with_suffix(".planted.json"), ".json", force)  # the sidecar is an output too
+    check_new_file(out, ".npz", force, writer="synth")
+    check_new_file(out.with_suffix(".planted.json"), ".json", force, writer="synth")  # the sidecar is an output too
     start = time.perf_counter()
     with Progress(TextColumn("drawing cells"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
