@@ -223,4 +223,5 @@ def test_files_of_an_unexpected_shape_are_reported_in_their_row(outputs):
     rows = by_path(collect(outputs))
     assert rows["ensemble"].state == "unreadable" and "unexpected content" in rows["ensemble"].note
     assert rows["runs/cpu-lite0"].state == "unreadable" and "recipe.toml: not valid TOML" in rows["runs/cpu-lite0"].note
+    assert str(outputs) not in rows["runs/cpu-lite0"].note  # the row names the folder; the note, the file
     assert rows["runs/cpu-mobilenet"].state == "complete"

@@ -1,12 +1,17 @@
 """The figures a person reads: what each one draws (full class names, integer epochs, stage lines, a
-colour bar), checked on the matplotlib figure itself."""
+colour bar), checked on the matplotlib figure itself; the calibration bins and the model names behind
+the tables."""
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_images
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from toolkit import clean, interpret, report, runs
+from toolkit import clean, ensemble, interpret, report, runs
+from toolkit.errors import CellfuseError
 
 
 @pytest.fixture
@@ -68,3 +73,64 @@ def test_gradcam_grids_carry_a_colour_bar(drawn, tmp_path):
     bars = [[ax for ax in fig.axes if ax.get_ylabel() == interpret.CAM_LABEL] for fig in drawn]
     assert [len(b) for b in bars] == [1, 1, 0]
     assert bars[0][0].get_ylim() == (0.0, 1.0)
+
+
+# ---------------------------------------------------------------- calibration, floors, names
+
+CALIBRATION = (np.array([0, 1, 1, 2, 2]),
+               np.array([[0.9, 0.05, 0.05],  # right, confidence 0.9
+                         [0.8, 0.1, 0.1],  # wrong, 0.8
+                         [0.2, 0.6, 0.2],  # right, 0.6
+                         [0.4, 0.3, 0.3],  # wrong, 0.4
+                         [0.3, 0.25, 0.45]]))  # right, 0.45
+
+
+def test_ece_weighs_each_reliability_bins_gap_by_its_share_of_the_images():
+    labels, probs = CALIBRATION
+    low, high = report.reliability_bins(labels, probs, bins=2)
+    assert (low["lo"], low["hi"], low["n"], high["n"]) == (0.0, 0.5, 2, 3)
+    assert low["confidence"] == pytest.approx(0.425) and low["accuracy"] == 0.5
+    assert high["confidence"] == pytest.approx(2.3 / 3) and high["accuracy"] == pytest.approx(2 / 3)
+    # 2/5 x |0.5 - 0.425| + 3/5 x |2/3 - 2.3/3|
+    assert report.expected_calibration_error(labels, probs, bins=2) == pytest.approx(0.09)
+    bins = report.reliability_bins(labels, probs)
+    assert len(bins) == 15 and sum(b["n"] for b in bins) == 5
+    assert all(b["confidence"] is None and b["accuracy"] is None for b in bins if not b["n"])
+
+
+def test_ece_is_computed_from_the_same_bins_inspect_draws():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(8) * 0.3, 500)
+    labels = rng.integers(0, 8, 500)
+    from_bins = sum(b["n"] * abs(b["accuracy"] - b["confidence"])
+                    for b in report.reliability_bins(labels, probs) if b["n"]) / len(labels)
+    assert report.expected_calibration_error(labels, probs) == pytest.approx(from_bins, abs=1e-15)
+    assert interpret.reliability_bins is report.reliability_bins
+    assert report.expected_calibration_error(labels[:0], probs[:0]) == 0.0
+
+
+def test_the_numpy_floor_is_the_models_floor():
+    """report.EPS repeats toolkit.layers.EPS (read from its source: importing it would load Keras)."""
+    source = Path(report.__file__).with_name("layers.py").read_text()
+    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assert report.EPS == assigned["EPS"] == 1e-12
+    assert interpret.EPS is report.EPS
+    assert report.nll(np.array([1]), np.array([[1.0, 0.0]])) == pytest.approx(-np.log(1e-12))
+
+
+def test_models_are_named_one_way_in_every_table(tmp_path):
+    run, other, loose = tmp_path / "runs" / "cpu-lite0", tmp_path / "other" / "cpu-lite0", tmp_path / "loose"
+    for folder in (run, other, loose):
+        folder.mkdir(parents=True)
+    for file in (run / "best.keras", run / "recipe.toml", run / "swa.keras", other / "best.keras",
+                 loose / "model-a.keras", loose / "best.keras"):
+        file.write_text("")
+    paths = [run, run / "swa.keras", other, loose / "model-a.keras", loose]
+    names = report.model_names(paths)
+    assert names == {"cpu-lite0": run / "best.keras", "cpu-lite0-swa": run / "swa.keras",
+                     "cpu-lite0-2": other / "best.keras", "model-a": loose / "model-a.keras",
+                     "loose": loose / "best.keras"}
+    assert ensemble._members(paths) == names  # the ensemble's tables and ensemble.json
+    with pytest.raises(CellfuseError, match="given twice"):
+        ensemble._members([run, run / "best.keras"])

@@ -92,8 +92,7 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
     """The toolkit's step (tf.data + augmentation + callbacks) vs bare model.fit on cached tensors."""
     import keras
 
-    from toolkit.catalog import shipped_recipe
-    from toolkit.recipe import load_recipe
+    from toolkit.recipe import load_recipe, shipped_recipe
     from toolkit.train import train_recipe
 
     steps = 10 if quick else 30
@@ -153,15 +152,15 @@ def bench_pipeline(train: Path, test: Path, out: Path, quick: bool, console: Con
     """Train the CPU recipes on the cleaned real file, ensemble, distill; score all on the shifted sample."""
     from toolkit.evaluate import evaluate_model
     from toolkit.pipeline import run_pipeline
+    from toolkit.report import model_names
 
     extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=1, lr=1e-3, unfreeze=1.0}]",
              "data.limit=2000") if quick else ()
     figures = run_pipeline(train, out / "pipeline", test, console, member_extra=extra,
                            student_extra=extra[1:] + (("train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]",
                                                        "train.ema=false") if quick else ()), force=True)
-    runs = {k[len("train "):]: v["run"] for k, v in figures.items() if k.startswith("train ")}
-    models = {**runs, "ensemble": str(out / "pipeline" / "ensemble"),
-              "student": figures["distill"]["student_run"]}
+    members = model_names(v["run"] for k, v in figures.items() if k.startswith("train "))  # as ensemble names them
+    models = {**members, "ensemble": out / "pipeline" / "ensemble", "student": figures["distill"]["student_run"]}
     quiet = Console(quiet=True)
     rows, quality = [], {}
     for name, path in models.items():

@@ -1,9 +1,8 @@
 """The recipes that ship with cellfuse, and the backbone registry, as `cellfuse recipes` and
 `cellfuse backbones` list them; `cellfuse recipes copy` writes one out to edit.
 
-Finding a recipe by name (find_recipe, shipped_recipe) lives in toolkit.recipe, which loads recipes;
-the names stay importable from here. Nothing here imports TensorFlow: listing parses the recipes' TOML
-and reads the tables below.
+Finding a recipe by name (find_recipe, shipped_recipe) lives in toolkit.recipe, which loads recipes.
+Nothing here imports TensorFlow: listing parses the recipes' TOML and reads the tables below.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from pathlib import Path
 
 from toolkit.backbones import BACKBONES, HUB, IMAGE_SIZE, pretrained_status
 from toolkit.recipe import ModelConfig, read_toml, shipped_dir, shipped_names, shipped_recipe
-from toolkit.recipe import find_recipe as find_recipe  # re-exported: the commands find recipes here
-from toolkit.recipe import shipped_file as shipped_file  # re-exported
 from toolkit.runs import atomic_write_text, check_new_file
 
 # Wall time of each recipe's whole schedule on the real training file (5,091 training images) on a

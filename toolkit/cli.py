@@ -28,6 +28,8 @@ from rich.console import Console
 
 from toolkit import __version__
 from toolkit.errors import ERROR_PREFIX, EXIT_INTERNAL, EXIT_USER, CellfuseError
+from toolkit.tta import MERGES
+from toolkit.tta import VIEW_SETS as VIEWS_BY_SET
 
 # Commands that write nothing, so need no --out/--force (`recipes copy` writes only its PATH, with
 # --force). Every other command writes.
@@ -35,9 +37,7 @@ READ_ONLY = {"evaluate", "grade", "runs", "recipes", "backbones"}
 # Commands that continue an interrupted run with --resume: Ctrl-C prints that command line.
 RESUMABLE = {"train", "distill", "sweep"}
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
-# toolkit.tta's view-set and merge names, listed here so --help needs no numpy (a test keeps them equal).
-VIEW_SETS = ("none", "flips", "d4", "shifts", "scales", "photometric", "normalize")
-MERGES = ("mean", "geometric", "logits")
+VIEW_SETS = tuple(VIEWS_BY_SET)  # the set names --help lists (toolkit.tta defines them; it loads no numpy)
 
 
 # ---------------------------------------------------------------- output that reads well in a log
@@ -548,7 +548,7 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
     from toolkit import precheck
 
     precheck.recipe(recipe, overrides, data=False)
-    from toolkit.catalog import find_recipe
+    from toolkit.recipe import find_recipe
 
     find_recipe(space)  # a file, or a shipped space's name (spaces/tiny)
     from toolkit.sweep import run_sweep  # no TensorFlow until the space and data files check out

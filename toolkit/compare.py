@@ -21,22 +21,22 @@ import csv
 import json
 import os
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
+from toolkit.recipe import read_toml
+from toolkit.runs import MODEL_FILES
 
 KINDS = ("run", "ensemble", "student")
 SKIP = {"checkpoint", "tb", "logs", "__pycache__"}  # folders cellfuse fills with many files, never runs
 MAX_DEPTH = 8
 WRAPPED = ("recipe", "backbone", "note")  # the columns a narrow terminal may wrap
 RUNNING_WINDOW_S = 20 * 60  # an unfinished run that wrote nothing for this long has stopped
-ENSEMBLE_CACHE = "predictions.npz"  # toolkit.ensemble.CACHE, named here so no numpy import is needed
-MODEL_FILES = ("best.keras", "student.keras", "ensemble.keras", "model.keras")  # toolkit.runs.MODEL_FILES
 
 
 @dataclass
@@ -108,9 +108,9 @@ def _read_recipe(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise Unreadable(f"{path.name}: not valid TOML ({e})") from None
+        return read_toml(path)
+    except CellfuseError as e:  # the row names the folder: its note names the file alone
+        raise Unreadable(str(e).replace(str(path), path.name, 1)) from None
 
 
 def _history(run: Path) -> list[dict]:

@@ -27,7 +27,6 @@ import threading
 from toolkit import batches
 from toolkit.augment import augment_dataset, check_section
 
-EPS = 1e-7
 VIEWS = 3  # clean + two AugMix views, as in the paper (and timm's --aug-splits 3 --jsd-loss)
 # True while a train step is being traced; per thread, as tf.distribute traces each replica in its own.
 _IN_TRAIN_STEP = threading.local()
@@ -35,11 +34,12 @@ _IN_TRAIN_STEP = threading.local()
 
 def jensen_shannon(p_clean, p_aug1, p_aug2):
     """Per-example JSD of three probability rows (B, n) -> (B,), in nats (0 when all three agree)."""
-    from keras import ops
+    from keras import config, ops
 
+    eps = config.epsilon()  # Keras' own losses' floor: see distill.distillation_loss for why
     views = [ops.cast(p, "float32") for p in (p_clean, p_aug1, p_aug2)]
-    log_mixture = ops.log(ops.clip((views[0] + views[1] + views[2]) / 3.0, EPS, 1.0))
-    return sum(ops.sum(p * (ops.log(p + EPS) - log_mixture), axis=-1) for p in views) / 3.0
+    log_mixture = ops.log(ops.clip((views[0] + views[1] + views[2]) / 3.0, eps, 1.0))
+    return sum(ops.sum(p * (ops.log(p + eps) - log_mixture), axis=-1) for p in views) / 3.0
 
 
 def split_views(rows):

@@ -32,7 +32,6 @@ epochs on matching the ensemble rather than on relearning the domain.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -43,27 +42,29 @@ from rich.table import Table
 from toolkit import train as T
 from toolkit.data import Dataset, one_hot, save_npz
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Recipe, check_student, load_recipe
-
-EPS = 1e-7
-
+from toolkit.recipe import Recipe, check_student, load_recipe, read_toml
 
 # ---------------------------------------------------------------- the loss
 
 def _kl_at_temperature(teacher_probs, student_probs, temperature):
     """T^2 * KL(softmax(log t / T) || softmax(log s / T)), per example."""
-    from keras import ops
+    from keras import config, ops
 
-    t = ops.softmax(ops.log(teacher_probs + EPS) / temperature, axis=-1)
-    log_s = ops.log_softmax(ops.log(student_probs + EPS) / temperature, axis=-1)
-    return temperature**2 * ops.sum(t * (ops.log(t + EPS) - log_s), axis=-1)
+    eps = config.epsilon()  # as in distillation_loss
+    t = ops.softmax(ops.log(teacher_probs + eps) / temperature, axis=-1)
+    log_s = ops.log_softmax(ops.log(student_probs + eps) / temperature, axis=-1)
+    return temperature**2 * ops.sum(t * (ops.log(t + eps) - log_s), axis=-1)
 
 
 def distillation_loss(teacher_probs, student_probs, labels, temperature: float, alpha: float):
-    """Per-example loss; `labels` may be soft (mixup)."""
-    from keras import ops
+    """Per-example loss; `labels` may be soft (mixup).
 
-    ce = -ops.sum(labels * ops.log(student_probs + EPS), axis=-1)
+    Keras' epsilon (1e-7, what its own crossentropy clips to) is added before each log, not
+    toolkit.layers.EPS (1e-12, for inference): in a training loss it bounds the loss of a confidently
+    wrong prediction (-log 1e-7 = 16) and the gradient of log p (1 / eps)."""
+    from keras import config, ops
+
+    ce = -ops.sum(labels * ops.log(student_probs + config.epsilon()), axis=-1)
     return alpha * ce + (1 - alpha) * _kl_at_temperature(teacher_probs, student_probs, temperature)
 
 
@@ -204,10 +205,9 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
     from rich.progress import Progress
 
     from toolkit.augment import make_batch_augmenter
-    from toolkit.runs import make_own_dir, resolve_model_file
+    from toolkit.runs import make_own_dir
 
-    key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
-    folder = make_own_dir(run / "checkpoint" / f"bank_{key}", "part")
+    folder = make_own_dir(run / "checkpoint" / f"bank_{teacher_key(ensemble_dir)}", "part")
     n, n_classes, k_views, batch = len(data), data.n_classes, recipe.distill.bank_views, 256
     predict = T.Predictor(teacher, batch)
     views = np.empty((k_views * n, *data.images.shape[1:]), np.uint8)  # one copy, filled view by view
@@ -330,8 +330,6 @@ def _same(key: str, a, b) -> bool:
 
 def _member_data(ensemble_dir: Path) -> dict | None:
     """data.train, val_fraction and split_seed of the first member whose run folder keeps its recipe."""
-    import tomllib
-
     from toolkit.ensemble import ensemble_components, resolve_member
     from toolkit.recipe import DataConfig
 
@@ -339,8 +337,8 @@ def _member_data(ensemble_dir: Path) -> dict | None:
         recipe = resolve_member(ensemble_dir, component["member_file"]).parent / "recipe.toml"
         if recipe.is_file():
             try:
-                data = tomllib.loads(recipe.read_text()).get("data", {})
-            except (OSError, ValueError):
+                data = read_toml(recipe).get("data", {})
+            except CellfuseError:
                 continue
             return {k: data.get(k, getattr(DataConfig, k)) for k in SPLIT_KEYS}
     return None
@@ -367,17 +365,22 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
 
 def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:
     """The teacher's probabilities on `data`, cached in the run (keyed by the ensemble file's hash)."""
-    from toolkit.runs import resolve_model_file
-
-    key = hashlib.sha1(resolve_model_file(ensemble_dir).read_bytes()).hexdigest()[:16]
-    cache = run / "checkpoint" / f"teacher_{name}_{key}.npz"
+    cache = run / "checkpoint" / f"teacher_{name}_{teacher_key(ensemble_dir)}.npz"
     if cache.exists():
         with np.load(cache) as f:
             return f["probs"]
     with console.status(f"teacher predicting {len(data)} {name} images (once)"):
-        probs = teacher.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+        probs = T.Predictor(teacher, 256)(data.images)
     save_npz(cache, probs=probs)
     return probs
+
+
+def teacher_key(ensemble_dir: Path) -> str:
+    """What the teacher's cached outputs in a student's run are keyed by: its ensemble file's contents."""
+    from toolkit.ensemble import content_key
+    from toolkit.runs import resolve_model_file
+
+    return content_key(resolve_model_file(ensemble_dir))[:16]
 
 
 # ---------------------------------------------------------------- the comparison table
@@ -399,8 +402,9 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
         model = load_model(path)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
         loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
+        predict = T.Predictor(loaded[label], 256)
         for name, data in split.val.items():
-            probs = loaded[label].predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+            probs = predict(data.images)
             rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
     if timing:
         for label, speed in img_per_s(loaded, split.val["val"], console).items():

@@ -17,6 +17,7 @@ a two-fold cross-fitted estimate: temperatures and weights fitted on one half, s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ class Candidate:
 
 def _log_probs(logits_or_probs) -> np.ndarray:
     """Log-probabilities from probabilities, or logits unchanged (softmax ignores the offset)."""
-    from toolkit.layers import EPS
+    from toolkit.report import EPS
 
     z = np.asarray(logits_or_probs, dtype=np.float64)
     looks_like_probs = z.min() >= 0 and np.allclose(z.sum(-1), 1.0, atol=1e-3)
@@ -137,24 +138,19 @@ def _cross_fitted(candidate_probs: np.ndarray, labels: np.ndarray, rounds: int, 
 
 
 def _members(runs) -> dict[str, Path]:
-    """Unique display names -> model files: a run's directory name, else the file's stem."""
-    from toolkit.runs import MODEL_FILES, resolve_model_file
+    """Unique display names -> model files, named as every table names models (report.model_names)."""
+    from toolkit.report import model_names
+    from toolkit.runs import resolve_model_file
 
     if not runs:
         raise CellfuseError("an ensemble needs at least one run or model file")
-    members: dict[str, Path] = {}
+    seen = set()
     for run in runs:
-        file = resolve_model_file(run)
-        name = file.parent.name if file.name in MODEL_FILES else file.stem
-        if file.name not in MODEL_FILES and (file.parent / "recipe.toml").is_file():  # a run's snapshot or SWA
-            name = f"{file.parent.name}-{file.stem}"
-        if file.resolve() in {f.resolve() for f in members.values()}:
+        file = resolve_model_file(run).resolve()
+        if file in seen:
             raise CellfuseError(f"{run}: given twice (the selection already weighs repeats)")
-        unique, i = name, 2
-        while unique in members:
-            unique, i = f"{name}-{i}", i + 1
-        members[unique] = file
-    return members
+        seen.add(file)
+    return model_names(runs)
 
 
 def _view_sets(spec: str) -> dict[str, tuple[list[str], str]]:
@@ -165,13 +161,24 @@ def _view_sets(spec: str) -> dict[str, tuple[list[str], str]]:
     return {s: parse_tta(s) for s in dict.fromkeys(specs)}
 
 
-def _fingerprint(path: Path) -> str:
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+def content_key(path) -> str:
+    """The sha1 of a file's bytes: what predictions cached from a model, or on a data file, are keyed by
+    (here and in distill). Contents, not path and modification time: a moved, copied or touched file
+    keeps its cached predictions, a retrained or edited one never reuses them. Hashing costs about
+    0.5 s per 100 MB on 2 cores, once per process for each version of a file."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha1(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha1(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def _cache_key(member_file: Path, data_path: str, view: str) -> str:
-    text = json.dumps([_fingerprint(member_file), _fingerprint(Path(data_path)), view])
+    text = json.dumps([content_key(member_file), content_key(data_path), view])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
@@ -188,8 +195,8 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 def _predict_all(members, views, datasets, out: Path, console) -> dict[tuple, np.ndarray]:
     """{(member, data path, view): (n, C) probabilities}, each computed once and cached in `out`.
 
-    The cache is keyed by the files' paths, sizes and modification times, so a retrained member
-    or an edited data file is predicted afresh while everything unchanged is reused.
+    The cache is keyed by the files' contents (content_key), so a retrained member or an edited data
+    file is predicted afresh while everything unchanged is reused.
     """
     from rich.progress import (
         BarColumn,
@@ -471,11 +478,12 @@ def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndar
 def _save_model(selected, members, out: Path, images, expected) -> float:
     """Write DIR/ensemble.keras and reload it as every later stage will (safe mode): return its largest
     deviation from the cached-prediction ensemble."""
+    from toolkit.batches import Predictor
     from toolkit.runs import load_model, save_model_atomic
 
     save_model_atomic(_ensemble_model(selected, members), out / "ensemble.keras")
     reloaded = load_model(out / "ensemble.keras")
-    error = float(np.abs(reloaded.predict(images.astype(np.float32), verbose=0) - expected).max())
+    error = float(np.abs(Predictor(reloaded)(images) - expected).max())
     if error > 1e-4:  # the saved model is not what was selected: say so loudly, keep the files to inspect
         raise CellfuseError(f"{out / 'ensemble.keras'}: differs from the selected ensemble by {error:.1e}")
     return error

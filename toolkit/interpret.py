@@ -30,10 +30,10 @@ import numpy as np
 
 from toolkit.compat import flatten_layers
 from toolkit.errors import CellfuseError
-from toolkit.report import pyplot
+from toolkit.recipe import read_toml
+from toolkit.report import EPS, model_names, pyplot, reliability_bins
 
 DEFAULT_FAMILIES = "cellfuse,own,held-out"
-EPS = 1e-12
 
 
 @dataclass
@@ -51,20 +51,6 @@ class Subject:
 
 
 # ---------------------------------------------------------------- loading what to inspect
-
-
-def _subject_names(paths) -> list[str]:
-    from toolkit.runs import MODEL_FILES, resolve_model_file
-
-    names = []
-    for path in paths:
-        file = resolve_model_file(path)
-        name = file.parent.name if file.name in MODEL_FILES else file.stem
-        unique, i = name, 2
-        while unique in names:
-            unique, i = f"{name}-{i}", i + 1
-        names.append(unique)
-    return names
 
 
 def load_subject(path, name: str, dataset) -> Subject:
@@ -127,19 +113,18 @@ def training_families(path) -> tuple[set[str] | None, str]:
 
 
 def _recipe_families(recipe: Path) -> tuple[set[str] | None, str]:
-    import tomllib
-
     from toolkit.augment import DEFAULTS, PRESETS
     from toolkit.corrupt import layer_families
 
     try:
-        section = tomllib.loads(recipe.read_text()).get("augment", {})
+        section = read_toml(recipe).get("augment", {})
         preset = section.get("preset", DEFAULTS["preset"])
         specs = section.get("layers") or PRESETS[preset]
         layers = [spec["layer"] for spec in specs] + (["AugMix"] if section.get("augmix") else [])
         families = set().union(*(layer_families(layer) for layer in layers)) if layers else set()
-    except (OSError, ValueError, KeyError, TypeError, CellfuseError) as e:
-        return None, f"training augmentation unknown ({recipe}: {str(e).splitlines()[0]})"
+    except (ValueError, KeyError, TypeError, CellfuseError) as e:  # read_toml's errors name the file too
+        why = str(e).splitlines()[0].removeprefix(f"{recipe}: ")
+        return None, f"training augmentation unknown ({recipe}: {why})"
     what = "layers" if section.get("layers") else f"preset {preset!r}"
     return families, f"{what}{' + AugMix' if section.get('augmix') else ''} ({recipe})"
 
@@ -177,19 +162,6 @@ def untempered_probs(model, images: np.ndarray, batch_size: int) -> np.ndarray |
         for layer, t in zip(layers, saved, strict=True):
             layer.temperature = t
         model.make_predict_function(force=True)
-
-
-def reliability_bins(labels, probs, bins: int = 15) -> list[dict]:
-    """Per confidence bin (as report.expected_calibration_error bins): count, confidence, accuracy."""
-    conf, pred = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        inside = (conf > lo) & (conf <= hi)
-        rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()),
-                     "confidence": float(conf[inside].mean()) if inside.any() else None,
-                     "accuracy": float((pred[inside] == labels[inside]).mean()) if inside.any() else None})
-    return rows
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -543,7 +515,7 @@ def inspect_models(models, data, out, *, top: int = 16, per_class: int = 4, fami
         raise CellfuseError(f"severities must be among 1..5, got {severities}")
     family_names = parse_families(families) if families else ()
     dataset = load_dataset(data)
-    names = _subject_names(models)
+    names = list(model_names(models))  # as every table names models
     subjects = [load_subject(path, name, dataset) for path, name in zip(models, names, strict=True)]
     out = fresh_dir(out, force, inputs=[*models, data], kind="inspect")
     with _progress(console) as progress:

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from toolkit.catalog import find_recipe, shipped_recipe
 from toolkit.errors import CellfuseError
+from toolkit.recipe import find_recipe, shipped_recipe
 from toolkit.runs import fresh_dir
 
 # Two different ImageNet backbones: the pair the ensemble's selection kept on the real data (Lite0 with

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.runs import atomic_save_figure
+from toolkit.runs import MODEL_FILES, atomic_save_figure, resolve_model_file
+
+# Floor before a log in numpy: the value of toolkit.layers.EPS, the floor inside models (a test keeps them
+# equal). Not imported from there: layers.py loads Keras, which `cellfuse grade` scores without.
+EPS = 1e-12
 
 
 def pyplot():
@@ -52,19 +56,30 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
 
 
 def nll(labels: np.ndarray, probs: np.ndarray) -> float:
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    p = np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)
     return float(-np.log(p).mean())
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Each confidence bin's |accuracy - confidence|, weighted by its share of the images (Guo et al. 2017)."""
+    gaps = [row["n"] * abs(row["accuracy"] - row["confidence"])
+            for row in reliability_bins(labels, probs, bins) if row["n"]]
+    return float(sum(gaps) / max(len(labels), 1))
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per confidence bin (lo, hi]: how many images, their mean confidence and their accuracy (None
+    when empty): the reliability diagram, and what expected_calibration_error weighs."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
     conf, pred = probs.max(1), probs.argmax(1)
     edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=False):
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.mean() * abs((pred[inside] == labels[inside]).mean() - conf[inside].mean())
-    return float(ece)
+        rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()),
+                     "confidence": float(conf[inside].mean()) if inside.any() else None,
+                     "accuracy": float((pred[inside] == labels[inside]).mean()) if inside.any() else None})
+    return rows
 
 
 def plot_confusion(confusion, class_names, path: str | Path, title: str = "") -> Path:
@@ -166,6 +181,23 @@ def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, nco
     out = atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
     return out
+
+
+def model_names(paths) -> dict[str, Path]:
+    """{name: model file} for models given as files or run/ensemble folders: how every table names
+    a model. A folder's model (best.keras, ...) takes the folder's name, a run's snapshot, SWA or WiSE-FT
+    model the folder's and its own (cpu-lite0-swa), any other file its stem; a name seen before gets -2, -3."""
+    names: dict[str, Path] = {}
+    for path in paths:
+        file = resolve_model_file(path)
+        name = file.parent.name if file.name in MODEL_FILES else file.stem
+        if file.name not in MODEL_FILES and (file.parent / "recipe.toml").is_file():
+            name = f"{file.parent.name}-{file.stem}"
+        unique, i = name, 2
+        while unique in names:
+            unique, i = f"{name}-{i}", i + 1
+        names[unique] = file
+    return names
 
 
 def metrics_table(rows: dict[str, dict], title: str = "", columns=("accuracy", "macro_f1", "auc_ovr", "nll", "ece")):

@@ -32,8 +32,7 @@ import numpy as np
 from rich.console import Console
 
 from toolkit import report
-from toolkit.batches import load_split
-from toolkit.catalog import find_recipe
+from toolkit.batches import Predictor, load_split
 from toolkit.compat import trial_id
 from toolkit.data import check_dataset, load_dataset
 from toolkit.errors import CellfuseError
@@ -42,6 +41,7 @@ from toolkit.recipe import (
     Recipe,
     as_dict,
     build_recipe,
+    find_recipe,
     get_key,
     key_segments,
     read_recipe,
@@ -339,6 +339,7 @@ class TrialReporter:
 
     def on_train_begin(self, logs=None):
         self.offset = self._stage_offset()
+        self.predict = Predictor(self.model, 256)  # one per stage's fit: traced once, not every epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -367,7 +368,7 @@ class TrialReporter:
         if self.set_name == "val" and from_logs in logs:
             return float(logs[from_logs])
         data = self._data()
-        probs = self.model.predict(data.images.astype(np.float32), batch_size=256, verbose=0)
+        probs = self.predict(data.images)
         return float(report.classification_metrics(data.labels, probs, data.class_names)[self.metric])
 
     def _data(self):

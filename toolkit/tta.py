@@ -4,16 +4,21 @@ A view is a name such as `flip_rot90`, `left4`, `zoom1.1` or `gamma0.8` (see `vi
 a spec joins view names and set names with `+` (`d4+shifts`). Blood cells have no
 orientation, so the dihedral group D4 (4 quarter turns, each with and without a flip) is the
 natural set; shifts, scales and photometric views are there to test whether they help.
+
+The names (VIEW_SETS, MERGES) are defined here only; numpy and Keras are imported inside functions, so
+the CLI lists the names in --help without loading them.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from toolkit.errors import CellfuseError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 D4 = ["id", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270"]
 VIEW_SETS: dict[str, list[str]] = {
@@ -115,6 +120,8 @@ def predict_views(model, images: np.ndarray, views, batch_size: int = 256, progr
     about `batch_size` viewed images, so memory does not grow with the number of views.
     `progress(units)` is called after each batch with the views done, in whole-data-set units.
     """
+    import numpy as np
+
     views = _as_views(views)
     viewed = _viewed_model(model, tuple(views))
     step = max(1, batch_size // len(views))
@@ -154,6 +161,8 @@ def _as_list(outputs):
 
 def merge(probs: np.ndarray, how: str = "mean") -> np.ndarray:
     """Merge (V, n, C) view probabilities over axis 0, as toolkit.layers.MergeViews does."""
+    import numpy as np
+
     if how not in MERGES:
         raise CellfuseError(f"unknown merge {how!r}; choose one of {', '.join(MERGES)}")
     probs = np.asarray(probs, dtype=np.float64)
@@ -161,7 +170,7 @@ def merge(probs: np.ndarray, how: str = "mean") -> np.ndarray:
         return probs.mean(0)
     from scipy.special import softmax
 
-    from toolkit.layers import EPS
+    from toolkit.report import EPS
 
     return softmax(np.log(np.maximum(probs, EPS)).mean(0), axis=-1)
 

@@ -1,0 +1,37 @@
+"""The one key of cached predictions (ensemble's predictions.npz, distill's teacher outputs): a file's
+contents, so a retrained member or an edited data file is predicted afresh and nothing else is."""
+
+import os
+import shutil
+
+from toolkit.ensemble import _cache_key, content_key
+
+
+def test_cached_predictions_follow_the_files_contents_not_their_path_or_time(tmp_path):
+    member, data = tmp_path / "run" / "best.keras", tmp_path / "val.npz"
+    member.parent.mkdir()
+    member.write_bytes(b"weights after epoch 1")
+    data.write_bytes(b"validation images")
+    key = _cache_key(member, str(data), "id")
+    assert len(key) == 20 and _cache_key(member, str(data), "flip") != key
+
+    os.utime(member, ns=(10**18, 10**18))  # touched, same contents
+    moved = tmp_path / "copied" / "best.keras"
+    moved.parent.mkdir()
+    shutil.copy(member, moved)
+    assert _cache_key(member, str(data), "id") == _cache_key(moved, str(data), "id") == key
+
+    member.write_bytes(b"weights after epoch 2")  # retrained: same size
+    os.utime(member, ns=(2 * 10**18, 2 * 10**18))
+    assert _cache_key(member, str(data), "id") != key
+    assert _cache_key(moved, str(data.rename(tmp_path / "renamed.npz")), "id") == key
+
+
+def test_the_content_key_is_the_files_sha1(tmp_path):
+    import hashlib
+
+    file = tmp_path / "ensemble.keras"
+    file.write_bytes(b"an ensemble")
+    assert content_key(file) == hashlib.sha1(b"an ensemble").hexdigest()  # distill's bank_<first 16> folders
+    file.write_bytes(b"another, longer ensemble")
+    assert content_key(file) == hashlib.sha1(b"another, longer ensemble").hexdigest()

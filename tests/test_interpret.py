@@ -1,0 +1,25 @@
+"""What `cellfuse inspect` reads beside a model without loading it: the training augmentation of its run."""
+
+from toolkit.interpret import training_families
+
+
+def _run(tmp_path, recipe: str):
+    run = tmp_path / "cpu-lite0"
+    run.mkdir()
+    (run / "best.keras").write_text("")
+    (run / "recipe.toml").write_text(recipe)
+    return run
+
+
+def test_a_runs_augmentation_is_read_from_its_recipe(tmp_path):
+    run = _run(tmp_path, '[augment]\npreset = "none"\naugmix = true\n')
+    families, note = training_families(run)
+    assert families and note == f"preset 'none' + AugMix ({run / 'recipe.toml'})"
+
+
+def test_an_unreadable_recipe_is_named_once_in_the_note(tmp_path):
+    run = _run(tmp_path, "[augment\n")
+    families, note = training_families(run)
+    recipe = run / "recipe.toml"
+    assert families is None and note.startswith(f"training augmentation unknown ({recipe}: not valid TOML")
+    assert note.count(str(recipe)) == 1
