@@ -173,12 +173,6 @@ def test_choices_are_listed(name, command):
                 assert not missing, f"{name} {option.opts[0]} does not list {missing}"
 
 
-def test_listed_view_names_match_toolkit_tta():
-    from toolkit import tta
-
-    assert cli.VIEW_SETS == tuple(tta.VIEW_SETS) and cli.MERGES == tuple(tta.MERGES)
-
-
 def test_clean_defaults_match_the_module():
     from toolkit import clean
 

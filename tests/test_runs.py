@@ -263,3 +263,13 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, name="first")])
     with pytest.raises(CellfuseError, match="does not fit this model"):
         load_weights(other, tmp_path / "w.weights.h5")
+
+
+def test_read_history_gives_floats_and_survives_a_damaged_file(tmp_path):
+    from toolkit.runs import read_history
+
+    assert read_history(tmp_path) == []  # before the first epoch
+    (tmp_path / "history.csv").write_text("epoch,loss,note\n1,2.08,\n2,1.5,x\n")
+    assert read_history(tmp_path) == [{"epoch": 1.0, "loss": 2.08}, {"epoch": 2.0, "loss": 1.5}]
+    (tmp_path / "history.csv").write_bytes(b"\xff\xfe\x00bad")
+    assert read_history(tmp_path) == []

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit.errors import CellfuseError
-from toolkit.runs import fresh_dir, shared_dir, write_json
+from toolkit.runs import fresh_dir, read_history, shared_dir, write_json
 
 CPU_RECIPE = "cpu-mobilenetv3s"  # a shipped recipe (toolkit.catalog)
 
@@ -100,10 +100,7 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
                                                 f"train.steps_per_epoch={steps}",
                                                 "train.stages=[{epochs=2, lr=1e-3, unfreeze=1.0}]"])
     summary = train_recipe(recipe, force=True, console=Console(quiet=True), runs_root=out / "step")
-    import csv
-
-    history = list(csv.DictReader((Path(summary["run"]) / "history.csv").open()))
-    toolkit_ips = float(history[-1]["img_per_s"])  # second epoch: tracing excluded
+    toolkit_ips = read_history(summary["run"])[-1]["img_per_s"]  # second epoch: tracing excluded
     from toolkit.backbones import build_classifier
 
     keras.mixed_precision.set_global_policy("float32")

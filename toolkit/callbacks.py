@@ -1,7 +1,7 @@
 """The callbacks of every fit: backups, EMA with matching BatchNorm statistics, NaN guard, validation
 AUC, multi-worker agreement, best checkpoint, the epoch log. make_callbacks puts them in order.
 
-Also here: read_history (history.csv, which EpochLog writes). A new callback: a class
+A new callback: a class
 here, then one line in make_callbacks. Importing this module loads Keras.
 """
 
@@ -321,14 +321,7 @@ class EpochLog(keras.callbacks.Callback):
     def _append(self, row: dict) -> None:
         """Rewrite history.csv without rows from epochs being redone after a resume."""
         path = self.run / "history.csv"
-        rows = list(csv.DictReader(path.open())) if path.exists() else []
+        rows = list(csv.DictReader(path.open())) if path.exists() else []  # as text: rewritten as it was
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]
         write_csv(path, [{k: r.get(k, "") for k in row} for r in rows])
 
-
-def read_history(run: Path) -> list[dict]:
-    """history.csv as EpochLog wrote it: one dict of floats per epoch ([] before the first)."""
-    path = run / "history.csv"
-    if not path.exists():
-        return []
-    return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]

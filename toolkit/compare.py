@@ -17,7 +17,6 @@ where an ensemble (its "<member> d4" rows) or a distillation measured it.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -30,7 +29,7 @@ from rich.table import Table
 from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
 from toolkit.recipe import read_toml
-from toolkit.runs import MODEL_FILES
+from toolkit.runs import MODEL_FILES, read_history
 
 KINDS = ("run", "ensemble", "student")
 SKIP = {"checkpoint", "tb", "logs", "__pycache__"}  # folders cellfuse fills with many files, never runs
@@ -113,14 +112,6 @@ def _read_recipe(path: Path) -> dict:
         raise Unreadable(str(e).replace(str(path), path.name, 1)) from None
 
 
-def _history(run: Path) -> list[dict]:
-    try:
-        with (run / "history.csv").open() as f:
-            return list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
 def _last_write(folder: Path) -> float:
     """When the folder (or its checkpoint backups, written every few steps) last changed."""
     times = [folder.stat().st_mtime]
@@ -143,7 +134,7 @@ def read_run(folder: Path, rel: str) -> Row:
     except Unreadable as e:
         return Row(rel, "run", "unreadable", note=str(e))
     row = Row(rel, "student" if _is_student(folder, recipe) else "run", "complete", **_recipe_columns(recipe, folder))
-    history = _history(folder)
+    history = read_history(folder)
     row.epochs = _epochs(len(history), recipe)
     try:
         summary, distill = _read_json(folder / "summary.json"), _read_json(folder / "distill.json")

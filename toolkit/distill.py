@@ -43,6 +43,7 @@ from toolkit import train as T
 from toolkit.data import Dataset, one_hot, save_npz
 from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe, check_student, load_recipe, read_toml
+from toolkit.runs import read_history
 
 # ---------------------------------------------------------------- the loss
 
@@ -444,7 +445,7 @@ def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
     (with its views), as distill.json keeps it and patience.png draws it."""
     from toolkit import report
 
-    history = T.read_history(run)
+    history = read_history(run)
     columns = {name: "val_accuracy" if name == "val" else f"{name}_accuracy" for name in ensemble_acc}
     curves = {"epoch": [int(row["epoch"]) for row in history],
               "student": {name: [row.get(col) for row in history] for name, col in columns.items()},

@@ -62,6 +62,24 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
+def read_history(run: str | Path) -> list[dict]:
+    """A run's history.csv, one dict of floats per epoch: [] before the first epoch or when unreadable
+    (a run being written, a file damaged by hand), so readers never fail on it."""
+    try:
+        with (Path(run) / "history.csv").open() as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [{k: _number(v) for k, v in row.items() if k and _number(v) is not None} for row in rows]
+
+
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def write_csv(path: str | Path, rows: list[dict]) -> Path:
     import io
 

@@ -49,7 +49,7 @@ from toolkit.batches import (
     make_dataset,
     steps_per_epoch,
 )
-from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks, read_history
+from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks
 from toolkit.data import save_npz
 from toolkit.distribute import (
     Cluster,
@@ -74,6 +74,7 @@ from toolkit.runs import (
     make_own_dir,
     never_trained,
     prepare_run_dir,
+    read_history,
     read_summary,
     remove_own,
     remove_scratch,
