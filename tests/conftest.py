@@ -67,6 +67,17 @@ def tiny_npz(tmp_path):
     return save_dataset(tmp_path / "tiny.npz", images, labels)
 
 
+@pytest.fixture
+def brief_timing(monkeypatch):
+    """distill's img/s timing at 0.1 s per model instead of 3 s: tests check that it runs and is
+    reported, not what it measures (test_distill times a model of known speed on its own)."""
+    from functools import partial
+
+    from toolkit import distill
+
+    monkeypatch.setattr(distill, "img_per_s", partial(distill.img_per_s, budget_s=0.1))
+
+
 @pytest.fixture(scope="session")
 def shared():
     path = shared_dir()

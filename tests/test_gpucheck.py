@@ -17,7 +17,7 @@ def test_without_a_gpu_it_says_so_in_one_line(capsys):
     assert len(out) == 1 and "no GPU" in out[0]
 
 
-def test_dry_run_runs_every_check(tmp_path, capsys):
+def test_dry_run_runs_every_check(tmp_path, capsys, brief_timing):
     from toolkit.gpucheck import main
 
     code = main(["--dry-run", "--out", str(tmp_path)])
@@ -26,8 +26,17 @@ def test_dry_run_runs_every_check(tmp_path, capsys):
     assert code == 0, rows
     assert result["dry_run"] and "tensorflow" in result["environment"]
     speed = [r for name, r in rows.items() if name.startswith("tiny-cnn")]
-    assert len(speed) == 4  # mixed precision off/on x XLA off/on
+    # both settings off, then both on: each branch of mixed precision and of XLA runs once
+    assert [r["check"] for r in speed] == ["tiny-cnn fp32", "tiny-cnn mixed xla"]
     for r in speed:
         assert r["status"] == "ok" and r["toolkit_img_per_s"] > 0 and r["bare_img_per_s"] > 0
     assert rows["efficientnet-lite0 member"]["status"] in ("ok", "not available")
     assert rows["distill step"]["status"] == "ok"
+
+
+def test_the_gpu_run_times_every_setting():
+    """The dry run times two of the four settings; the real run must still time all four."""
+    from toolkit.gpucheck import DRY_SIZES, GPU_SIZES
+
+    assert sorted(GPU_SIZES.settings) == [(False, False), (False, True), (True, False), (True, True)]
+    assert {m for m, _ in DRY_SIZES.settings} == {x for _, x in DRY_SIZES.settings} == {False, True}

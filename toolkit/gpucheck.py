@@ -7,28 +7,37 @@
     -> a table and one JSON line (printed last).
 
 Without a GPU it says so in one line and exits 1. `--dry-run` runs every step on the CPU at tiny
-sizes (a tiny CNN instead of EfficientNetV2-S), so a test proves the script works end to end.
+sizes (a tiny CNN instead of EfficientNetV2-S, timed with mixed precision and XLA both off, then both
+on: each setting's code path once), so a test proves the script works end to end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.backbones import BACKBONES
+from toolkit.data import load_dataset, one_hot, save_dataset
+from toolkit.distill import distill_recipe
+from toolkit.ensemble import build_ensemble
+from toolkit.recipe import load_recipe, shipped_recipe
+from toolkit.runs import read_history
+from toolkit.train import build_model, train_recipe
+
 LITE = "efficientnet-lite0"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     backbone: str
     input_size: int
@@ -36,10 +45,13 @@ class Sizes:
     steps: int  # training steps per timed epoch
     images: int  # synthetic training images
     epochs: int  # the last one is timed (the first includes tracing and XLA compilation)
+    settings: tuple[tuple[bool, bool], ...]  # (mixed precision, XLA) pairs timed
 
 
-GPU_SIZES = Sizes("efficientnetv2-s", 224, 64, 40, 2048, 2)
-DRY_SIZES = Sizes("tiny-cnn", 0, 8, 1, 32, 1)
+EVERY_SETTING = ((False, False), (False, True), (True, False), (True, True))
+GPU_SIZES = Sizes("efficientnetv2-s", 224, 64, 40, 2048, 2, EVERY_SETTING)
+# Both off, then both on: every branch of both settings at half the cost of the four (a test runs this).
+DRY_SIZES = Sizes("tiny-cnn", 0, 8, 1, 32, 1, ((False, False), (True, True)))
 
 
 def main(argv=None) -> int:
@@ -90,10 +102,9 @@ def _gpu_memory(index: int) -> int | None:
 def run_checks(work: Path, sizes: Sizes, env: dict, console: Console) -> dict:
     data = synthetic_data(work, sizes.images)
     rows = []
-    for mixed in (False, True):
-        for xla in (False, True):
-            label = f"{sizes.backbone} {'mixed' if mixed else 'fp32'}{' xla' if xla else ''}"
-            rows.append(_guarded(label, lambda m=mixed, x=xla: throughput(work, data, sizes, m, x), console))
+    for mixed, xla in sizes.settings:
+        label = f"{sizes.backbone} {'mixed' if mixed else 'fp32'}{' xla' if xla else ''}"
+        rows.append(_guarded(label, lambda m=mixed, x=xla: throughput(work, data, sizes, m, x), console))
     rows.append(_guarded(f"{LITE} member", lambda: lite_member(work, data, sizes), console))
     rows.append(_guarded("distill step", lambda: distill_step(work, data, sizes), console))
     return {"environment": env, "sizes": sizes.__dict__, "rows": rows}
@@ -119,7 +130,6 @@ class NotAvailable(Exception):
 
 def synthetic_data(work: Path, n: int) -> Path:
     """Noise pictures in the challenge format: throughput does not depend on what they show."""
-    from toolkit.data import save_dataset
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
@@ -127,8 +137,6 @@ def synthetic_data(work: Path, n: int) -> Path:
 
 
 def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
-    from toolkit.catalog import shipped_recipe
-    from toolkit.recipe import load_recipe
 
     return load_recipe(shipped_recipe("tiny"), [
         f'name="{name}"', f'data.train="{data}"', f'model.backbone="{sizes.backbone}"', 'model.weights="none"',
@@ -139,16 +147,13 @@ def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
 
 def throughput(work: Path, data: Path, sizes: Sizes, mixed: bool, xla: bool) -> dict:
     """The toolkit's img/s (last epoch of `cellfuse train`) and a bare fit's on cached tensors."""
-    import csv
 
-    from toolkit.train import train_recipe
 
     name = f"speed-{int(mixed)}{int(xla)}"
     recipe = _recipe(data, sizes, name, f'train.mixed_precision="{"on" if mixed else "off"}"',
                      f"train.xla={'true' if xla else 'false'}")
     train_recipe(recipe, runs_root=work / "runs", force=True, console=Console(quiet=True))
-    history = list(csv.DictReader((work / "runs" / name / "history.csv").open()))
-    toolkit = float(history[-1]["img_per_s"])
+    toolkit = read_history(work / "runs" / name)[-1]["img_per_s"]
     bare = bare_fit(recipe, data, mixed, xla, sizes.epochs)
     return {"toolkit_img_per_s": round(toolkit, 1), "bare_img_per_s": round(bare, 1),
             "toolkit_vs_bare": round(toolkit / bare, 3)}
@@ -159,8 +164,6 @@ def bare_fit(recipe, data: Path, mixed: bool, xla: bool, epochs: int) -> float:
     import keras
     import tensorflow as tf
 
-    from toolkit.data import load_dataset, one_hot
-    from toolkit.train import build_model
 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
@@ -191,12 +194,10 @@ def _EpochTimer():
 
 def lite_member(work: Path, data: Path, sizes: Sizes) -> dict:
     """An EfficientNet-Lite member through `cellfuse train` (random weights: no download)."""
-    from toolkit.backbones import BACKBONES
-    from toolkit.train import train_recipe
 
     if LITE not in BACKBONES:
         raise NotAvailable(f"{LITE} is not in toolkit.backbones.BACKBONES")
-    lite = Sizes(LITE, sizes.input_size or 96, sizes.batch, sizes.steps, sizes.images, sizes.epochs)
+    lite = dataclasses.replace(sizes, backbone=LITE, input_size=sizes.input_size or 96)
     summary = train_recipe(_recipe(data, lite, "lite-member"), runs_root=work / "runs", force=True,
                            console=Console(quiet=True))
     return {"toolkit_img_per_s": summary["train_img_per_s"], "note": f"val acc {summary['metrics']['val']['accuracy']:.3f}"}
@@ -205,10 +206,6 @@ def lite_member(work: Path, data: Path, sizes: Sizes) -> dict:
 def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
     """The pipeline's distill step: a one-member ensemble of the fastest run above, then a student
     trained against it for a few steps in function-matching mode."""
-    from toolkit.catalog import shipped_recipe
-    from toolkit.data import load_dataset, save_dataset
-    from toolkit.distill import distill_recipe
-    from toolkit.ensemble import build_ensemble
 
     runs = work / "runs"
     member = runs / "speed-11" if (runs / "speed-11" / "best.keras").exists() else runs / "speed-00"
