@@ -161,7 +161,7 @@ def test_saved_ensemble_reproduces_the_cached_predictions(built):
 
 
 def test_ensemble_refuses_to_clobber_and_reuses_its_cache_with_force(built, workspace, monkeypatch):
-    import toolkit.tta
+    import toolkit.ensemble
 
     result = run_ensemble(workspace)
     assert result.exit_code == 2 and "--force" in result.output
@@ -169,7 +169,7 @@ def test_ensemble_refuses_to_clobber_and_reuses_its_cache_with_force(built, work
     def no_prediction(*args, **kwargs):
         raise AssertionError("cached predictions were recomputed")
 
-    monkeypatch.setattr(toolkit.tta, "predict_views", no_prediction)
+    monkeypatch.setattr(toolkit.ensemble, "predict_views", no_prediction)
     result = run_ensemble(workspace, "--force")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["selected"] == built[1]["selected"]

@@ -24,7 +24,7 @@ def drawn(monkeypatch):
         figures.append(fig)
         return save(fig, path, **kwargs)
 
-    for module in (runs, report, clean):  # report and clean import the name at load time
+    for module in (runs, report, clean, interpret):  # the others import the name at load time
         monkeypatch.setattr(module, "atomic_save_figure", keep)
     return figures
 

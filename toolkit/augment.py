@@ -45,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data import CLASS_NAMES, IMAGE_SHAPE
+from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
+from toolkit.report import save_image_grid
 
 VALUE_RANGE = (0, 255)
 
@@ -422,8 +423,6 @@ def preview_arrays(images: np.ndarray, labels: np.ndarray, section: dict, out, n
     With augmix on, the copies come in triples, (clean, AugMix 1, AugMix 2) from one pass, as the
     consistency loss compares them; without consistency training sees only the AugMix views.
     """
-    from toolkit.report import save_image_grid
-
     grid, titles, ncols = preview_grid(images, labels, section, n_repeats, class_names, seed, consistency)
     name = section["preset"] if not section["layers"] else "layers"
     return save_image_grid(np.stack(grid), titles, out, ncols=ncols, cell=1.6,
@@ -434,8 +433,6 @@ def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeat
                  seed: int = 0, consistency: float = 0.0) -> tuple[list[np.ndarray], list[str], int]:
     """(cells, titles, columns) of preview_arrays' grid, row after row."""
     import tensorflow as tf
-
-    from toolkit.data import one_hot
 
     views = 3 if section["augmix"] else 1
     kinds = [""] if views == 1 else ["clean" if consistency else "before AugMix", "AugMix 1", "AugMix 2"]
@@ -465,8 +462,6 @@ def _label_title(soft: np.ndarray, class_names) -> str:
 
 def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:
     """Preview of a recipe's training augmentation on training images of distinct classes."""
-    from toolkit.data import load_dataset
-
     data = load_dataset(recipe.data.train)
     rng = np.random.default_rng(recipe.train.seed)
     classes = rng.permutation(np.unique(data.labels))
@@ -486,8 +481,6 @@ def pipeline_throughput(section: dict, images: np.ndarray, labels: np.ndarray, b
     import time
 
     import tensorflow as tf
-
-    from toolkit.data import one_hot
 
     ds = tf.data.Dataset.from_tensor_slices((images, one_hot(np.asarray(labels), n_classes)))
     ds = ds.repeat().batch(batch_size, drop_remainder=True)

@@ -610,6 +610,7 @@ def build_classifier(config, n_classes: int, image_size: int = IMAGE_SIZE):
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     if config.normalize:  # before resizing: the statistics are those of the image as it came
+        # loads TensorFlow: the registry is read without it (precheck, catalog, `cellfuse runs`)
         from toolkit.layers import Normalize
 
         x = Normalize(config.normalize.split("+"), name="normalize")(x)

@@ -17,7 +17,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.augment import PRESETS, check_section, pipeline_throughput
+from toolkit.backbones import build_classifier
+from toolkit.clean import clean_arrays, clean_file
+from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
+from toolkit.evaluate import evaluate_model
+from toolkit.pipeline import run_pipeline
+from toolkit.recipe import load_recipe, shipped_recipe
+from toolkit.report import model_names
 from toolkit.runs import fresh_dir, read_history, shared_dir, write_json
 
 CPU_RECIPE = "cpu-mobilenetv3s"  # a shipped recipe (toolkit.catalog)
@@ -61,9 +69,6 @@ def _show(console: Console, title: str, rows: list[tuple], command: str, columns
 # ---------------------------------------------------------------- clean at two sizes
 
 def bench_clean(train: Path, out: Path, quick: bool, console: Console) -> dict:
-    from toolkit.clean import clean_arrays, clean_file
-    from toolkit.data import load_dataset
-
     started = time.perf_counter()
     summary = clean_file(train, out / "clean", force=True, console=Console(quiet=True))
     real_s = time.perf_counter() - started
@@ -92,7 +97,7 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
     """The toolkit's step (tf.data + augmentation + callbacks) vs bare model.fit on cached tensors."""
     import keras
 
-    from toolkit.recipe import load_recipe, shipped_recipe
+    # loads TensorFlow: the module stays light for what needs no model (tile_perturbed)
     from toolkit.train import train_recipe
 
     steps = 10 if quick else 30
@@ -101,7 +106,6 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
                                                 "train.stages=[{epochs=2, lr=1e-3, unfreeze=1.0}]"])
     summary = train_recipe(recipe, force=True, console=Console(quiet=True), runs_root=out / "step")
     toolkit_ips = read_history(summary["run"])[-1]["img_per_s"]  # second epoch: tracing excluded
-    from toolkit.backbones import build_classifier
 
     keras.mixed_precision.set_global_policy("float32")
     model = build_classifier(recipe.model, 8)
@@ -125,9 +129,6 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
 # ---------------------------------------------------------------- augmentation throughput
 
 def bench_augment(clean_npz: Path, train_step: dict, quick: bool, console: Console) -> dict:
-    from toolkit.augment import PRESETS, check_section, pipeline_throughput
-    from toolkit.data import load_dataset
-
     data = load_dataset(clean_npz)
     rows, result = [], {}
     step = train_step["toolkit_img_per_s"]
@@ -147,10 +148,6 @@ def bench_augment(clean_npz: Path, train_step: dict, quick: bool, console: Conso
 
 def bench_pipeline(train: Path, test: Path, out: Path, quick: bool, console: Console) -> dict:
     """Train the CPU recipes on the cleaned real file, ensemble, distill; score all on the shifted sample."""
-    from toolkit.evaluate import evaluate_model
-    from toolkit.pipeline import run_pipeline
-    from toolkit.report import model_names
-
     extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=1, lr=1e-3, unfreeze=1.0}]",
              "data.limit=2000") if quick else ()
     figures = run_pipeline(train, out / "pipeline", test, console, member_extra=extra,

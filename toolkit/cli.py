@@ -1,6 +1,7 @@
 """The `cellfuse` command. Each command parses its options, calls one function, prints a summary.
 
-Heavy modules (TensorFlow) are imported inside commands so `cellfuse --help` stays instant.
+Unlike the rest of the package, this module imports toolkit modules inside each command, not at
+the top: `cellfuse --help` then stays instant and loads no TensorFlow.
 
 One surface for every command, checked over the command tree by tests/test_cli.py: every option has
 a help line and shows its default; a command that writes has --out and --force (--force replaces
@@ -321,9 +322,9 @@ VIEWS_HELP = ("Test-time views: a set, or views joined with + (d4+shifts); :geom
 
 def print_json(obj) -> None:
     """The last line of standard output: one JSON object, for scripts."""
-    from toolkit.runs import _jsonable
+    from toolkit.runs import jsonable
 
-    click.echo(json.dumps(obj, default=_jsonable))
+    click.echo(json.dumps(obj, default=jsonable))
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

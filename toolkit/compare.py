@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.backbones import IMAGE_SIZE, backbone_spec
 from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
 from toolkit.recipe import read_toml
@@ -190,8 +191,6 @@ def _recipe_columns(recipe: dict, folder: Path) -> dict:
 
 def _input_size(backbone: str, configured) -> str:
     """The side the backbone sees, as toolkit.backbones.build_classifier chooses it."""
-    from toolkit.backbones import IMAGE_SIZE, backbone_spec
-
     if configured:
         return str(configured)
     try:

@@ -39,11 +39,31 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit import consistency, report
 from toolkit import train as T
-from toolkit.data import Dataset, one_hot, save_npz
+from toolkit.augment import make_batch_augmenter
+from toolkit.backbones import copy_backbone
+from toolkit.consistency import ConsistencyDistiller, scale_for_replicas
+from toolkit.data import Dataset, check_npz, one_hot, save_npz, stratified_split
+from toolkit.ensemble import (
+    content_key,
+    ensemble_components,
+    ensemble_split,
+    load_ensemble,
+    member_file,
+    resolve_member,
+)
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Recipe, check_student, load_recipe, read_toml
-from toolkit.runs import read_history
+from toolkit.recipe import DataConfig, Recipe, check_student, load_recipe, read_toml
+from toolkit.runs import (
+    load_model,
+    make_own_dir,
+    read_history,
+    resolve_model_file,
+    write_csv,
+    write_json,
+)
+from toolkit.tta import wrap_with_tta
 
 # ---------------------------------------------------------------- the loss
 
@@ -93,8 +113,6 @@ def _probability_kl(temperature: float):
     """A keras.distillation loss over probability outputs (the API's own expects logits)."""
     import keras
 
-    from toolkit.consistency import scale_for_replicas
-
     class ProbabilityKL(keras.distillation.DistillationLoss):
         def compute_loss(self, teacher_outputs, student_outputs, **kwargs):  # the Distiller adds it unscaled
             return scale_for_replicas(keras.ops.mean(_kl_at_temperature(teacher_outputs, student_outputs, temperature)))
@@ -121,8 +139,6 @@ def _compile_function_matching(teacher):
     def compile_fn(model, recipe: Recipe, stage, steps: int):
         import keras
 
-        from toolkit.consistency import ConsistencyDistiller
-
         teacher.trainable = False
         kwargs = {"teacher": teacher, "student": model, "student_loss_weight": recipe.distill.alpha,
                   "distillation_losses": _probability_kl(recipe.distill.temperature)}
@@ -147,8 +163,6 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     recipe = load_recipe(recipe_path, overrides)
     check_student(recipe)
     check_student_split_early(recipe, Path(ensemble_dir))  # before train's data checks warn
-    from toolkit import consistency
-    from toolkit.ensemble import load_ensemble
 
     cfg = recipe.distill
     start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console,  # train's set-up
@@ -204,9 +218,6 @@ def build_bank(teacher, data: Dataset, recipe: Recipe, run: Path, ensemble_dir: 
     """
     import tensorflow as tf
     from rich.progress import Progress
-
-    from toolkit.augment import make_batch_augmenter
-    from toolkit.runs import make_own_dir
 
     folder = make_own_dir(run / "checkpoint" / f"bank_{teacher_key(ensemble_dir)}", "part")
     n, n_classes, k_views, batch = len(data), data.n_classes, recipe.distill.bank_views, 256
@@ -284,8 +295,6 @@ def check_student_split_early(recipe: Recipe, ensemble_dir: Path) -> None:
 
 def planned_val_index(recipe: Recipe) -> np.ndarray | None:
     """The original rows train.load_split will hold out, read without the images (npz only)."""
-    from toolkit.data import check_npz, stratified_split
-
     path = Path(recipe.data.train)
     if path.suffix != ".npz":
         return None
@@ -299,8 +308,6 @@ def planned_val_index(recipe: Recipe) -> np.ndarray | None:
 
 
 def _compare_split(student_rows: np.ndarray, ensemble_dir: Path, recipe: Recipe) -> None:
-    from toolkit.ensemble import ensemble_split
-
     teacher_rows = ensemble_split(ensemble_dir)
     if teacher_rows is None or np.array_equal(student_rows, teacher_rows):
         return
@@ -331,9 +338,6 @@ def _same(key: str, a, b) -> bool:
 
 def _member_data(ensemble_dir: Path) -> dict | None:
     """data.train, val_fraction and split_seed of the first member whose run folder keeps its recipe."""
-    from toolkit.ensemble import ensemble_components, resolve_member
-    from toolkit.recipe import DataConfig
-
     for component in ensemble_components(ensemble_dir):
         recipe = resolve_member(ensemble_dir, component["member_file"]).parent / "recipe.toml"
         if recipe.is_file():
@@ -351,10 +355,6 @@ def _toml(value) -> str:
 
 def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
     """The student's backbone starts where a trained member's ended (its head starts fresh)."""
-    from toolkit.backbones import copy_backbone
-    from toolkit.ensemble import member_file
-    from toolkit.runs import load_model
-
     file = member_file(ensemble_dir, name)
     member = load_model(file)
     if "backbone" not in {layer.name for layer in member.layers}:
@@ -378,9 +378,6 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
 
 def teacher_key(ensemble_dir: Path) -> str:
     """What the teacher's cached outputs in a student's run are keyed by: its ensemble file's contents."""
-    from toolkit.ensemble import content_key
-    from toolkit.runs import resolve_model_file
-
     return content_key(resolve_model_file(ensemble_dir))[:16]
 
 
@@ -389,10 +386,6 @@ def teacher_key(ensemble_dir: Path) -> str:
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, timing: bool = True) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
     set, parameters, file size, and (with `timing`) img/s on this machine, taking turns."""
-    from toolkit.ensemble import ensemble_components, member_file
-    from toolkit.runs import load_model, resolve_model_file, write_csv, write_json
-    from toolkit.tta import wrap_with_tta
-
     heaviest = ensemble_components(ensemble_dir)[0]  # the student and the best member get its views
     views, merge = heaviest["view_list"], heaviest["merge"]
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
@@ -443,8 +436,6 @@ def _times(ratio: float, more: str, less: str) -> str:
 def patience(run: Path, ensemble_acc: dict[str, float]) -> dict:
     """The student's single-view accuracy per epoch on each validation set beside the ensemble's
     (with its views), as distill.json keeps it and patience.png draws it."""
-    from toolkit import report
-
     history = read_history(run)
     columns = {name: "val_accuracy" if name == "val" else f"{name}_accuracy" for name in ensemble_acc}
     curves = {"epoch": [int(row["epoch"]) for row in history],

@@ -25,7 +25,31 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.data import load_dataset, save_npz
 from toolkit.errors import CellfuseError
+from toolkit.evaluate import check_compatible
+from toolkit.report import (
+    EPS,
+    classification_metrics,
+    expected_calibration_error,
+    metrics_table,
+    model_names,
+    nll,
+)
+from toolkit.runs import (
+    MANIFEST,
+    TMP_PREFIX,
+    check_replaceable,
+    clear_own,
+    fresh_dir,
+    load_model,
+    lock_output,
+    refuse_inputs_inside,
+    resolve_model_file,
+    save_model_atomic,
+    write_json,
+)
+from toolkit.tta import merge, parse_tta, predict_views, view_layer
 
 CACHE = "predictions.npz"
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -44,8 +68,6 @@ class Candidate:
 
 def _log_probs(logits_or_probs) -> np.ndarray:
     """Log-probabilities from probabilities, or logits unchanged (softmax ignores the offset)."""
-    from toolkit.report import EPS
-
     z = np.asarray(logits_or_probs, dtype=np.float64)
     looks_like_probs = z.min() >= 0 and np.allclose(z.sum(-1), 1.0, atol=1e-3)
     return np.log(np.maximum(z, EPS)) if looks_like_probs else z
@@ -66,17 +88,15 @@ def fit_temperature(logits_or_probs, labels) -> float:
     z, labels = _log_probs(logits_or_probs), np.asarray(labels)
     rows = np.arange(len(labels))
 
-    def nll(log_t: float) -> float:
+    def nll_at(log_t: float) -> float:  # report.nll on probabilities, here on logits at T = exp(log_t)
         return float(-log_softmax(z / np.exp(log_t), axis=-1)[rows, labels].mean())
 
     lo, hi = np.log(TEMPERATURE_BOUNDS)
-    return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded").x))
+    return float(np.exp(minimize_scalar(nll_at, bounds=(lo, hi), method="bounded").x))
 
 
 def _score(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """What selection maximises, compared as a tuple: accuracy, then minus the NLL."""
-    from toolkit.report import nll
-
     return _accuracy(labels, probs), -nll(labels, probs)
 
 
@@ -139,9 +159,6 @@ def _cross_fitted(candidate_probs: np.ndarray, labels: np.ndarray, rounds: int, 
 
 def _members(runs) -> dict[str, Path]:
     """Unique display names -> model files, named as every table names models (report.model_names)."""
-    from toolkit.report import model_names
-    from toolkit.runs import resolve_model_file
-
     if not runs:
         raise CellfuseError("an ensemble needs at least one run or model file")
     seen = set()
@@ -155,8 +172,6 @@ def _members(runs) -> dict[str, Path]:
 
 def _view_sets(spec: str) -> dict[str, tuple[list[str], str]]:
     """Comma-separated TTA specs -> {spec: (views, merge)}, always with "none" (no TTA) first."""
-    from toolkit.tta import parse_tta
-
     specs = ["none"] + [s.strip() for s in str(spec).split(",") if s.strip() and s.strip() != "none"]
     return {s: parse_tta(s) for s in dict.fromkeys(specs)}
 
@@ -206,11 +221,6 @@ def _predict_all(members, views, datasets, out: Path, console) -> dict[tuple, np
         TimeRemainingColumn,
     )
 
-    from toolkit.data import save_npz
-    from toolkit.evaluate import _check_compatible
-    from toolkit.runs import load_model
-    from toolkit.tta import predict_views
-
     cache = _read_cache(out / CACHE)
     keys = {(m, d.path, v): _cache_key(f, d.path, v) for m, f in members.items() for d in datasets
             for v in views}
@@ -227,7 +237,7 @@ def _predict_all(members, views, datasets, out: Path, console) -> dict[tuple, np
             for dataset in datasets:
                 if not todo[dataset.path]:
                     continue
-                _check_compatible(model, dataset, file)
+                check_compatible(model, dataset, file)
                 progress.update(task, description=f"{name} on {Path(dataset.path).name}")
                 probs = predict_views(model, dataset.images, todo[dataset.path],
                                       progress=lambda units: progress.advance(task, units))
@@ -244,9 +254,8 @@ def _ensemble_model(selected: list[dict], member_files: dict[str, Path]):
     """One Keras model: each member on each view it needs once, merged, tempered, weighted."""
     import keras
 
+    # loads TensorFlow: `cellfuse runs` (compare.py) imports this module and must not
     import toolkit.layers as layers
-    from toolkit.runs import load_model
-    from toolkit.tta import view_layer
 
     models = {}
     for i, name in enumerate(dict.fromkeys(c["member"] for c in selected)):
@@ -280,8 +289,6 @@ def load_ensemble(dir, *, views: bool = True):
     the temperature fitted to its single-view predictions (the TTA-averaged ones are fitted to sharper or
     softer inputs).
     """
-    from toolkit.runs import load_model
-
     file = Path(dir) / "ensemble.keras"
     if not file.is_file():
         raise CellfuseError(f"{dir}: no ensemble.keras here (run `cellfuse ensemble ... --out {dir}`)")
@@ -337,16 +344,6 @@ def member_file(dir, name: str) -> Path:
 def _prepare_out(out: Path, force: bool, inputs) -> Path:
     """The output directory; its cached predictions survive --force, earlier results do not.
     Only an ensemble folder cellfuse made, holding nothing else, is ever written into again."""
-    from toolkit.runs import (
-        MANIFEST,
-        TMP_PREFIX,
-        check_replaceable,
-        clear_own,
-        fresh_dir,
-        lock_output,
-        refuse_inputs_inside,
-    )
-
     out = Path(out)
     if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
         return fresh_dir(out, inputs=inputs, kind="ensemble")
@@ -405,10 +402,6 @@ def check_same_split(members: dict[str, Path], datasets) -> np.ndarray | None:
 def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, console=None) -> dict:
     """Predict, calibrate, select, save and report; see the module docstring. Returns the figures."""
     from rich.console import Console
-
-    from toolkit.data import load_dataset
-    from toolkit.report import classification_metrics
-    from toolkit.runs import write_json
 
     console = console or Console()
     if not val_data:
@@ -469,8 +462,6 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
 
 def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndarray:
     """(K, n, C): each candidate's member predictions merged over its views."""
-    from toolkit.tta import merge
-
     return np.stack([merge(np.stack([preds[c.member, data_path, v] for v in c.view_list]), c.merge)
                      for c in candidates])
 
@@ -478,8 +469,8 @@ def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndar
 def _save_model(selected, members, out: Path, images, expected) -> float:
     """Write DIR/ensemble.keras and reload it as every later stage will (safe mode): return its largest
     deviation from the cached-prediction ensemble."""
+    # batches pulls scipy and Pillow (via corrupt): `cellfuse runs` imports this module and stays quick
     from toolkit.batches import Predictor
-    from toolkit.runs import load_model, save_model_atomic
 
     save_model_atomic(_ensemble_model(selected, members), out / "ensemble.keras")
     reloaded = load_model(out / "ensemble.keras")
@@ -507,8 +498,6 @@ def resolve_member(dir, recorded: str) -> Path:
 
 
 def _brief(labels, probs) -> dict:
-    from toolkit.report import expected_calibration_error, nll
-
     return {"accuracy": _accuracy(labels, probs), "nll": nll(labels, probs),
             "ece": expected_calibration_error(labels, probs)}
 
@@ -526,8 +515,6 @@ def _rows(candidates, datasets, merged, scaled, temperatures, weights, ensemble)
 
 
 def _table(rows: dict, dataset, steering: bool):
-    from toolkit.report import metrics_table
-
     name = Path(dataset.path).name
     title = (f"{name}: members as saved, per TTA view set (temperature-scaled), ensemble"
              + (" (steers the selection: the 2-fold rows are the fair estimate)" if steering else ""))

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
-from toolkit.runs import load_model  # noqa: F401  (re-exported: evaluate.load_model is public)
+from toolkit.report import classification_metrics, metrics_table, per_class_table
+from toolkit.runs import load_model  # also public here: evaluate.load_model
+from toolkit.tta import merge, parse_tta, predict_views
 
 
 def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None) -> dict:
     """Metrics of `model` on each data file (merged over the `tta` views); {data_path: metrics}."""
     from rich.console import Console
     from rich.progress import Progress
-
-    from toolkit.data import load_dataset
-    from toolkit.report import classification_metrics, metrics_table, per_class_table
-    from toolkit.tta import merge, parse_tta, predict_views
 
     console = console or Console()
     views, how = parse_tta(tta)  # a bad spec fails before the slow model load
@@ -27,7 +26,7 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("predicting", total=len(datasets) * len(views))
         for dataset in datasets:
-            _check_compatible(keras_model, dataset, model)
+            check_compatible(keras_model, dataset, model)
             probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
                                         progress=lambda units: progress.advance(task, units)), how)
             results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
@@ -38,7 +37,8 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
     return results
 
 
-def _check_compatible(keras_model, dataset, model_path) -> None:
+def check_compatible(keras_model, dataset, model_path) -> None:
+    """Refuse, in one line naming both files, a model whose input shape or class count differs from the data's."""
     want = tuple(keras_model.input_shape[1:])
     if want != tuple(dataset.images.shape[1:]):
         raise CellfuseError(f"{model_path}: takes images of shape {want}, but {dataset.path} holds "

@@ -22,9 +22,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from toolkit.backbones import non_core_layers
 from toolkit.data import IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
-from toolkit.runs import atomic_write_bytes, check_new_file, resolve_model_file
+from toolkit.report import classification_metrics, per_class_table
+from toolkit.runs import atomic_write_bytes, check_new_file, load_model, resolve_model_file
+from toolkit.tta import parse_tta, wrap_with_tta
 
 WEIGHTS = "model.keras"  # the weights file model.py loads from its own folder
 LAYERS_SOURCE = Path(__file__).with_name("layers.py")  # inlined into model.py
@@ -117,8 +120,6 @@ def export_submission(run, out, *, tta="none", precision="float32", force=False,
     if precision not in PRECISIONS:
         raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if tta != "none":
-        from toolkit.tta import parse_tta
-
         parse_tta(tta)  # a bad spec fails before the slow model load
     source = model_py_source()
     model = _load_for_export(resolve_model_file(run), tta)
@@ -156,9 +157,6 @@ def _imported_modules(source: str) -> set[str]:
 
 def _load_for_export(path: Path, tta: str):
     """The model as the submission will run it: no optimizer (compile=False), TTA inside if asked."""
-    from toolkit.backbones import non_core_layers
-    from toolkit.runs import load_model
-
     try:  # runs saved before hub backbones were rebuilt from core layers hold keras-hub classes
         import keras_hub  # noqa: F401
     except ImportError:
@@ -171,8 +169,6 @@ def _load_for_export(path: Path, tta: str):
                             "(numpy/tensorflow/keras only); retrain it with this version (hub backbones are "
                             "rebuilt from core layers) or choose another backbone")
     if tta != "none":
-        from toolkit.tta import wrap_with_tta
-
         model = wrap_with_tta(model, tta)
     return model
 
@@ -254,8 +250,6 @@ def grade_submission(submission, data, *, timeout=600, console=None) -> dict:
 
 def _metrics(dataset, predictions: np.ndarray) -> dict:
     """The report's metrics from hard predictions (one-hot probabilities)."""
-    from toolkit.report import classification_metrics
-
     return classification_metrics(dataset.labels, one_hot(predictions, dataset.n_classes),
                                   dataset.class_names)
 
@@ -345,8 +339,6 @@ def _check_predictions(submission: Path, predictions: np.ndarray, n: int, n_clas
 
 def _print_grade(result: dict, console: Console) -> None:
     from rich.table import Table
-
-    from toolkit.report import per_class_table
 
     table = Table(title=f"{Path(result['submission']).name} on {Path(result['data']).name}")
     for column in ("images", "accuracy", "macro-F1", "load s", "predict s", "peak MB"):

@@ -28,10 +28,38 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.augment import DEFAULTS, PRESETS
 from toolkit.compat import flatten_layers
+from toolkit.corrupt import (
+    HELD_OUT,
+    SEVERITIES,
+    contents,
+    corrupt_images,
+    layer_families,
+    parse_families,
+)
+from toolkit.data import load_dataset
+from toolkit.ensemble import ensemble_components, resolve_member
 from toolkit.errors import CellfuseError
+from toolkit.evaluate import check_compatible
 from toolkit.recipe import read_toml
-from toolkit.report import EPS, model_names, pyplot, reliability_bins
+from toolkit.report import (
+    EPS,
+    classification_metrics,
+    expected_calibration_error,
+    model_names,
+    plot_confusion,
+    pyplot,
+    reliability_bins,
+)
+from toolkit.runs import (
+    atomic_save_figure,
+    atomic_write_text,
+    fresh_dir,
+    load_model,
+    resolve_model_file,
+    write_json,
+)
 
 DEFAULT_FAMILIES = "cellfuse,own,held-out"
 
@@ -55,27 +83,20 @@ class Subject:
 
 def load_subject(path, name: str, dataset) -> Subject:
     """Load a model, its Grad-CAM model and its training augmentation; refuse a mismatch in one line."""
-    from toolkit.evaluate import _check_compatible, load_model
-
     model = load_model(path)
-    _check_compatible(model, dataset, path)
+    check_compatible(model, dataset, path)
     cam_model, cam_note = _cam_source(path, model)
     families, augment_note = training_families(path)
     return Subject(name, Path(path), model, cam_model, cam_note, families, augment_note)
 
 
 def _ensemble_dir(path) -> Path | None:
-    from toolkit.runs import resolve_model_file
-
     file = resolve_model_file(path)
     return file.parent if file.name == "ensemble.keras" and (file.parent / "ensemble.json").is_file() else None
 
 
 def _cam_source(path, model):
     """(model to differentiate or None, a line saying which, or why there is no map)."""
-    from toolkit.ensemble import ensemble_components, resolve_member
-    from toolkit.evaluate import load_model
-
     ensemble = _ensemble_dir(path)
     if ensemble is None:
         split = feature_layer(model)
@@ -96,9 +117,6 @@ def _no_map(model) -> str:
 
 def training_families(path) -> tuple[set[str] | None, str]:
     """Corruption families the training augmentation of a run (or every ensemble member) contains."""
-    from toolkit.ensemble import ensemble_components, resolve_member
-    from toolkit.runs import resolve_model_file
-
     ensemble = _ensemble_dir(path)
     if ensemble is not None:
         found = [training_families(resolve_member(ensemble, c["member_file"]))
@@ -113,9 +131,6 @@ def training_families(path) -> tuple[set[str] | None, str]:
 
 
 def _recipe_families(recipe: Path) -> tuple[set[str] | None, str]:
-    from toolkit.augment import DEFAULTS, PRESETS
-    from toolkit.corrupt import layer_families
-
     try:
         section = read_toml(recipe).get("augment", {})
         preset = section.get("preset", DEFAULTS["preset"])
@@ -311,8 +326,6 @@ def robustness_grid(subjects, images, labels, families, severities, *, seed: int
     Cell (f, s) = accuracy on corrupt_images(images, s, seed, families=f): the same copy
     `cellfuse corrupt DATA --families f --severity s --seed seed` writes.
     """
-    from toolkit.corrupt import corrupt_images
-
     grid: dict = {s.name: {f: {} for f in families} for s in subjects}
     for family in families:
         for severity in severities:
@@ -331,8 +344,6 @@ def robustness_grid(subjects, images, labels, families, severities, *, seed: int
 def robustness_summary(grid: dict, clean: float, trained_on: dict[str, bool | None]) -> dict:
     """Mean corrupted accuracy and relative drop from clean: over every family, over the held-out
     families, and over the families the training augmentation does not contain (unseen)."""
-    from toolkit.corrupt import HELD_OUT
-
     def mean(names):
         values = [a for f in names for a in grid[f].values()]
         return float(np.mean(values)) if values else None
@@ -353,16 +364,12 @@ def robustness_summary(grid: dict, clean: float, trained_on: dict[str, bool | No
 
 def trained_marks(families, trained: set[str] | None) -> dict[str, bool | None]:
     """Per family: does the training augmentation contain it? None when the augmentation is unknown."""
-    from toolkit.corrupt import contents
-
     return {f: None if trained is None else bool(contents(f) & trained) for f in families}
 
 
 # ---------------------------------------------------------------- figures
 
 def _save(fig, path: Path) -> Path:
-    from toolkit.runs import atomic_save_figure
-
     plt = pyplot()
     out = atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
@@ -462,8 +469,6 @@ def plot_reliability(curves: dict[str, dict[str, list[dict]]], path: Path) -> Pa
 
 def plot_robustness(grid, severities, marks, clean, path: Path) -> Path:
     """Heat map per model: families (own, then held-out) x severity, plus each family's mean."""
-    from toolkit.corrupt import HELD_OUT
-
     plt = pyplot()
     names = list(grid)
     families = list(next(iter(grid.values())))
@@ -499,10 +504,6 @@ def inspect_models(models, data, out, *, top: int = 16, per_class: int = 4, fami
                    force: bool = False, console=None) -> dict:
     """Inspect each model on DATA and write the figures, report.html and inspect.json into OUT."""
     from rich.console import Console
-
-    from toolkit.corrupt import SEVERITIES, parse_families
-    from toolkit.data import load_dataset
-    from toolkit.runs import fresh_dir, write_json
 
     console = console or Console()
     started = time.perf_counter()
@@ -547,8 +548,6 @@ def _file(name: str, subject: Subject, several: bool) -> str:
 def _inspect_one(subject: Subject, dataset, out: Path, several: bool, top: int, per_class: int, seed: int,
                  batch_size: int, progress) -> None:
     """Predictions, calibration, worst images, correct examples, confusions and their figures."""
-    from toolkit.report import classification_metrics, expected_calibration_error, plot_confusion
-
     labels, images, names = dataset.labels, dataset.images, dataset.class_names
     task = progress.add_task(f"{subject.name}: predicting", total=3)
     probs = predict(subject.model, images, batch_size)
@@ -766,8 +765,6 @@ def _img_html(out: Path, file: str | None, alt: str) -> str:
 
 def write_report(figures: dict, out: Path) -> Path:
     """report.html: every table and figure of inspect.json on one page, images embedded."""
-    from toolkit.runs import atomic_write_text
-
     files, rob = figures["files"], figures["robustness"]
     parts = [f"<h1>cellfuse inspect: {html.escape(Path(figures['data']).name)}</h1>", READING_GUIDE,
              "<h2>Summary</h2>", _table_html(SUMMARY_HEADER, summary_rows(figures)),

@@ -15,9 +15,14 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+from toolkit.clean import clean_file
+from toolkit.corrupt import corrupt_file, write_val_files
+from toolkit.ensemble import build_ensemble
 from toolkit.errors import CellfuseError
-from toolkit.recipe import find_recipe, shipped_recipe
+from toolkit.export import export_submission, grade_submission
+from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
 from toolkit.runs import fresh_dir
+from toolkit.synth import write_synthetic
 
 # Two different ImageNet backbones: the pair the ensemble's selection kept on the real data (Lite0 with
 # D4 views and the MobileNet; Lite1 got no weight), README Results.
@@ -73,12 +78,8 @@ def common_split(recipes) -> tuple[float, int]:
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
                  student_extra=(), force=False, members=None, student=None) -> dict:
     """Everything after the data exists. Returns each stage's main figures."""
-    from toolkit.clean import clean_file
-    from toolkit.corrupt import write_val_files
+    # these load TensorFlow (~10 s): run_demo refuses a missing --data before paying for it
     from toolkit.distill import closing_line, distill_recipe
-    from toolkit.ensemble import build_ensemble
-    from toolkit.export import export_submission, grade_submission
-    from toolkit.recipe import load_recipe
     from toolkit.train import train_recipe
 
     p = Pipeline(out, console)
@@ -137,9 +138,6 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
 def run_demo(out: Path, *, data: Path | None = None, force: bool = False, console: Console | None = None,
              n: int = 2000) -> dict:
     """Synthetic data (or the user's file) through every stage, on CPU, in minutes."""
-    from toolkit.corrupt import corrupt_file
-    from toolkit.synth import write_synthetic
-
     console = console or Console()
     if data is not None and not Path(data).exists():
         raise CellfuseError(f"{data}: does not exist")

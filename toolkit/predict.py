@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, IMAGE_SUFFIXES
+from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, IMAGE_SUFFIXES, load_dataset
 from toolkit.errors import CellfuseError
+from toolkit.export import WEIGHTS
+from toolkit.runs import check_new_file, load_model, resolve_model_file, write_csv
+from toolkit.tta import merge, parse_tta, predict_views
 
 SKIPPED_SHOWN = 10  # unreadable files named one per line; the rest are counted
 
@@ -38,9 +41,6 @@ def predict_files(model, inputs, out, *, tta: str = "none", batch_size: int = 25
     """Predict every image of `inputs` with `model` (a .keras file, run directory or submission zip);
     write `out` (.csv): source, row, predicted class, one probability column per class."""
     from rich.console import Console
-
-    from toolkit.runs import check_new_file
-    from toolkit.tta import parse_tta
 
     console = console or Console()
     views, how = parse_tta(tta)
@@ -92,8 +92,6 @@ def images_in(folder: Path) -> list[Path]:
 
 def check_model_path(model) -> Path:
     """The .keras file to load: MODEL itself, the one its run directory holds, or the zip holding it."""
-    from toolkit.runs import resolve_model_file
-
     model = Path(model)
     if not model.exists():
         raise CellfuseError(f"{model}: does not exist")
@@ -105,8 +103,6 @@ def check_model_path(model) -> Path:
 
 def zip_member(submission: Path) -> str:
     """The weights file inside a `cellfuse export` zip (model.keras at its root)."""
-    from toolkit.export import WEIGHTS
-
     try:
         with zipfile.ZipFile(submission) as archive:
             names = archive.namelist()
@@ -129,8 +125,6 @@ def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], n
         TextColumn,
         TimeRemainingColumn,
     )
-
-    from toolkit.data import load_dataset
 
     sources, chunks, skipped = [], [], []
     for path in found.npz:
@@ -178,8 +172,6 @@ def predict_images(model_path: Path, images: np.ndarray, views, how: str, batch_
     """(n, C) probabilities merged over the TTA views, as `cellfuse evaluate` computes them."""
     from rich.progress import Progress
 
-    from toolkit.tta import merge, predict_views
-
     model = load_any(model_path)
     want = tuple(model.input_shape[1:])
     if want != images.shape[1:]:
@@ -194,8 +186,6 @@ def predict_images(model_path: Path, images: np.ndarray, views, how: str, batch_
 def load_any(model_path: Path):
     """Load a .keras file, or the model.keras inside a submission zip. The zip's own model.py is not
     run: it returns class indices only, and loading the weights in safe mode runs no code from the zip."""
-    from toolkit.runs import load_model
-
     if model_path.suffix != ".zip":
         return load_model(model_path, compile=False)
     member = zip_member(model_path)
@@ -212,8 +202,6 @@ def class_names(n_classes: int) -> tuple[str, ...]:
 # ---------------------------------------------------------------- output
 
 def write_predictions(out: Path, sources, probs: np.ndarray, names) -> Path:
-    from toolkit.runs import write_csv
-
     rows = [{"source": source, "row": "" if row is None else row, "class": names[int(np.argmax(p))],
              **{name: f"{q:.6f}" for name, q in zip(names, p, strict=True)}}
             for (source, row), p in zip(sources, probs, strict=True)]

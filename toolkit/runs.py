@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit import __version__
 from toolkit.errors import CellfuseError
 
 OUTPUTS = Path("outputs")
@@ -59,7 +60,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
 def read_history(run: str | Path) -> list[dict]:
@@ -99,7 +100,8 @@ def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """json.dumps' `default=` for what cellfuse's figures hold: numpy numbers and arrays, paths."""
     import numpy as np
 
     if isinstance(obj, np.integer):
@@ -688,8 +690,6 @@ def env_info() -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
-
-    from toolkit import __version__
 
     return {
         "cellfuse": __version__,

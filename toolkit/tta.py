@@ -89,6 +89,7 @@ def parse_views(spec: str) -> list[str]:
 
 
 def view_layer(name: str):
+    # loads TensorFlow: cli imports this module for --help, and `cellfuse runs` through ensemble
     import toolkit.layers as layers
 
     params = view_params(name)
@@ -170,7 +171,7 @@ def merge(probs: np.ndarray, how: str = "mean") -> np.ndarray:
         return probs.mean(0)
     from scipy.special import softmax
 
-    from toolkit.report import EPS
+    from toolkit.report import EPS  # report loads numpy: cli imports the view names for --help
 
     return softmax(np.log(np.maximum(probs, EPS)).mean(0), axis=-1)
 
@@ -182,7 +183,7 @@ def wrap_with_tta(model, views, merge: str = "mean"):
     """
     import keras
 
-    import toolkit.layers as layers
+    import toolkit.layers as layers  # loads TensorFlow, as in view_layer
 
     if isinstance(views, str) and ":" in views:  # a full spec such as "d4:geometric"
         views, merge = parse_tta(views)
