@@ -11,8 +11,8 @@ install:
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m toolkit --version
 
-test:
-	$(PY) -m pytest -q --durations=30 tests
+test:  # two workers, each test file in one of them (its module-scoped runs shared within it)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 tests
 
 test-slow:
 	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests
