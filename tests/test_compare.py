@@ -225,3 +225,13 @@ def test_files_of_an_unexpected_shape_are_reported_in_their_row(outputs):
     assert rows["runs/cpu-lite0"].state == "unreadable" and "recipe.toml: not valid TOML" in rows["runs/cpu-lite0"].note
     assert str(outputs) not in rows["runs/cpu-lite0"].note  # the row names the folder; the note, the file
     assert rows["runs/cpu-mobilenet"].state == "complete"
+
+
+def test_columns_pick_and_order_the_table_and_name_the_choices(outputs):
+    result = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--columns", "val_corrupt, name,params"])
+    assert result.exit_code == 0, result.output
+    header, align, *rows = result.output.strip().splitlines()
+    assert header == "| val_corrupt | name | params |" and align == "| ---: | --- | ---: |"
+    assert any(row.startswith("| 0.650 | ") and row.endswith("| 1.01 M |") for row in rows), rows
+    result = CliRunner().invoke(main, ["runs", str(outputs), "--columns", "name,acc"])
+    assert result.exit_code == 2 and "no column 'acc' here" in result.output and "val_corrupt" in result.output

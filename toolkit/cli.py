@@ -799,8 +799,10 @@ def grade(submission, data, timeout, as_json):
 @main.command("runs", short_help="One table of every run, ensemble and student under FOLDER.")
 @click.argument("folder", required=False, default=Path("outputs"), type=click.Path(path_type=Path))
 @click.option("--markdown", is_flag=True, help="Print a GitHub Markdown table (the README's results are made so).")
+@click.option("--columns", default=None, metavar="NAME,...",
+              help="Only these columns, in this order (header names, e.g. name,val,val_heldout,params).")
 @json_option
-def runs_table(folder, markdown, as_json):
+def runs_table(folder, markdown, columns, as_json):
     """One table of every run, ensemble and student under FOLDER (default outputs): recipe, backbone,
     input size, epochs, time, parameters, accuracy on each validation file, and with D4 views where
     an ensemble or distill measured it. Reads only the files the stages wrote, so it takes a second;
@@ -808,7 +810,7 @@ def runs_table(folder, markdown, as_json):
 
     \b
     Example:
-      cellfuse runs outputs --markdown
+      cellfuse runs outputs --markdown --columns name,val,val_heldout,params
     """
     from toolkit import precheck
 
@@ -816,7 +818,8 @@ def runs_table(folder, markdown, as_json):
     from toolkit.compare import as_json as table_json
     from toolkit.compare import show_runs
 
-    rows = show_runs(folder, as_markdown=markdown, console=console)
+    rows = show_runs(folder, as_markdown=markdown, console=console,
+                     columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
     if as_json:
         print_json(table_json(rows, folder))
 

@@ -344,8 +344,9 @@ def validation_names(rows: list[Row]) -> list[str]:
     return [n for n in names if any(n in r.accuracy or n in r.d4 for r in rows)]
 
 
-def table_columns(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells, shared by the terminal table and the Markdown one."""
+def table_columns(rows: list[Row], columns=None) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells, shared by the terminal table and the Markdown one; COLUMNS picks and
+    orders them by header name (`cellfuse runs --columns`)."""
     names = validation_names(rows)
     d4_names = [n for n in names if any(n in r.d4 for r in rows)]
     header = ["name", "kind", "state", "recipe", "backbone", "input", "epochs", "time", "params",
@@ -353,12 +354,19 @@ def table_columns(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     cells = [[r.path, r.kind, r.state, r.recipe, r.backbone, r.input_size, r.epochs, _duration(r.seconds),
               _params(r.params), *[_acc(r.accuracy.get(n)) for n in names], *[_acc(r.d4.get(n)) for n in d4_names],
               r.note] for r in rows]
-    return header, cells
+    if not columns:
+        return header, cells
+    unknown = [c for c in columns if c not in header]
+    if unknown:
+        raise CellfuseError(f"--columns: no column {', '.join(map(repr, unknown))} here; "
+                            f"the columns are {', '.join(header)}")
+    keep = [header.index(c) for c in columns]
+    return [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
 
 
 def _numeric(i: int, header: list[str]) -> bool:
-    """Input size to the last accuracy column: right-aligned."""
-    return header.index("input") <= i < len(header) - 1
+    """Input size, epochs, time, parameters and the accuracies: right-aligned."""
+    return header[i] not in TEXT_COLUMNS
 
 
 def _acc(value) -> str:
@@ -379,9 +387,12 @@ def _duration(seconds) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def markdown(rows: list[Row]) -> str:
+TEXT_COLUMNS = ("name", "kind", "state", "recipe", "backbone", "note")
+
+
+def markdown(rows: list[Row], columns=None) -> str:
     """A GitHub Markdown table (numbers right-aligned), for the README's results."""
-    header, cells = table_columns(rows)
+    header, cells = table_columns(rows, columns)
     align = ["---:" if _numeric(i, header) else "---" for i in range(len(header))]
     lines = [header, align, *cells]
     return "\n".join("| " + " | ".join(_cell(c) for c in line) + " |" for line in lines)
@@ -391,8 +402,8 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")  # one line, and a | that does not end the cell
 
 
-def rich_table(rows: list[Row], root) -> Table:
-    header, cells = table_columns(rows)
+def rich_table(rows: list[Row], root, columns=None) -> Table:
+    header, cells = table_columns(rows, columns)
     table = Table(title=f"runs under {root}", caption="accuracy per validation file; an ensemble's includes "
                   "its TTA views; d4: with the 8 D4 views averaged, where measured")
     for i, name in enumerate(header):
@@ -408,7 +419,7 @@ def as_json(rows: list[Row], root) -> dict:
     return {"dir": str(root), "rows": [asdict(r) for r in rows]}
 
 
-def show_runs(root, *, as_markdown: bool = False, console=None) -> list[Row]:
+def show_runs(root, *, as_markdown: bool = False, columns=None, console=None) -> list[Row]:
     """Print the table (rich, or Markdown); piped output is never wrapped nor truncated."""
     import click
 
@@ -420,8 +431,8 @@ def show_runs(root, *, as_markdown: bool = False, console=None) -> list[Row]:
         return rows
     if as_markdown:
         if not console.quiet:
-            click.echo(markdown(rows))
+            click.echo(markdown(rows, columns))
         return rows
     out = console if console.is_terminal else Console(width=100_000, quiet=console.quiet, no_color=True)
-    out.print(rich_table(rows, root))
+    out.print(rich_table(rows, root, columns))
     return rows
