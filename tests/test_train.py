@@ -493,3 +493,25 @@ def test_augmented_batches_stay_float32_under_mixed_precision(tiny_npz, tmp_path
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert images.dtype == "float32" and np.isfinite(images).all()
+
+
+def test_a_backup_h5py_cannot_parse_is_dropped_not_fatal(tmp_path, monkeypatch):
+    """A backup written while its worker was killed can pass h5py's size check and fail inside it with
+    a RuntimeError (seen under load: "addr overflow ... eoa = 2048"): dropped like a truncated one."""
+    import keras
+    from rich.console import Console
+
+    from toolkit.callbacks import Backup
+    from toolkit.runs import make_own_dir
+
+    def damaged(self, logs=None):
+        raise RuntimeError("Can't get deprecated info for object (addr overflow, addr = 6144, eoa = 2048)")
+
+    backup = make_own_dir(tmp_path / "stage1", "part")
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_train_begin", damaged)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((8, 4), np.float32), np.zeros((8, 2), np.float32)
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[Backup(str(backup), Console(quiet=True), "epoch")])
+    assert len(history.history["loss"]) == 2 and not (backup / "latest.weights.h5").exists()

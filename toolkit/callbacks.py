@@ -90,7 +90,7 @@ class Backup(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         try:
             super().on_train_begin(logs)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, RuntimeError, json.JSONDecodeError) as e:  # h5py: RuntimeError for a damaged header
             if folder_kind(self.backup_dir) is None:  # not a folder cellfuse made: not ours to drop
                 raise
             remove_scratch(self.backup_dir)  # made by make_callbacks, filled by Keras
