@@ -79,11 +79,6 @@ def steps_as_recipe(name):
     tf.config.run_functions_eagerly(False)
 
 
-def smallest_input(model) -> int:
-    spec = backbone_spec(model.backbone, model.width, model.depth)
-    return spec.min_size
-
-
 def is_student(name: str) -> bool:
     return "distill" in read_toml(shipped_recipe(name))
 
@@ -92,7 +87,7 @@ def matrix_overrides(name: str, train: Path, extra_val: dict[str, Path]) -> list
     """The recipe `name` made small: its backbone's smallest input, one epoch of 2 steps of 8 images per
     stage, toy data, offline weights."""
     recipe = load_recipe(shipped_recipe(name))
-    overrides = [f'data.train="{train}"', f"model.input_size={smallest_input(recipe.model)}",
+    overrides = [f'data.train="{train}"', f"model.input_size={backbone_spec(recipe.model.backbone).min_size}",
                  f"train.steps_per_epoch={STEPS}", f"train.batch_size={BATCH}",
                  "data.extra_val=[" + ", ".join(f'"{extra_val[Path(p).stem]}"'
                                                 for p in recipe.data.extra_val) + "]",

@@ -69,14 +69,13 @@ def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
     return scores
 
 
-def save_wise(recipe: Recipe, split: Split, run: Path, model) -> dict:
+def save_wise(recipe: Recipe, split: Split, run: Path, model, predict: Predictor) -> dict:
     """wise.keras: the start's and the result's weights blended (WiSE-FT), the blend chosen on the
     held-out families (val_heldout among data.extra_val) when given, else on the validation split:
     corruption-tuned weights must not be chosen on the corruptions they were tuned on."""
     start = weights_by_path(load_model(recipe.train.init_from, compile=False))
     tuned = weights_by_path(model)
     steer = "val_heldout" if "val_heldout" in split.val else "val"
-    predict = Predictor(model)
 
     def blend(alpha: float) -> None:
         assign_by_path(model, {k: (1 - alpha) * start[k] + alpha * w for k, w in tuned.items()}, run)

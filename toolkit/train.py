@@ -305,8 +305,9 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     save_model_atomic(model, run / "best.keras")
     adopt_library_files(run / "tb")
     candidates = save_snapshots(recipe, split, run)
-    wise = save_wise(recipe, split, run, model) if recipe.train.init_from else None
-    metrics, predict = {}, Predictor(model)
+    predict = Predictor(model)  # one trace for the blends and the metrics
+    wise = save_wise(recipe, split, run, model, predict) if recipe.train.init_from else None
+    metrics = {}
     for name, data in split.val.items():
         probs = predict(data.images)
         metrics[name] = report.classification_metrics(data.labels, probs, data.class_names)
