@@ -256,6 +256,31 @@ def test_a_checkpoint_loads_by_layer_name_whatever_the_order(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def _unnamed_model():
+    """Like ConvNeXt's top: a layer and a variable created without names, which Keras numbers
+    process-wide, so every build names them differently."""
+    import keras
+
+    class Scale(keras.layers.Layer):
+        def build(self, shape):
+            self.gamma = self.add_weight(shape=shape[-1:], initializer="random_normal")
+
+        def call(self, x):
+            return x * self.gamma
+
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, keras.layers.LayerNormalization()(Scale(name="scale")(inputs)))
+
+
+def test_a_model_rebuilt_in_the_same_process_loads_its_own_checkpoint(tmp_path):
+    saved, rebuilt = _unnamed_model(), _unnamed_model()
+    assert [v.path for v in saved.weights] != [v.path for v in rebuilt.weights]  # what Keras does
+    save_weights(saved, tmp_path / "w.weights.h5")
+    load_weights(rebuilt, tmp_path / "w.weights.h5")
+    for a, b in zip(saved.get_weights(), rebuilt.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     import keras
 

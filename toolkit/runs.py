@@ -6,11 +6,13 @@ import csv
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -661,13 +663,50 @@ def load_weights(model, path: str | Path) -> None:
 
 def weights_by_path(model) -> dict:
     """{variable path: array} of a model's weights: what save_weights stores."""
-    return {v.path: np.asarray(v) for v in model.weights}
+    return {key: np.asarray(v) for key, v in _by_path(model).items()}
+
+
+def _by_path(model) -> dict:
+    return dict(zip(stable_paths(model), model.weights))
+
+
+def stable_paths(model) -> list[str]:
+    """The paths of `model.weights`, the same each time the model is built. Keras numbers what is
+    created without a name process-wide: a layer ("layer_normalization_1", after ConvNeXt's pooling)
+    and a variable ("variable_36", ConvNeXt's LayerScale), so a model rebuilt in the same process
+    (best.keras, snapshots, WiSE) would not match its own checkpoint. Those are numbered here by their
+    order in the model instead."""
+    from keras.src.utils.naming import to_snake_case
+
+    renamed, seen = {}, Counter()
+    for layer in _walk(model):
+        kind = to_snake_case(type(layer).__name__)
+        if re.fullmatch(rf"{re.escape(kind)}(_\d+)?", layer.name) and layer.name not in renamed:
+            renamed[layer.name] = f"{kind}_{seen[kind]}" if seen[kind] else kind
+            seen[kind] += 1
+    paths, unnamed = [], Counter()
+    for v in model.weights:
+        *scope, name = [renamed.get(part, part) for part in v.path.split("/")]
+        if re.fullmatch(r"variable(_\d+)?", name):
+            where = "/".join(scope)
+            name = f"variable_{unnamed[where]}" if unnamed[where] else "variable"
+            unnamed[where] += 1
+        paths.append("/".join([*scope, name]))
+    return paths
+
+
+def _walk(layer):
+    yield layer
+    for inner in getattr(layer, "layers", ()):
+        yield from _walk(inner)
 
 
 def assign_by_path(model, arrays: dict, where) -> None:
     """Set every weight of `model` from `arrays` keyed by variable path; refused in one line (naming
     `where`) unless every variable is matched by path and shape, both ways."""
-    wanted = {v.path: v for v in model.weights}
+    wanted = _by_path(model)
+    if set(arrays) != set(wanted) and set(arrays) == {v.path for v in model.weights}:
+        wanted = {v.path: v for v in model.weights}  # a checkpoint written before paths were made stable
     missing, extra = sorted(set(wanted) - set(arrays)), sorted(set(arrays) - set(wanted))
     if missing or extra:
         raise CellfuseError(f"{where}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
