@@ -11,8 +11,8 @@ install:
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m toolkit --version
 
-test:  # two workers, each test file in one of them (its module-scoped runs shared within it)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 tests
+test:  # two workers; a unit of work is a file, or one recipe of the matrix (tests/conftest.py)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=40 tests
 
 test-slow:
 	CELLFUSE_SLOW=1 $(PY) -m pytest -q tests

@@ -89,12 +89,25 @@ def shared():
 slow = pytest.mark.skipif(not os.environ.get("CELLFUSE_SLOW"), reason="slow; set CELLFUSE_SLOW=1")
 
 
-# `make test` runs two pytest-xdist workers, one file each at a time, in collection order: the
-# longest files (measured in CI) go first so that both workers finish together.
-LONGEST_FIRST = ("test_recipe_matrix.py", "test_train.py", "test_gpucheck.py", "test_pipeline.py",
-                 "test_sweep.py", "test_multiworker.py", "test_distill.py")
+# `make test` runs two pytest-xdist workers (--dist loadgroup --no-loadscope-reorder). A unit of work is
+# a test file (its module-scoped runs shared within one worker), except that each member recipe of the
+# recipe matrix is a unit of its own, so that the matrix spreads over both workers. Units are handed out
+# in collection order: the longest (measured in CI) go first so that both workers finish together.
+LONGEST_FIRST = ("matrix-gpu-efficientnetv2-m-eager", "matrix-gpu-convnext-base-eager", "test_train.py",
+                 "test_gpucheck.py", "matrix-gpu-efficientnetv2-s-eager", "test_recipe_matrix.py",
+                 "test_pipeline.py", "test_sweep.py", "test_multiworker.py", "test_distill.py",
+                 "matrix-gpu-densenet121-eager", "matrix-gpu-resnet50v2-eager")
 
 
+def work_unit(item) -> str:
+    if item.path.name == "test_recipe_matrix.py" and item.originalname.startswith("test_member_recipe"):
+        return f"matrix-{item.callspec.id}"
+    return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(work_unit(item)))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+    items.sort(key=lambda item: rank.get(work_unit(item), len(rank)))  # stable: order within a file kept

@@ -139,6 +139,8 @@ def test_recipes_copy_follows_the_command_surface():
 def test_backbones_command_lists_the_registry():
     result = CliRunner().invoke(main, ["backbones", "--json"])
     assert result.exit_code == 0, result.output
-    rows = last_json(result.output)["backbones"]
-    assert {r["name"] for r in rows} == set(BACKBONES) - {HUB}  # a preset's size and parameters are its own
+    *rows, hub = last_json(result.output)["backbones"]
+    assert {r["name"] for r in rows} == set(BACKBONES) - {HUB}
     assert all(r["params"] == catalog.BACKBONE_PARAMS[r["name"]] and r["pretrained"] for r in rows)
+    assert hub["name"] == "hub:<preset>" and hub["params"] is None  # a preset's size and parameters are its own
+    assert hub["pretrained"].startswith("keras-hub preset") and "hub:<preset>" in result.output

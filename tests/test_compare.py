@@ -235,3 +235,5 @@ def test_columns_pick_and_order_the_table_and_name_the_choices(outputs):
     assert any(row.startswith("| 0.650 | ") and row.endswith("| 1.01 M |") for row in rows), rows
     result = CliRunner().invoke(main, ["runs", str(outputs), "--columns", "name,acc"])
     assert result.exit_code == 2 and "no column 'acc' here" in result.output and "val_corrupt" in result.output
+    result = CliRunner().invoke(main, ["runs", str(outputs), "--columns", "name,val,name"])
+    assert result.exit_code == 2 and "'name' named twice" in result.output

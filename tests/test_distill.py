@@ -435,5 +435,5 @@ def test_a_fresh_student_passes_the_initial_loss_check(shared):
     val = val.subset(np.random.default_rng(0).permutation(len(val))[:128])
     keras.utils.set_random_seed(0)
     out = io.StringIO()
-    loss = train.check_initial_loss(train.build_model(recipe, 8), val, recipe, Console(file=out, width=200))
+    loss = train.check_initial_loss(train.build_model(recipe, 8), val, Console(file=out, width=200))
     assert "WARNING" not in out.getvalue() and abs(loss - np.log(8)) < 0.5 * np.log(8), out.getvalue()

@@ -90,6 +90,13 @@ class Backbone:
     weights: KerasWeights | PipWeights | HubPreset | None = None  # where pretrained weights come from
     variant: Callable | None = None  # (name, width, depth) -> build, for entries registered with variants
 
+    def input_size(self, configured: int = 0, image_size: int = IMAGE_SIZE) -> int:
+        """The side the backbone sees: model.input_size when set, else its pretraining size, or the
+        data's when that is more than twice the data's (no 224 px upsampling of 96 px cells by default)."""
+        if configured:
+            return configured
+        return image_size if self.default_size > 2 * image_size else self.default_size
+
     @property
     def imagenet(self) -> KerasWeights | None:
         """The keras.applications checkpoint behind weights = "imagenet", if that is where they come from."""
@@ -605,7 +612,7 @@ def build_classifier(config, n_classes: int, image_size: int = IMAGE_SIZE):
     from keras import layers
 
     spec = backbone_spec(config.backbone, config.width, config.depth)
-    size = config.input_size or (image_size if spec.default_size > 2 * image_size else spec.default_size)
+    size = spec.input_size(config.input_size, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     if config.normalize:  # before resizing: the statistics are those of the image as it came

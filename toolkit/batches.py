@@ -106,7 +106,7 @@ def leaked_rows(train_hashes: np.ndarray, val_hashes: np.ndarray) -> int:
     return int(np.isin(groups[len(train_hashes):], groups[:len(train_hashes)]).sum())
 
 
-def check_initial_loss(model, val: Dataset, recipe: Recipe, console: Console) -> float:
+def check_initial_loss(model, val: Dataset, console: Console) -> float:
     """Before training, the loss should be near ln(n_classes): far off means broken inputs or head."""
     import keras
 

@@ -89,9 +89,7 @@ def input_size(backbone: str, size: int) -> int:
     """The side the backbone sees: the recipe's, else the one build_classifier picks (its pretraining
     size, or the data's 96 px when that is more than twice 96)."""
     spec = BACKBONES.get(backbone)
-    if size or spec is None:
-        return size or IMAGE_SIZE
-    return IMAGE_SIZE if spec.default_size > 2 * IMAGE_SIZE else spec.default_size
+    return spec.input_size(size) if spec else size or IMAGE_SIZE
 
 
 def purpose(text: str) -> str:
@@ -106,11 +104,13 @@ def purpose(text: str) -> str:
 
 def backbone_rows() -> list[dict]:
     """One row per registered backbone: pretraining and minimum sizes, parameters, and whether its
-    pretrained weights can be had on this machine right now. The hub: entry has no row: its size and
-    parameters are each preset's own."""
-    return [{"name": name, "default_size": spec.default_size, "min_size": spec.min_size,
+    pretrained weights can be had on this machine right now. The hub: row comes last, its size and
+    parameters None: they are each preset's own."""
+    rows = [{"name": name, "default_size": spec.default_size, "min_size": spec.min_size,
              "params": BACKBONE_PARAMS[name], "pretrained": pretrained_status(name)}
             for name, spec in sorted(BACKBONES.items()) if name != HUB]
+    return [*rows, {"name": f"{HUB}<preset>", "default_size": None, "min_size": BACKBONES[HUB].min_size,
+                    "params": None, "pretrained": pretrained_status(HUB)}]
 
 
 # ---------------------------------------------------------------- copying one out to edit

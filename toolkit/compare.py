@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.backbones import IMAGE_SIZE, backbone_spec
+from toolkit.backbones import backbone_spec
 from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
 from toolkit.recipe import read_toml
@@ -191,13 +191,10 @@ def _recipe_columns(recipe: dict, folder: Path) -> dict:
 
 def _input_size(backbone: str, configured) -> str:
     """The side the backbone sees, as toolkit.backbones.build_classifier chooses it."""
-    if configured:
-        return str(configured)
     try:
-        default = backbone_spec(backbone).default_size
+        return str(backbone_spec(backbone).input_size(configured))
     except CellfuseError:
-        return "?"
-    return str(IMAGE_SIZE if default > 2 * IMAGE_SIZE else default)
+        return str(configured or "?")
 
 
 def _epochs(done: int, recipe: dict) -> str:
@@ -360,6 +357,9 @@ def table_columns(rows: list[Row], columns=None) -> tuple[list[str], list[list[s
     if unknown:
         raise CellfuseError(f"--columns: no column {', '.join(map(repr, unknown))} here; "
                             f"the columns are {', '.join(header)}")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise CellfuseError(f"--columns: {', '.join(map(repr, repeated))} named twice")
     keep = [header.index(c) for c in columns]
     return [header[i] for i in keep], [[line[i] for i in keep] for line in cells]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import CellfuseError
+from toolkit.report import progress_bar
 from toolkit.runs import atomic_write_bytes
 
 CLASS_NAMES = (
@@ -355,7 +356,7 @@ def phash_bits(images: np.ndarray, console=None) -> np.ndarray:
     from PIL import Image
 
     bits = np.empty((len(images), 64), dtype=bool)
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("perceptual hashes", total=len(images))
         for i, image in enumerate(images):
             bits[i] = imagehash.phash(Image.fromarray(image)).hash.ravel()
@@ -412,10 +413,3 @@ def hash_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
     graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(distinct),) * 2)
     _, component = connected_components(graph, directed=False)
     return component[row_to_distinct.ravel()]
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)

@@ -177,7 +177,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
             student = T.build_model(recipe, split.train.n_classes)
             if cfg.init:
                 init_from_member(student, Path(ensemble_dir), cfg.init, console)
-        T.check_initial_loss(student, split.val["val"], recipe, console)
+        T.check_initial_loss(student, split.val["val"], console)
         console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
                       f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
                       f"student {student.count_params():,} parameters")

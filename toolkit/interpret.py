@@ -49,6 +49,7 @@ from toolkit.report import (
     expected_calibration_error,
     model_names,
     plot_confusion,
+    progress_bar,
     pyplot,
     reliability_bins,
 )
@@ -519,7 +520,7 @@ def inspect_models(models, data, out, *, top: int = 16, per_class: int = 4, fami
     names = list(model_names(models))  # as every table names models
     subjects = [load_subject(path, name, dataset) for path, name in zip(models, names, strict=True)]
     out = fresh_dir(out, force, inputs=[*models, data], kind="inspect")
-    with _progress(console) as progress:
+    with progress_bar(console, transient=True) as progress:
         for subject in subjects:
             _inspect_one(subject, dataset, out, len(subjects) > 1, top, per_class, seed, batch_size, progress)
         robustness = _robustness(subjects, dataset, family_names, severities, limit, seed, batch_size, progress)
@@ -532,13 +533,6 @@ def inspect_models(models, data, out, *, top: int = 16, per_class: int = 4, fami
     console.print(f"wrote {out / 'report.html'}, {out / 'inspect.json'} and "
                   f"{len(figures['files'])} figures in {figures['seconds']:.0f} s")
     return figures
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
 
 
 def _file(name: str, subject: Subject, several: bool) -> str:

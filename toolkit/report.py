@@ -22,6 +22,14 @@ def pyplot():
     return plt
 
 
+def progress_bar(console, *, transient: bool = False):
+    """A rich bar for a counted loop: description, bar, done of total, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=transient)
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -> dict:
     """Accuracy, macro-F1, one-vs-rest AUC, NLL, ECE and per-class precision/recall/F1."""
     from sklearn.metrics import (

@@ -667,7 +667,7 @@ def weights_by_path(model) -> dict:
 
 
 def _by_path(model) -> dict:
-    return dict(zip(stable_paths(model), model.weights))
+    return dict(zip(stable_paths(model), model.weights, strict=True))
 
 
 def stable_paths(model) -> list[str]:
