@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from toolkit.cli import main
-from toolkit.compare import collect, markdown
+from toolkit.compare import collect, markdown, read_run
 
 ROOT = Path(__file__).parents[1]
 HOUR_AGO = 3600
@@ -102,6 +102,9 @@ def test_every_run_ensemble_and_student_is_a_row(outputs):
     assert (mobilenet.recipe, mobilenet.backbone, mobilenet.epochs, mobilenet.params, mobilenet.seconds) == \
         ("recipes/cpu-mobilenet.toml", "mobilenet-0.25", "10", 1_010_000, 414.2)
     assert lite0.recipe == "cpu-lite0"  # no recipe file on the command line (the demo): the recipe's name
+    tuned = write_run(outputs / "runs" / "tuned", argv=["cellfuse", "train", f"{outputs}/runs/cpu-mobilenet/recipe.toml",
+                                                         "--from", f"{outputs}/runs/cpu-mobilenet"])
+    assert read_run(tuned, "runs/tuned").recipe == "from cpu-mobilenet"  # its start, not a path into another run
     # as set, else the backbone's own size (mobilenet: 128), or the data's 96 where that is over twice as large
     assert (lite0.input_size, mobilenet.input_size, student.input_size) == ("160", "128", "96")
     assert mobilenet.accuracy == {"val": 0.91, "val_corrupt": 0.65}

@@ -204,9 +204,15 @@ def _epochs(done: int, recipe: dict) -> str:
 
 
 def _recipe_file(env: dict) -> str:
-    """The recipe file named on the command line that made the run, if any."""
+    """The recipe file named on the command line that made the run, if any; a run's own recipe.toml
+    (`cellfuse train RUN/recipe.toml --from RUN`) by the run's name: "from cpu-mobilenet"."""
     argv = env.get("argv") or []
-    return next((a for a in argv[1:] if isinstance(a, str) and a.endswith(".toml")), "")
+    named = next((Path(a) for a in argv[1:] if isinstance(a, str) and a.endswith(".toml")), None)
+    if named is None:
+        return ""
+    if named.name == "recipe.toml":  # the snapshot every run folder holds
+        return f"from {named.parent.name}"
+    return str(named)
 
 
 def _resume_hint(env: dict) -> str:
