@@ -18,6 +18,13 @@ def test_flatten_layers_opens_nested_models():
     assert "inner_dense" in names and "outer_dense" in names and "inner" in names
 
 
+def test_default_layer_name_is_what_keras_names_an_unnamed_layer():
+    first, second = keras.layers.LayerNormalization(), keras.layers.LayerNormalization()
+    assert compat.default_layer_name(first) == "layer_normalization"
+    assert {first.name, second.name} <= {"layer_normalization", *(f"layer_normalization_{i}" for i in range(1000))}
+    assert first.name != second.name  # numbered process-wide: what runs.stable_paths undoes
+
+
 def test_is_container_tells_models_from_leaf_layers():
     model = _nested()
     assert compat.is_container(model.get_layer("inner"))

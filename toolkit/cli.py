@@ -975,9 +975,9 @@ def backbones(as_json):
         table.add_column(col, justify="left" if col == "backbone" else "right", no_wrap=True)
     table.add_column("ImageNet weights", overflow="fold")  # whole paths: where to put a file offline
     for r in rows:
-        per_preset = r["params"] is None  # hub:<preset>
-        table.add_row(r["name"], "per preset" if per_preset else f"{r['default_size']} px",
-                      "per preset" if per_preset else f"{r['params'] / 1e6:.2f} M", str(r["pretrained"]))
+        size, params = ("per preset",) * 2 if r["params"] is None else \
+            (f"{r['default_size']} px", f"{r['params'] / 1e6:.2f} M")  # None: hub:<preset>
+        table.add_row(r["name"], size, params, str(r["pretrained"]))
     console.print(table)
     if as_json:
         print_json({"backbones": rows})

@@ -17,6 +17,14 @@ def flatten_layers(model) -> list:
     return list(model._flatten_layers(include_self=False))
 
 
+def default_layer_name(layer) -> str:
+    """The name Keras gives a layer of this class created without one, before the process-wide number
+    it appends to repeats (`naming.to_snake_case`: LayerNormalization -> layer_normalization)."""
+    from keras.src.utils.naming import to_snake_case
+
+    return to_snake_case(type(layer).__name__)
+
+
 def is_container(layer) -> bool:
     """Whether a layer holds layers of its own (Keras' `_layers`): its weights are its children's."""
     return bool(layer._layers)

@@ -167,7 +167,6 @@ def bare_fit(recipe, data: Path, mixed: bool, xla: bool, epochs: int) -> float:
 
     from toolkit.train import build_model
 
-
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
         ds = load_dataset(data)

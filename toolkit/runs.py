@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import __version__
+from toolkit.compat import default_layer_name, flatten_layers
 from toolkit.errors import CellfuseError
 
 OUTPUTS = Path("outputs")
@@ -676,11 +677,9 @@ def stable_paths(model) -> list[str]:
     and a variable ("variable_36", ConvNeXt's LayerScale), so a model rebuilt in the same process
     (best.keras, snapshots, WiSE) would not match its own checkpoint. Those are numbered here by their
     order in the model instead."""
-    from keras.src.utils.naming import to_snake_case
-
     renamed, seen = {}, Counter()
-    for layer in _walk(model):
-        kind = to_snake_case(type(layer).__name__)
+    for layer in [model, *flatten_layers(model)]:
+        kind = default_layer_name(layer)
         if re.fullmatch(rf"{re.escape(kind)}(_\d+)?", layer.name) and layer.name not in renamed:
             renamed[layer.name] = f"{kind}_{seen[kind]}" if seen[kind] else kind
             seen[kind] += 1
@@ -693,12 +692,6 @@ def stable_paths(model) -> list[str]:
             unnamed[where] += 1
         paths.append("/".join([*scope, name]))
     return paths
-
-
-def _walk(layer):
-    yield layer
-    for inner in getattr(layer, "layers", ()):
-        yield from _walk(inner)
 
 
 def assign_by_path(model, arrays: dict, where) -> None:
