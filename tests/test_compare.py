@@ -105,6 +105,9 @@ def test_every_run_ensemble_and_student_is_a_row(outputs):
     tuned = write_run(outputs / "runs" / "tuned", argv=["cellfuse", "train", f"{outputs}/runs/cpu-mobilenet/recipe.toml",
                                                          "--from", f"{outputs}/runs/cpu-mobilenet"])
     assert read_run(tuned, "runs/tuned").recipe == "from cpu-mobilenet"  # its start, not a path into another run
+    for named in ("recipe.toml", "../recipe.toml"):  # no run's name in the path: the path as given
+        (tuned / "env.json").write_text(json.dumps({"argv": ["cellfuse", "train", named]}))
+        assert read_run(tuned, "runs/tuned").recipe == named
     # as set, else the backbone's own size (mobilenet: 128), or the data's 96 where that is over twice as large
     assert (lite0.input_size, mobilenet.input_size, student.input_size) == ("160", "128", "96")
     assert mobilenet.accuracy == {"val": 0.91, "val_corrupt": 0.65}

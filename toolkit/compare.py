@@ -210,9 +210,8 @@ def _recipe_file(env: dict) -> str:
     named = next((Path(a) for a in argv[1:] if isinstance(a, str) and a.endswith(".toml")), None)
     if named is None:
         return ""
-    if named.name == "recipe.toml":  # the snapshot every run folder holds
-        return f"from {named.parent.name}"
-    return str(named)
+    run = named.parent.name if named.name == "recipe.toml" else ""  # the snapshot every run folder holds
+    return f"from {run}" if run and run != ".." else str(named)
 
 
 def _resume_hint(env: dict) -> str:
