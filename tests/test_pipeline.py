@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from toolkit.pipeline import run_pipeline
+from toolkit.pipeline import run_pipeline, submission_views
 from toolkit.synth import write_synthetic
 
 ROOT = Path(__file__).parents[1]
@@ -32,13 +32,16 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
                  "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student/distill.json",
                  "submission.zip"):
         assert (out / path).exists(), path
-    # the graded zip predicts exactly what the student run does on the graded (corrupted validation) file
+    # the graded zip predicts exactly what the student run does, with the views the pipeline chose for
+    # it, on the graded (corrupted validation) file
     import numpy as np
 
     from toolkit.evaluate import evaluate_model
 
     graded_file = out / "clean" / "val_corrupt.npz"
-    student_metrics = evaluate_model(out / "runs" / "student", [graded_file], console=Console(quiet=True))
+    tta = figures["export"]["tta"]
+    assert tta == submission_views(out / "runs" / "student", figures["distill"])
+    student_metrics = evaluate_model(out / "runs" / "student", [graded_file], tta=tta, console=Console(quiet=True))
     assert figures["grade"]["accuracy"] == student_metrics[str(graded_file)]["accuracy"]
     # the split files hold the rows every member held out (tiny.toml's 25%, not split's default 15%)
     ensemble = json.loads((out / "ensemble" / "ensemble.json").read_text())
@@ -46,6 +49,23 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     text = console.export_text()
     for stage in ("clean", "train a.toml", "ensemble", "distill", "export", "grade"):
         assert stage in text
+
+
+def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
+    """The student's views go into the zip when they gain on the held-out families for at most half a
+    point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
+    run = tmp_path / "student"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
+
+    def distilled(val, heldout):
+        return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
+
+    assert submission_views(run, distilled(0.930, 0.810)) == "d4"
+    assert submission_views(run, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
+    assert submission_views(run, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
+    assert submission_views(run, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
+    assert submission_views(run, distilled(0.940, 0.790)) == "none"
 
 
 def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):

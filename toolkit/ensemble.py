@@ -45,7 +45,6 @@ from toolkit.runs import (
     load_model,
     lock_output,
     refuse_inputs_inside,
-    resolve_model_file,
     save_model_atomic,
     write_json,
 )
@@ -161,13 +160,13 @@ def _members(runs) -> dict[str, Path]:
     """Unique display names -> model files, named as every table names models (report.model_names)."""
     if not runs:
         raise CellfuseError("an ensemble needs at least one run or model file")
+    members = model_names(runs)
     seen = set()
-    for run in runs:
-        file = resolve_model_file(run).resolve()
-        if file in seen:
+    for run, file in zip(runs, members.values()):  # model_names keeps the order runs were given in
+        if file.resolve() in seen:
             raise CellfuseError(f"{run}: given twice (the selection already weighs repeats)")
-        seen.add(file)
-    return model_names(runs)
+        seen.add(file.resolve())
+    return members
 
 
 def _view_sets(spec: str) -> dict[str, tuple[list[str], str]]:
