@@ -75,6 +75,27 @@ def tiny_ensemble(tmp_path_factory):
     return tmp, data
 
 
+def test_a_teacher_rebuilt_under_mixed_precision_hands_out_float32(tiny_ensemble):
+    """A student on a GPU sets mixed_float16 before its teacher is built (view-free, from ensemble.json):
+    the teacher's probability arithmetic stays float32, which keras.distillation.Distiller requires of
+    teacher and student alike (a float16 teacher stopped student-effv2b0 on every GPU)."""
+    import keras
+
+    from toolkit.ensemble import load_ensemble
+
+    tmp, data = tiny_ensemble
+    images = np.load(data)["images"][:8].astype("float32")
+    expected = load_ensemble(tmp / "ens", views=False).predict_on_batch(images)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        teacher = load_ensemble(tmp / "ens", views=False)
+        probs = teacher.predict_on_batch(images)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert teacher.outputs[0].dtype == "float32" and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-6)  # members keep their saved float32 policies
+
+
 def _student_recipe(tmp: Path, mode: str, extra: str = "") -> Path:
     recipe = tmp / f"student-{mode}.toml"
     recipe.write_text((ROOT / "recipes" / "tiny.toml").read_text() + f'\n[distill]\nmode = "{mode}"\n'

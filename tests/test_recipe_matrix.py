@@ -16,7 +16,7 @@ What runs as the recipe says, and what the CPU changes:
 | augmentation     | as the recipe (presets, MixUp/CutMix): traced in tf.data on the CPU                |
 | ema              | as the recipe (with its BatchNorm re-estimation)                                   |
 | xla              | skipped where the test id says `-eager`: those recipes' steps run eagerly          |
-| mixed_precision  | "auto" resolves to float32 without a GPU; no shipped recipe says "on"              |
+| mixed_precision  | "on" for the gpu-* recipes and student-effv2b0 (whose "auto" turns it on on a GPU) |
 | weights          | "none" where the ImageNet file is not on the machine (see above)                   |
 | input_size       | the backbone's smallest; the recipe's own size is only a Resizing layer's argument |
 
@@ -49,6 +49,7 @@ from click.testing import CliRunner
 from conftest import make_images
 from rich.console import Console
 from test_distill import tiny_ensemble  # noqa: F401  (module-scoped fixture: two members + `cellfuse ensemble`)
+from test_train import _record
 
 from toolkit.backbones import backbone_spec, pretrained_status
 from toolkit.catalog import shipped_names, shipped_recipe
@@ -109,6 +110,8 @@ def matrix_overrides(name: str, train: Path, extra_val: dict[str, Path]) -> list
                  "data.extra_val=[" + ", ".join(f'"{extra_val[Path(p).stem]}"'
                                                 for p in recipe.data.extra_val) + "]",
                  *(f"train.stages[{i}].epochs=1" for i in range(len(recipe.train.stages)))]
+    if name.startswith("gpu-") or name == "student-effv2b0":  # "auto" turns it on for their users: on a GPU
+        overrides.append('train.mixed_precision="on"')
     if recipe.model.weights == "imagenet" and not pretrained_status(recipe.model.backbone).startswith(OFFLINE_WEIGHTS):
         overrides.append('model.weights="none"')
     return overrides
@@ -143,9 +146,11 @@ def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy, steps_as_reci
 
     tmp, train, extra, grade = toy
     recipe = load_recipe(shipped_recipe(name), matrix_overrides(name, train, extra))
-    summary = train_recipe(recipe, console=Console(quiet=True), runs_root=tmp / "runs")
+    compute = _record(lambda model, logs: model.dtype_policy.compute_dtype)
+    summary = train_recipe(recipe, console=Console(quiet=True), runs_root=tmp / "runs", extra_callbacks=(compute,))
     history = (Path(summary["run"]) / "history.csv").read_text().splitlines()
     assert len(history) == 1 + len(recipe.train.stages)  # header + one epoch per stage
+    assert set(compute.seen) == {"float16" if recipe.train.mixed_precision == "on" else "float32"}
     result = export_and_grade(Path(summary["run"]), tmp / f"{name}.zip", grade)
     assert result["n"] == GRADE_IMAGES and 0 <= result["accuracy"] <= 1
 

@@ -90,8 +90,17 @@ def log_probs(probs):
     return ops.log(ops.maximum(probs, EPS))
 
 
+class ProbabilityLayer(keras.layers.Layer):
+    """Arithmetic on probabilities, in float32 whatever the global policy: under mixed precision a float16
+    probability below 6e-8 is 0 and its log -inf, and a teacher rebuilt after a student set the policy
+    would hand float16 targets to a float32 student."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+
+
 @_register
-class MergeViews(keras.layers.Layer):
+class MergeViews(ProbabilityLayer):
     """Merge a list of (n, C) probability tensors: "mean" of probabilities, "geometric" mean
     (renormalised) or mean of "logits". A softmax model's logits are log-probabilities plus a
     per-image constant that softmax cancels, so "geometric" and "logits" agree exactly here.
@@ -119,7 +128,7 @@ class MergeViews(keras.layers.Layer):
 
 
 @_register
-class TemperatureScale(keras.layers.Layer):
+class TemperatureScale(ProbabilityLayer):
     """softmax(log(p) / T): T > 1 softens over-confident probabilities (Guo et al. 2017)."""
 
     def __init__(self, temperature=1.0, **kwargs):
@@ -137,7 +146,7 @@ class TemperatureScale(keras.layers.Layer):
 
 
 @_register
-class WeightedSum(keras.layers.Layer):
+class WeightedSum(ProbabilityLayer):
     """sum_k weights[k] * inputs[k]: the soft vote of an ensemble (weights sum to 1)."""
 
     def __init__(self, vote_weights=(1.0,), **kwargs):
