@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.backbones import backbone_spec
+from toolkit.catalog import input_size
 from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
 from toolkit.recipe import read_toml
@@ -186,15 +186,7 @@ def _recipe_columns(recipe: dict, folder: Path) -> dict:
     model = recipe.get("model") or {}
     backbone = str(model.get("backbone", ""))
     return {"recipe": str(recipe.get("name", folder.name)), "backbone": backbone,
-            "input_size": _input_size(backbone, model.get("input_size", 0)) if backbone else ""}
-
-
-def _input_size(backbone: str, configured) -> str:
-    """The side the backbone sees, as toolkit.backbones.build_classifier chooses it."""
-    try:
-        return str(backbone_spec(backbone).input_size(configured))
-    except CellfuseError:
-        return str(configured or "?")
+            "input_size": str(input_size(backbone, model.get("input_size", 0)) or "?") if backbone else ""}
 
 
 def _epochs(done: int, recipe: dict) -> str:

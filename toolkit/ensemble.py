@@ -162,7 +162,7 @@ def _members(runs) -> dict[str, Path]:
         raise CellfuseError("an ensemble needs at least one run or model file")
     members = model_names(runs)
     seen = set()
-    for run, file in zip(runs, members.values()):  # model_names keeps the order runs were given in
+    for run, file in zip(runs, members.values(), strict=True):  # model_names keeps the given order
         if file.resolve() in seen:
             raise CellfuseError(f"{run}: given twice (the selection already weighs repeats)")
         seen.add(file.resolve())
