@@ -284,6 +284,39 @@ def test_student_starts_from_a_member_backbone(tiny_ensemble):
         init_from_member(other, tmp / "ens", "m0", Console(quiet=True))
 
 
+def test_matching_member_is_the_most_accurate_member_with_the_students_backbone(tiny_ensemble):
+    """init = "matching-member" skips members the student cannot start from (m1 is no cellfuse classifier)
+    and, when none fits, leaves the student as [model] weights made it."""
+    import json
+
+    import keras
+
+    from toolkit.backbones import build_classifier
+    from toolkit.distill import MATCHING_MEMBER, init_from_member, matching_member
+    from toolkit.ensemble import ranked_members
+    from toolkit.recipe import ModelConfig
+
+    tmp, _ = tiny_ensemble
+    info = json.loads((tmp / "ens" / "metrics.json").read_text())
+    accuracy = {m: info["rows"][f"{m} as saved"][info["steering_data"]]["accuracy"] for m in ("m0", "m1")}
+    assert ranked_members(tmp / "ens") == sorted(accuracy, key=lambda m: -accuracy[m])
+    keras.utils.set_random_seed(0)
+    student = build_classifier(ModelConfig(backbone="tiny-cnn", weights="none", head="linear", input_size=64), 8)
+    assert matching_member(student, tmp / "ens") == "m0"
+    init_from_member(student, tmp / "ens", MATCHING_MEMBER, Console(quiet=True))
+    member = keras.saving.load_model(tmp / "m0" / "best.keras")
+    for got, want in zip(student.get_layer("backbone").get_weights(), member.get_layer("backbone").get_weights(),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    other = build_classifier(ModelConfig(backbone="mobilenet-0.25", weights="none", head="linear"), 8)
+    before = other.get_weights()
+    out = Console(record=True, width=200)
+    init_from_member(other, tmp / "ens", MATCHING_MEMBER, out)
+    assert "no member of the ensemble has the student's backbone" in out.export_text()
+    for got, was in zip(other.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, was)
+
+
 def _compare_again_without_timing(tmp: Path, recipe: Path, args: list[str], monkeypatch) -> None:
     """timing=False (the CLI's --no-timing) leaves the img/s column empty and never times a model."""
     import io

@@ -592,13 +592,23 @@ def _assign_by_name(model, group, path: Path) -> int:
     return loaded
 
 
+def _backbone_layout(model) -> list[tuple]:
+    """(layer type, weight shapes) of each weighted layer of a classifier's backbone, in order."""
+    return [(type(layer).__name__, [tuple(w.shape) for w in layer.weights])
+            for layer in weighted_leaf_layers(model.get_layer("backbone"))]
+
+
+def same_backbone(source, target) -> bool:
+    """Whether `target`'s backbone can start from `source`'s: both cellfuse classifiers whose backbones
+    hold the same weighted layers in the same order (names may differ; no weight depends on the input size)."""
+    names = [{layer.name for layer in model.layers} for model in (source, target)]
+    return all("backbone" in n for n in names) and _backbone_layout(source) == _backbone_layout(target)
+
+
 def copy_backbone(source, target, where) -> int:
-    """Start `target`'s backbone from a trained classifier's: the same builder makes the same weighted
-    layers in the same order (names may differ), and no weight depends on the input size."""
+    """Start `target`'s backbone from a trained classifier's (see same_backbone)."""
     pairs = [weighted_leaf_layers(model.get_layer("backbone")) for model in (source, target)]
-    shapes = [[tuple(w.shape) for layer in side for w in layer.weights] for side in pairs]
-    kinds = [[type(layer).__name__ for layer in side] for side in pairs]
-    if shapes[0] != shapes[1] or kinds[0] != kinds[1]:
+    if not same_backbone(source, target):
         raise CellfuseError(f"{where}: its backbone is not the student's ({len(pairs[0])} vs {len(pairs[1])} "
                             "weighted layers, or other shapes); start from a member with the same backbone")
     for src, dst in zip(*pairs, strict=True):

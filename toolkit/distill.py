@@ -42,7 +42,7 @@ from rich.table import Table
 from toolkit import consistency, report
 from toolkit import train as T
 from toolkit.augment import make_batch_augmenter
-from toolkit.backbones import copy_backbone
+from toolkit.backbones import copy_backbone, same_backbone
 from toolkit.consistency import ConsistencyDistiller, scale_for_replicas
 from toolkit.data import Dataset, check_npz, one_hot, save_npz, stratified_split
 from toolkit.ensemble import (
@@ -51,6 +51,7 @@ from toolkit.ensemble import (
     ensemble_split,
     load_ensemble,
     member_file,
+    ranked_members,
     resolve_member,
 )
 from toolkit.errors import CellfuseError
@@ -64,6 +65,10 @@ from toolkit.runs import (
     write_json,
 )
 from toolkit.tta import wrap_with_tta
+
+# `[distill] init`: the most accurate member whose backbone is the student's (born-again distillation,
+# Furlanello et al. 2018); the student keeps [model] weights when none is
+MATCHING_MEMBER = "matching-member"
 
 # ---------------------------------------------------------------- the loss
 
@@ -354,7 +359,13 @@ def _toml(value) -> str:
 
 
 def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
-    """The student's backbone starts where a trained member's ended (its head starts fresh)."""
+    """The student's backbone starts where a trained member's ended (its head starts fresh).
+    MATCHING_MEMBER: the most accurate member whose backbone is the student's, if any."""
+    if name == MATCHING_MEMBER:
+        name = matching_member(student, ensemble_dir)
+        if name is None:
+            console.print("no member of the ensemble has the student's backbone: it starts from [model] weights")
+            return
     file = member_file(ensemble_dir, name)
     member = load_model(file)
     if "backbone" not in {layer.name for layer in member.layers}:
@@ -362,6 +373,14 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
                             "the student cannot start from it")
     n = copy_backbone(member, student, file)
     console.print(f"student backbone starts from member {name} ({file}, {n} layers)")
+
+
+def matching_member(student, ensemble_dir: Path) -> str | None:
+    """The most accurate member alone (on the ensemble's steering data) that the student can start from."""
+    for name in ranked_members(ensemble_dir):
+        if same_backbone(load_model(member_file(ensemble_dir, name)), student):
+            return name
+    return None
 
 
 def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:

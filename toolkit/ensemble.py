@@ -321,14 +321,26 @@ def ensemble_split(dir) -> np.ndarray | None:
     return None if rows is None else np.asarray(rows, dtype=np.int64)
 
 
-def member_file(dir, name: str) -> Path:
-    """A member's model file: by name, or "best-member" (most accurate alone on the steering data)."""
+def _ensemble_metrics(dir) -> dict:
     file = Path(dir) / "metrics.json"
     try:
         info = json.loads(file.read_text())
-        members = info["members"]
+        info["members"], info["rows"], info["steering_data"]  # noqa: B018  (what the readers below need)
     except (OSError, ValueError, KeyError) as e:
         raise CellfuseError(f"{file}: cannot read the ensemble's members ({e})") from None
+    return info
+
+
+def ranked_members(dir) -> list[str]:
+    """The ensemble's members, the most accurate alone (as saved, on the steering data) first."""
+    info = _ensemble_metrics(dir)
+    return sorted(info["members"], key=lambda m: -info["rows"][f"{m} as saved"][info["steering_data"]]["accuracy"])
+
+
+def member_file(dir, name: str) -> Path:
+    """A member's model file: by name, or "best-member" (most accurate alone on the steering data)."""
+    info = _ensemble_metrics(dir)
+    members = info["members"]
     if name == "best-member":
         name = info["best_member"]
     if name not in members:
