@@ -10,6 +10,7 @@ from scipy.special import softmax
 from test_tta import tiny_model
 
 from toolkit.data import save_dataset
+from toolkit.errors import CellfuseError
 from toolkit.ensemble import (
     Candidate,
     _cache_key,
@@ -237,3 +238,16 @@ def test_runs_and_ensemble_moved_together_still_work(built, tmp_path):
     teacher = load_ensemble(root / "ens", views=False)  # rebuilt from the moved members
     assert teacher.predict(images, verbose=0).shape == (4, 8)
     assert member_file(root / "ens", "best-member").resolve().parent.parent == root.resolve()
+
+
+def test_an_ensembles_member_lists_refuse_a_metrics_file_without_what_they_read(tmp_path):
+    from toolkit.ensemble import member_file, ranked_members
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"members": {"m0": "m0.keras"}}))
+    (tmp_path / "m0.keras").write_text("")
+    with pytest.raises(CellfuseError, match=r"metrics.json: no rows, steering_data \(written by an older cellfuse"):
+        ranked_members(tmp_path)
+    assert member_file(tmp_path, "m0") == tmp_path / "m0.keras"  # a name needs only the members
+    (tmp_path / "metrics.json").write_text("{")
+    with pytest.raises(CellfuseError, match="cannot read the ensemble's members"):
+        member_file(tmp_path, "m0")

@@ -321,25 +321,28 @@ def ensemble_split(dir) -> np.ndarray | None:
     return None if rows is None else np.asarray(rows, dtype=np.int64)
 
 
-def _ensemble_metrics(dir) -> dict:
+def _ensemble_metrics(dir, *keys: str) -> dict:
+    """The ensemble's metrics.json, refused with one line unless it holds `keys`."""
     file = Path(dir) / "metrics.json"
     try:
         info = json.loads(file.read_text())
-        info["members"], info["rows"], info["steering_data"]  # noqa: B018  (what the readers below need)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         raise CellfuseError(f"{file}: cannot read the ensemble's members ({e})") from None
+    missing = [key for key in keys if key not in info]
+    if missing:
+        raise CellfuseError(f"{file}: no {', '.join(missing)} (written by an older cellfuse? run `cellfuse ensemble` again)")
     return info
 
 
 def ranked_members(dir) -> list[str]:
     """The ensemble's members, the most accurate alone (as saved, on the steering data) first."""
-    info = _ensemble_metrics(dir)
+    info = _ensemble_metrics(dir, "members", "rows", "steering_data")
     return sorted(info["members"], key=lambda m: -info["rows"][f"{m} as saved"][info["steering_data"]]["accuracy"])
 
 
 def member_file(dir, name: str) -> Path:
     """A member's model file: by name, or "best-member" (most accurate alone on the steering data)."""
-    info = _ensemble_metrics(dir)
+    info = _ensemble_metrics(dir, "members")
     members = info["members"]
     if name == "best-member":
         name = info["best_member"]
