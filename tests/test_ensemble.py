@@ -10,7 +10,6 @@ from scipy.special import softmax
 from test_tta import tiny_model
 
 from toolkit.data import save_dataset
-from toolkit.errors import CellfuseError
 from toolkit.ensemble import (
     Candidate,
     _cache_key,
@@ -22,6 +21,7 @@ from toolkit.ensemble import (
     resolve_member,
     temperature_scale,
 )
+from toolkit.errors import CellfuseError
 from toolkit.report import nll
 from toolkit.tta import merge
 
