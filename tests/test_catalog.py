@@ -144,3 +144,6 @@ def test_backbones_command_lists_the_registry():
     assert all(r["params"] == catalog.BACKBONE_PARAMS[r["name"]] and r["pretrained"] for r in rows)
     assert hub["name"] == "hub:<preset>" and hub["params"] is None  # a preset's size and parameters are its own
     assert hub["pretrained"].startswith("keras-hub preset") and "hub:<preset>" in result.output
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+             if line.count("│") > 3}
+    assert table["efficientnet-lite0"] == "224 px" and table["tiny-cnn"] == "-"  # random weights: no pretraining size

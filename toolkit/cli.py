@@ -977,6 +977,8 @@ def backbones(as_json):
     for r in rows:
         size, params = ("per preset",) * 2 if r["params"] is None else \
             (f"{r['default_size']} px", f"{r['params'] / 1e6:.2f} M")  # None: hub:<preset>
+        if r["pretrained"] == "none":  # random weights only: no pretraining size to speak of
+            size = "-"
         table.add_row(r["name"], size, params, str(r["pretrained"]))
     console.print(table)
     if as_json:
