@@ -29,6 +29,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     assert figures["clean"]["repeated_noncell"] == len(planted["repeated_noncell"])
     assert figures["clean"]["exact_duplicate"] >= len(planted["exact_duplicate"]) - 2
     for path in ("clean/clean.npz", "clean/val_corrupt.npz", "runs/a/best.keras", "runs/b/best.keras",
+                 "runs/a-tuned/best.keras", "runs/a-tuned/wise.keras", "runs/b-tuned/wise.keras",
                  "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student/distill.json",
                  "submission.zip"):
         assert (out / path).exists(), path
@@ -47,7 +48,14 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     ensemble = json.loads((out / "ensemble" / "ensemble.json").read_text())
     assert ensemble["val_index"] == sorted(np.load(out / "clean" / "val.npz")["index"].tolist())
     text = console.export_text()
-    for stage in ("clean", "train a.toml", "ensemble", "distill", "export", "grade"):
+    # each member's corruption-tuned copy starts from it and trains on corrupted images (the ensemble's candidates)
+    tuned = json.loads((out / "runs" / "a-tuned" / "summary.json").read_text())
+    ensemble_members = json.loads((out / "ensemble" / "metrics.json").read_text())["members"]
+    assert {"a", "b", "a-tuned", "b-tuned", "a-tuned-wise", "b-tuned-wise"} == set(ensemble_members)
+    copy = (out / "runs" / "a-tuned" / "recipe.toml").read_text()
+    assert "corrupt_fraction = 0.5" in copy and str(out / "runs" / "a" / "best.keras") in copy
+    assert tuned["wise"] is not None
+    for stage in ("clean", "train a.toml", "tune a", "ensemble", "distill", "export", "grade"):
         assert stage in text
 
 
