@@ -55,12 +55,13 @@ def load_split(recipe: Recipe, console: Console) -> Split:
         val[name] = load_dataset(path, n_classes=recipe.data.n_classes)
     console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
                   + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))
-    return Split(corrupt_share(data.subset(train_rows), recipe, console), val)
+    return Split(data.subset(train_rows), val)
 
 
 def corrupt_share(train: Dataset, recipe: Recipe, console: Console) -> Dataset:
     """data.corrupt_fraction of the training rows corrupted once by the cellfuse mix, each at a severity
-    drawn from 1-5 (the same rows and corruptions for a seed): validation stays clean."""
+    drawn from 1-5 (the same rows and corruptions for a seed): validation stays clean. Applied after
+    check_data: a corrupted copy of a training image can look like a validation image corrupted alike."""
     fraction = recipe.data.corrupt_fraction
     if not fraction:
         return train

@@ -29,7 +29,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from toolkit.batches import (
     check_data,
     check_initial_loss,
     class_weight,
+    corrupt_share,
     load_split,
     make_dataset,
     steps_per_epoch,
@@ -168,6 +169,7 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
     start = RunStart(run, split, strategy, cluster, started, created=created)
     with discard_failed_start(start):
         check_data(split, recipe, console)
+        start.split = replace(split, train=corrupt_share(split.train, recipe, console))
         set_precision(recipe.train, console)
     return start
 
