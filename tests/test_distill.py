@@ -133,6 +133,9 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
         assert summary["gap"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"] - rows["student"][f"acc_{name}"])
     assert summary["size_ratio"] == pytest.approx(rows["ensemble"]["bytes"] / rows["student"]["bytes"])
     assert "timing student, ensemble, best member on this machine" in said
+    # the member the student started from, as resolved (init = "m0" in the function-matching modes)
+    started = summary["init_from"]
+    assert (started is not None and Path(started).parent.name == "m0") == ('init = "m0"' in MODES[mode])
     assert f"student: {summary['size_ratio']:.1f}x" in said and " points " in said.split("student: ")[-1]
     if mode == "cached":  # the teacher's targets are computed once and kept with the run
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))

@@ -32,6 +32,7 @@ epochs on matching the ensemble rather than on relearning the domain.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -180,8 +181,9 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
         with strategy.scope():
             student = T.build_model(recipe, split.train.n_classes)
-            if cfg.init:
-                init_from_member(student, Path(ensemble_dir), cfg.init, console)
+            if cfg.init:  # recorded: "matching-member" resolves to a member, or to none
+                write_json(run / "init.json", {"init": cfg.init,
+                                               "from": init_from_member(student, Path(ensemble_dir), cfg.init, console)})
         T.check_initial_loss(student, split.val["val"], console)
         console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
                       f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
@@ -358,14 +360,14 @@ def _toml(value) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
-    """The student's backbone starts where a trained member's ended (its head starts fresh).
-    MATCHING_MEMBER: the most accurate member whose backbone is the student's, if any."""
+def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | None:
+    """The student's backbone starts where a trained member's ended (its head starts fresh); returns the
+    member's file. MATCHING_MEMBER: the most accurate member whose backbone is the student's, if any."""
     if name == MATCHING_MEMBER:
         name = matching_member(student, ensemble_dir)
         if name is None:
             console.print("no member of the ensemble has the student's backbone: it starts from [model] weights")
-            return
+            return None
     file = member_file(ensemble_dir, name)
     member = load_model(file)
     if "backbone" not in {layer.name for layer in member.layers}:
@@ -373,6 +375,7 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> None:
                             "the student cannot start from it")
     n = copy_backbone(member, student, file)
     console.print(f"student backbone starts from member {name} ({file}, {n} layers)")
+    return str(file)
 
 
 def matching_member(student, ensemble_dir: Path) -> str | None:
@@ -423,7 +426,9 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
         for label, speed in img_per_s(loaded, split.val["val"], console).items():
             rows[label]["img_per_s"] = speed
     student, ensemble = rows["student"], rows["ensemble"]
+    started = json.loads((run / "init.json").read_text()) if (run / "init.json").exists() else {}
     result = {"student_run": str(run), "mode": recipe.distill.mode, "init": recipe.distill.init,
+              "init_from": started.get("from"),  # the member file the backbone started from; None: [model] weights
               "views": heaviest["views"], "rows": rows,
               "size_ratio": ensemble["bytes"] / student["bytes"],
               "speed_ratio": student["img_per_s"] / ensemble["img_per_s"] if timing else None,
