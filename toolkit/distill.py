@@ -366,7 +366,7 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
     if name == MATCHING_MEMBER:
         name = matching_member(student, ensemble_dir)
         if name is None:
-            console.print("no member of the ensemble has the student's backbone: it starts from [model] weights")
+            console.print("no member of the ensemble has the student's backbone: it starts from \\[model] weights")
             return None
     file = member_file(ensemble_dir, name)
     member = load_model(file)
