@@ -293,10 +293,9 @@ def _efficientnet_lite(name: str, stages: int = len(LITE_STAGES)) -> Callable:
 
         inputs = keras.Input(input_shape)
         x = _bn_relu6(_conv(inputs, LITE_STEM, 3, 2, "conv_stem"), "bn0")
-        blocks = lite_blocks(width, depth)
-        kept = len(lite_blocks(width, depth, stages))
-        for i, block in enumerate(blocks[:kept]):  # stochastic depth as in the whole model
-            x = _lite_block(x, i, *block, drop=LITE_DROP_CONNECT * i / len(blocks))
+        n_whole = len(lite_blocks(width, depth))  # stochastic depth as in the whole model
+        for i, block in enumerate(lite_blocks(width, depth, stages)):
+            x = _lite_block(x, i, *block, drop=LITE_DROP_CONNECT * i / n_whole)
         if whole:
             x = _bn_relu6(_conv(x, LITE_HEAD, 1, 1, "conv_head"), "bn1")
         model = keras.Model(inputs, x, name=name.replace("-", "_") + ("" if whole else f"_s{stages}"))

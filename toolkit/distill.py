@@ -182,8 +182,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         with strategy.scope():
             student = T.build_model(recipe, split.train.n_classes)
             if cfg.init:  # recorded: "matching-member" resolves to a member, or to none
-                write_json(run / "init.json", {"init": cfg.init,
-                                               "from": init_from_member(student, Path(ensemble_dir), cfg.init, console)})
+                write_json(run / "init.json", {"from": init_from_member(student, Path(ensemble_dir), cfg.init, console)})
         T.check_initial_loss(student, split.val["val"], console)
         console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
                       f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
