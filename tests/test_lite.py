@@ -17,7 +17,9 @@ from rich.console import Console
 from toolkit import catalog
 from toolkit.backbones import (
     LITE_PACKAGES,
+    backbone_starts_from,
     build_classifier,
+    copy_backbone,
     lite_blocks,
     lite_package_file,
     non_core_layers,
@@ -115,6 +117,33 @@ def test_a_truncated_lite0_is_the_whole_ones_first_stages_with_its_imagenet_weig
         for mine, theirs in zip(layer.get_weights(), whole.get_layer(layer.name).get_weights(), strict=True):
             np.testing.assert_array_equal(mine, theirs)
     assert part.count_params() == catalog.BACKBONE_PARAMS[f"efficientnet-lite0-s{stages}"]
+
+
+def test_a_truncated_lite0_student_starts_from_a_whole_lite0_members_first_stages():
+    """distill's matching-member: a trained whole Lite0 holds the truncated student's layers first, so the
+    student takes them (and nothing else); the reverse, or another backbone, does not match."""
+    import keras
+
+    keras.backend.clear_session()
+    config = ModelConfig(backbone="efficientnet-lite0", weights="none", input_size=64, head="linear")
+    member = build_classifier(config, 8)
+    trained = [w + np.float32(0.5) for w in member.get_weights()]  # not what any fresh build holds
+    member.set_weights(trained)
+    student = build_classifier(dataclasses.replace(config, backbone="efficientnet-lite0-s5"), 8)
+    head_before = student.get_layer("logits").get_weights()
+    assert backbone_starts_from(student, member) and not backbone_starts_from(member, student)
+    other = build_classifier(dataclasses.replace(config, backbone="mobilenet-0.25"), 8)
+    assert not backbone_starts_from(student, other)
+    with pytest.raises(CellfuseError, match="neither its backbone nor its first layers"):
+        copy_backbone(other, student, "other.keras")
+
+    assert copy_backbone(member, student, "member.keras") == len(weighted_leaf_layers(student.get_layer("backbone")))
+    whole = member.get_layer("backbone")
+    for layer in weighted_leaf_layers(student.get_layer("backbone")):
+        for mine, theirs in zip(layer.get_weights(), whole.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    for now, was in zip(student.get_layer("logits").get_weights(), head_before, strict=True):  # a fresh head
+        np.testing.assert_array_equal(now, was)
 
 
 def test_package_file_is_found_and_its_sha256_prefix_checked(tmp_path):

@@ -618,20 +618,26 @@ def _backbone_layout(model) -> list[tuple]:
             for layer in weighted_leaf_layers(model.get_layer("backbone"))]
 
 
-def same_backbone(source, target) -> bool:
-    """Whether `target`'s backbone can start from `source`'s: both cellfuse classifiers whose backbones
-    hold the same weighted layers in the same order (names may differ; no weight depends on the input size)."""
+def backbone_starts_from(target, source) -> bool:
+    """Whether `target`'s backbone can start from `source`'s: both cellfuse classifiers, and target's weighted
+    layers are source's first ones, same types and shapes in the same order (names may differ; no weight
+    depends on the input size). Equal backbones match, and so does a truncated one (efficientnet-lite0-s5)
+    against its whole network, whose first stages it is."""
     names = [{layer.name for layer in model.layers} for model in (source, target)]
-    return all("backbone" in n for n in names) and _backbone_layout(source) == _backbone_layout(target)
+    if not all("backbone" in n for n in names):
+        return False
+    theirs, ours = _backbone_layout(source), _backbone_layout(target)
+    return len(ours) > 0 and theirs[:len(ours)] == ours
 
 
 def copy_backbone(source, target, where) -> int:
-    """Start `target`'s backbone from a trained classifier's (see same_backbone)."""
+    """Start `target`'s backbone from a trained classifier's (see backbone_starts_from)."""
     pairs = [weighted_leaf_layers(model.get_layer("backbone")) for model in (source, target)]
-    if not same_backbone(source, target):
-        raise CellfuseError(f"{where}: its backbone is not the student's ({len(pairs[0])} vs {len(pairs[1])} "
-                            "weighted layers, or other shapes); start from a member with the same backbone")
-    for src, dst in zip(*pairs, strict=True):
+    if not backbone_starts_from(target, source):
+        raise CellfuseError(f"{where}: the student's backbone is neither its backbone nor its first layers "
+                            f"({len(pairs[0])} vs {len(pairs[1])} weighted layers, or other shapes); "
+                            "start from a member with the same backbone")
+    for src, dst in zip(pairs[0][:len(pairs[1])], pairs[1], strict=True):  # a truncated target stops early
         dst.set_weights(src.get_weights())
     return len(pairs[1])
 

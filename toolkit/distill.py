@@ -43,7 +43,7 @@ from rich.table import Table
 from toolkit import consistency, report
 from toolkit import train as T
 from toolkit.augment import make_batch_augmenter
-from toolkit.backbones import copy_backbone, same_backbone
+from toolkit.backbones import backbone_starts_from, copy_backbone
 from toolkit.consistency import ConsistencyDistiller, scale_for_replicas
 from toolkit.data import Dataset, check_npz, one_hot, save_npz, stratified_split
 from toolkit.ensemble import (
@@ -361,11 +361,13 @@ def _toml(value) -> str:
 
 def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | None:
     """The student's backbone starts where a trained member's ended (its head starts fresh); returns the
-    member's file. MATCHING_MEMBER: the most accurate member whose backbone is the student's, if any."""
+    member's file. MATCHING_MEMBER: the most accurate member whose backbone is the student's, or whose first
+    layers it is (a truncated Lite0 from a Lite0 member), if any."""
     if name == MATCHING_MEMBER:
         name = matching_member(student, ensemble_dir)
         if name is None:
-            console.print("no member of the ensemble has the student's backbone: it starts from \\[model] weights")
+            console.print("no member of the ensemble has the student's backbone (or begins with it): it starts from "
+                          "\\[model] weights")
             return None
     file = member_file(ensemble_dir, name)
     member = load_model(file)
@@ -380,7 +382,7 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
 def matching_member(student, ensemble_dir: Path) -> str | None:
     """The most accurate member alone (on the ensemble's steering data) that the student can start from."""
     for name in ranked_members(ensemble_dir):
-        if same_backbone(load_model(member_file(ensemble_dir, name)), student):
+        if backbone_starts_from(student, load_model(member_file(ensemble_dir, name))):
             return name
     return None
 
