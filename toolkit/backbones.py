@@ -634,7 +634,7 @@ def copy_backbone(source, target, where) -> int:
     """Start `target`'s backbone from a trained classifier's (see backbone_starts_from)."""
     pairs = [weighted_leaf_layers(model.get_layer("backbone")) for model in (source, target)]
     if not backbone_starts_from(target, source):
-        raise CellfuseError(f"{where}: the student's backbone is neither its backbone nor its first layers "
+        raise CellfuseError(f"{where}: its backbone is not the student's, nor does it begin with the student's "
                             f"({len(pairs[0])} vs {len(pairs[1])} weighted layers, or other shapes); "
                             "start from a member with the same backbone")
     for src, dst in zip(pairs[0][:len(pairs[1])], pairs[1], strict=True):  # a truncated target stops early
