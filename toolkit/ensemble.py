@@ -501,17 +501,17 @@ def _relative(file: Path, out: Path) -> str:
     return os.path.relpath(Path(file).resolve(), Path(out).resolve())
 
 
-def short_path(path: Path) -> Path:
+def _readable(path: Path) -> Path:
     """The same file, read as a person would name it: ensembles/e/../../runs/m -> runs/m (under the
     working folder), else absolute."""
-    path = path.resolve()
-    return path.relative_to(Path.cwd().resolve()) if path.is_relative_to(Path.cwd().resolve()) else path
+    path, here = path.resolve(), Path.cwd().resolve()
+    return path.relative_to(here) if path.is_relative_to(here) else path
 
 
 def resolve_member(dir, recorded: str) -> Path:
     """A member file named in ensemble.json: relative to the ensemble folder (or absolute, older files)."""
     path = Path(recorded)
-    path = path if path.is_absolute() else short_path(Path(dir) / path)
+    path = path if path.is_absolute() else _readable(Path(dir) / path)
     if not path.is_file():
         raise CellfuseError(f"{Path(dir) / 'ensemble.json'}: member file {recorded} not found (looked at "
                             f"{path}); keep run folders where they were relative to the ensemble")
