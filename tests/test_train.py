@@ -515,3 +515,29 @@ def test_a_backup_h5py_cannot_parse_is_dropped_not_fatal(tmp_path, monkeypatch):
     x, y = np.zeros((8, 4), np.float32), np.zeros((8, 2), np.float32)
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[Backup(str(backup), Console(quiet=True), "epoch")])
     assert len(history.history["loss"]) == 2 and not (backup / "latest.weights.h5").exists()
+
+
+@pytest.mark.parametrize("favoured, trained, says", [
+    (0, True, "below chance"),  # train --from: a low loss means the weights loaded
+    (0, False, "far from ln(8)"),  # a fresh head this sure of itself is broken
+    (1, True, "no better than chance"),  # trained weights that lose to chance did not load, or see other inputs
+])
+def test_the_initial_loss_check_knows_a_run_that_starts_from_trained_weights(favoured, trained, says):
+    """`train --from` warned 'initial loss 0.268 is far from ln(8)' on every corruption-tuned copy."""
+    import io
+
+    import keras
+    from rich.console import Console
+
+    from toolkit.batches import check_initial_loss
+    from toolkit.data import Dataset
+
+    bias = np.zeros(8, "float32")
+    bias[favoured] = 8.0
+    model = keras.Sequential([keras.Input((96, 96, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(8, "softmax", kernel_initializer="zeros",
+                                                 bias_initializer=keras.initializers.Constant(bias))])
+    val = Dataset(np.zeros((16, 96, 96, 3), "uint8"), np.zeros(16, "int64"), "val.npz", np.arange(16))
+    out = io.StringIO()
+    check_initial_loss(model, val, Console(file=out, width=200), trained=trained)
+    assert says in out.getvalue() and ("WARNING" in out.getvalue()) == (says != "below chance")

@@ -107,8 +107,9 @@ def leaked_rows(train_hashes: np.ndarray, val_hashes: np.ndarray) -> int:
     return int(np.isin(groups[len(train_hashes):], groups[:len(train_hashes)]).sum())
 
 
-def check_initial_loss(model, val: Dataset, console: Console) -> float:
-    """Before training, the loss should be near ln(n_classes): far off means broken inputs or head."""
+def check_initial_loss(model, val: Dataset, console: Console, *, trained: bool = False) -> float:
+    """Before training, the loss should be near ln(n_classes): far off means broken inputs or head. A model
+    `trained` already (train --from) should be below it; only a loss above chance is suspect there."""
     import keras
 
     rows = np.arange(min(len(val), 256))
@@ -117,7 +118,14 @@ def check_initial_loss(model, val: Dataset, console: Console) -> float:
         raise CellfuseError("the untrained model outputs NaN: check model.weights and the input range")
     loss = float(keras.losses.CategoricalCrossentropy()(one_hot(val.labels[rows], val.n_classes), probs))
     expected = math.log(val.n_classes)
-    if abs(loss - expected) > 0.5 * expected:
+    if trained and loss < expected:
+        console.print(f"initial loss {loss:.3f}, below chance (ln({val.n_classes}) = {expected:.3f}): "
+                      "the trained weights loaded")
+    elif trained:
+        warn(console, f"initial loss {loss:.3f} is no better than chance (ln({val.n_classes}) = {expected:.3f}) "
+                       "although training starts from trained weights: the inputs may be scaled differently "
+                       "from that run's, or its weights did not load")
+    elif abs(loss - expected) > 0.5 * expected:
         warn(console, f"initial loss {loss:.3f} is far from ln({val.n_classes}) = {expected:.3f}: "
                        "the inputs may be scaled twice, channels flipped, or the head mis-initialised")
     else:

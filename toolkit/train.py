@@ -119,7 +119,7 @@ def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, run
                 assign_by_path(model, weights_by_path(load_model(recipe.train.init_from, compile=False)),
                                recipe.train.init_from)
                 console.print(f"starting from the weights of {recipe.train.init_from}")
-        check_initial_loss(model, start.split.val["val"], console)
+        check_initial_loss(model, start.split.val["val"], console, trained=bool(recipe.train.init_from))
         fit_stages(model, recipe, start.split, start.run, start.strategy, console, extra_callbacks=extra_callbacks,
                    **consistency.fit_arguments(recipe, start.split, compile_model))  # AugMix views, JSD loss
     if not start.cluster.is_chief:
