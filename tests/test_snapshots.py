@@ -18,17 +18,20 @@ from toolkit.train import train_recipe
 def test_a_run_keeps_its_last_epochs_and_their_average_as_ensemble_candidates(tmp_path):
     images, labels = make_images(96, seed=3)
     data = save_dataset(tmp_path / "d.npz", images, labels)
-    recipe = load_recipe("tiny", [f'data.train="{data}"', "train.snapshots=2",
+    recipe = load_recipe("tiny", [f'data.train="{data}"', "train.snapshots=3",
                                   "train.stages=[{epochs=1, lr=3e-3, unfreeze=0.0}, {epochs=2, lr=3e-3, unfreeze=1.0}]"])
     summary = train_recipe(recipe, runs_root=tmp_path / "runs")
     run = tmp_path / "runs" / "tiny"
-    assert set(summary["snapshots"]) == {"snapshot_e2.keras", "snapshot_e3.keras", "swa.keras"}
+    # the best epoch's snapshot is best.keras itself: not written twice, nor scored twice by the ensemble
+    best = f"snapshot_e{summary['best_epoch']}.keras"
+    kept = [f"snapshot_e{e}.keras" for e in (1, 2, 3)]
+    assert set(summary["snapshots"]) == {*kept, "swa.keras"} - {best} and not (run / best).exists()
     assert all(0 <= a <= 1 for a in summary["snapshots"].values())
-    e2, e3, swa = (load_model(run / name, compile=False) for name in ("snapshot_e2.keras", "snapshot_e3.keras",
-                                                                      "swa.keras"))
-    kernel = [m.get_layer("logits").get_weights()[0] for m in (e2, e3, swa)]
-    assert not np.allclose(kernel[0], kernel[1])  # two different epochs
-    np.testing.assert_allclose(kernel[2], (kernel[0] + kernel[1]) / 2, rtol=1e-5, atol=1e-7)
+    e1, e2, e3, swa = (load_model(run / ("best.keras" if name == best else name), compile=False)
+                       for name in (*kept, "swa.keras"))
+    kernel = [m.get_layer("logits").get_weights()[0] for m in (e1, e2, e3, swa)]
+    assert not np.allclose(kernel[1], kernel[2])  # two different epochs
+    np.testing.assert_allclose(kernel[3], (kernel[0] + kernel[1] + kernel[2]) / 3, rtol=1e-5, atol=1e-7)
 
     val = write_val_files(data, tmp_path / "split", val_fraction=0.25, held_out="")["val"]
     result = CliRunner().invoke(main, ["ensemble", str(run), "--snapshots", "--val", str(val), "--views", "none",
@@ -36,7 +39,7 @@ def test_a_run_keeps_its_last_epochs_and_their_average_as_ensemble_candidates(tm
     assert result.exit_code == 0, result.output
     candidates = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     text = json.dumps(candidates)
-    assert all(name in text for name in ("tiny-snapshot_e2", "tiny-snapshot_e3", "tiny-swa"))
+    assert all(f"tiny-{name.removesuffix('.keras')}" in text for name in summary["snapshots"])
 
 
 def leak_warnings(output: str) -> list[str]:
@@ -57,9 +60,11 @@ def test_a_corruption_tuned_copy_starts_from_its_run_and_keeps_a_wise_blend(tmp_
     assert refused.exit_code == 2 and "input" in refused.output  # the run it starts from is never replaced
     tuned = CliRunner().invoke(main, [
         "train", "tiny", *base, "--from", str(run), "--set", "name=tiny-tuned", "--set", "data.corrupt_fraction=0.5",
-        "--set", "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]", "--json"])
+        "--set", "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]", "--set", "train.snapshots=1", "--json"])
     assert tuned.exit_code == 0, tuned.output
     summary = json.loads(tuned.output.strip().splitlines()[-1])[0]
+    # one epoch: its snapshot is best.keras and their average the same again; neither is a new candidate
+    assert summary["snapshots"] == {} and not list((tmp_path / "runs" / "tiny-tuned").glob("s[nw]a*.keras"))
     assert "corrupted 36 of 72 training rows" in tuned.output and "starting from the weights" in tuned.output
     # the leakage check sees the rows as they are: a corrupted copy matching a held-out image corrupted alike is no leak
     assert leak_warnings(tuned.output) == leak_warnings(first.output)

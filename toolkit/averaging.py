@@ -43,10 +43,12 @@ def accuracy(predict: Predictor, data: Dataset) -> float:
     return round(float((predict(data.images).argmax(1) == data.labels).mean()), 4)
 
 
-def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
+def save_snapshots(recipe: Recipe, split: Split, run: Path, best: str) -> dict:
     """snapshot_e<N>.keras for each kept epoch and swa.keras, their weights averaged (BatchNorm's
     moving statistics averaged too: an approximation of SWA's re-estimation), beside best.keras so
-    that they share its validation split; -> {file name: accuracy on the validation split}."""
+    that they share its validation split; -> {file name: accuracy on the validation split}. A copy of
+    best.keras (weights digest `best`: the best epoch's snapshot) is not written, nor the average of one
+    snapshot: the ensemble would score the same model twice."""
     files = sorted((run / "checkpoint").glob("snapshot_e*.weights.h5"),
                    key=lambda f: int(f.name.removeprefix("snapshot_e").removesuffix(".weights.h5")))
     if not files:
@@ -56,16 +58,18 @@ def save_snapshots(recipe: Recipe, split: Split, run: Path) -> dict:
     predict = Predictor(model)  # one traced function for every set of weights
 
     def keep(name: str) -> None:
-        save_model_atomic(model, run / name)
-        scores[name] = accuracy(predict, split.val["val"])
+        if weights_digest(model.get_weights()) != best:
+            save_model_atomic(model, run / name)
+            scores[name] = accuracy(predict, split.val["val"])
 
     for file in files:
         load_weights(model, file)
         weights = model.get_weights()
         total = weights if total is None else [t + w for t, w in zip(total, weights, strict=True)]
         keep(file.name.removesuffix(".weights.h5") + ".keras")
-    model.set_weights([t / len(files) for t in total])
-    keep("swa.keras")
+    if len(files) > 1:  # the average of one snapshot is that snapshot
+        model.set_weights([t / len(files) for t in total])
+        keep("swa.keras")
     return scores
 
 

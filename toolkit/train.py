@@ -306,7 +306,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
         load_weights(model, best)
     save_model_atomic(model, run / "best.keras")
     adopt_library_files(run / "tb")
-    candidates = save_snapshots(recipe, split, run)
+    candidates = save_snapshots(recipe, split, run, best=weights_digest(model.get_weights()))
     predict = Predictor(model)  # one trace for the blends and the metrics
     wise = save_wise(recipe, split, run, model, predict) if recipe.train.init_from else None
     metrics = {}
