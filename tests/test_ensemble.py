@@ -251,3 +251,20 @@ def test_an_ensembles_member_lists_refuse_a_metrics_file_without_what_they_read(
     (tmp_path / "metrics.json").write_text("{")
     with pytest.raises(CellfuseError, match="cannot read the ensemble's members"):
         member_file(tmp_path, "m0")
+
+
+def test_the_views_a_student_is_compared_with_are_those_carrying_most_weight(tmp_path):
+    """A real selection: one member single-view 0.4, with D4 0.2 and its blend with D4 0.4. The heaviest
+    single component was single-view, so distill compared (and the pipeline submitted) the student without
+    the D4 views that carry 0.6 of the weight."""
+    from toolkit.ensemble import heaviest_views
+
+    d4 = ["id", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270"]
+    parts = [("m", "none", ["id"], 0.4), ("m", "d4", d4, 0.2), ("m-wise", "d4", d4, 0.4)]
+    (tmp_path / "ensemble.json").write_text(json.dumps({"components": [
+        {"member": m, "views": v, "view_list": vl, "merge": "mean", "weight": w} for m, v, vl, w in parts]}))
+    assert heaviest_views(tmp_path) == {"views": "d4", "view_list": d4, "merge": "mean"}
+    parts[2] = ("m-wise", "none", ["id"], 0.4)  # now single-view carries 0.8
+    (tmp_path / "ensemble.json").write_text(json.dumps({"components": [
+        {"member": m, "views": v, "view_list": vl, "merge": "mean", "weight": w} for m, v, vl, w in parts]}))
+    assert heaviest_views(tmp_path)["views"] == "none"

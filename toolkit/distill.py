@@ -50,6 +50,7 @@ from toolkit.ensemble import (
     content_key,
     ensemble_components,
     ensemble_split,
+    heaviest_views,
     load_ensemble,
     member_file,
     ranked_members,
@@ -409,7 +410,7 @@ def teacher_key(ensemble_dir: Path) -> str:
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, timing: bool = True) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
     set, parameters, file size, and (with `timing`) img/s on this machine, taking turns."""
-    heaviest = ensemble_components(ensemble_dir)[0]  # the student and the best member get its views
+    heaviest = heaviest_views(ensemble_dir)  # the student and the best member get them
     views, merge = heaviest["view_list"], heaviest["merge"]
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
               "best member": (member_file(ensemble_dir, "best-member"), views)}

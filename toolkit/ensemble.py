@@ -315,6 +315,18 @@ def ensemble_components(dir) -> list[dict]:
     return sorted(info["components"], key=lambda c: -c["weight"])
 
 
+def heaviest_views(dir) -> dict:
+    """The view set that carries most of the ensemble's weight, summed over its components (one member
+    single-view 0.4 and with D4 0.2 + 0.4 is a D4 ensemble; a tie goes to more views): {views, view_list,
+    merge}. A student or a single member is compared, and submitted, with it."""
+    totals = {}
+    for c in ensemble_components(dir):
+        key = (c["views"], tuple(c["view_list"]), c["merge"])
+        totals[key] = totals.get(key, 0.0) + c["weight"]
+    views, view_list, merge = max(totals, key=lambda k: (round(totals[k], 6), len(k[1])))
+    return {"views": views, "view_list": list(view_list), "merge": merge}
+
+
 def ensemble_split(dir) -> np.ndarray | None:
     """The validation rows every member held out (None for ensembles of files without run folders)."""
     rows = _read_ensemble_json(dir).get("val_index")
