@@ -21,7 +21,7 @@ MEASURED_CPU_TIME = {
     "cpu-mobilenet": "6.9 min",
     "cpu-mobilenet-112": "5.1 min",
     "cpu-mobilenet-160": "6.5 min",
-    "cpu-lite0": "45 min (17 epochs; 27 min measured for its last 14)",
+    "cpu-lite0": "31 min of epochs (17; cores partly shared)",
     "cpu-lite1": "24.7 min",
     "cpu-lite2": "not measured",
     "cpu-mobilenetv3s": "not measured",
