@@ -57,8 +57,8 @@ def save_snapshots(recipe: Recipe, split: Split, run: Path, best: str) -> dict:
     model = inference_model(recipe, split.train.n_classes, files[0])
     predict = Predictor(model)  # one traced function for every set of weights
 
-    def keep(name: str) -> None:
-        if weights_digest(model.get_weights()) != best:
+    def keep(name: str, weights: list) -> None:  # `weights`: what the model holds now
+        if weights_digest(weights) != best:
             save_model_atomic(model, run / name)
             scores[name] = accuracy(predict, split.val["val"])
 
@@ -66,10 +66,11 @@ def save_snapshots(recipe: Recipe, split: Split, run: Path, best: str) -> dict:
         load_weights(model, file)
         weights = model.get_weights()
         total = weights if total is None else [t + w for t, w in zip(total, weights, strict=True)]
-        keep(file.name.removesuffix(".weights.h5") + ".keras")
+        keep(file.name.removesuffix(".weights.h5") + ".keras", weights)
     if len(files) > 1:  # the average of one snapshot is that snapshot
-        model.set_weights([t / len(files) for t in total])
-        keep("swa.keras")
+        average = [t / len(files) for t in total]
+        model.set_weights(average)
+        keep("swa.keras", average)
     return scores
 
 
