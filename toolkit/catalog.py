@@ -14,9 +14,9 @@ from toolkit.backbones import BACKBONES, HUB, pretrained_status
 from toolkit.recipe import ModelConfig, read_toml, shipped_dir, shipped_names, shipped_recipe
 from toolkit.runs import atomic_write_text, check_new_file
 
-# Wall time of each recipe's whole schedule on the real training file (5,091 training images) on a
-# 2-core CPU, as measured in README Results; "GPU" for recipes sized for a GPU. A shipped recipe missing
-# here fails tests/test_catalog.py: measure it, or say it is not measured.
+# Wall time of each recipe's whole schedule on the real training file (5,091 training images) on
+# a 2-core CPU, as measured in docs/results.md (whole command); "GPU" for recipes sized for a GPU.
+# A shipped recipe missing here fails tests/test_catalog.py: measure it, or say it is not measured.
 MEASURED_CPU_TIME = {
     "cpu-mobilenet": "6.9 min",
     "cpu-mobilenet-112": "5.1 min",

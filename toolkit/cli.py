@@ -852,12 +852,12 @@ def synth(out, n, seed, force, as_json):
 @force_option
 @json_option
 def demo(out, data, force, as_json):
-    """The whole pipeline end to end on CPU: synth -> clean -> split -> train two members -> ensemble
-    -> distill -> export -> grade.
+    """The whole pipeline end to end on CPU: synth -> clean -> split -> train two members -> a
+    corruption-tuned copy of each -> ensemble -> distill -> export -> grade.
 
     On synthetic data (2,000 images) the members (recipes/cpu-lite0.toml and cpu-mobilenet.toml, here
     at 96 px) and the student (recipes/student-cpu-lite0.toml) train 4 epochs each (1 head-only, 3 all
-    layers). With --data the recipes run their full schedules (9 and 10 epochs per member, 40 for the
+    layers). With --data the recipes run their full schedules (17 and 10 epochs per member, 40 for the
     student): about 95 minutes on 2 cores.
 
     \b
