@@ -18,7 +18,8 @@ HOUR_AGO = 3600
 
 
 def write_run(run: Path, *, backbone="mobilenet-0.25", input_size=0, stages=(1, 9), epochs_done=10,
-              summary=True, accuracy=(0.91, 0.65), params=1_010_000, distill=False, argv=None) -> Path:
+              summary=True, accuracy=(0.91, 0.65), params=1_010_000, distill=False, argv=None,
+              init_from="") -> Path:
     """A run folder as toolkit.train writes it: recipe.toml and env.json first, history.csv per epoch,
     summary.json last (and, for a student, distill.json after it)."""
     run.mkdir(parents=True)
@@ -26,6 +27,7 @@ def write_run(run: Path, *, backbone="mobilenet-0.25", input_size=0, stages=(1, 
     (run / "recipe.toml").write_text(f'name = "{run.name}"\n\n[data]\nval_fraction = 0.15\n\n[model]\n'
                                      f'backbone = "{backbone}"\ninput_size = {input_size}\n\n'
                                      f"[train]\nstages = [{stage_text}]\n"
+                                     + (f'init_from = "{init_from}"\n' if init_from else "")
                                      + ('\n[distill]\nmode = "cached"\n' if distill else ""))
     (run / "env.json").write_text(json.dumps({"cellfuse": "0.1.0", "argv": argv or ["cellfuse", "demo"]}))
     rows = "".join(f"{e},{30 + e}.5,52.0,0.001,0.5,1.2,0.6,1.1,0.9\n" for e in range(1, epochs_done + 1))
@@ -103,11 +105,14 @@ def test_every_run_ensemble_and_student_is_a_row(outputs):
         ("recipes/cpu-mobilenet.toml", "mobilenet-0.25", "10", 1_010_000, 414.2)
     assert lite0.recipe == "cpu-lite0"  # no recipe file on the command line (the demo): the recipe's name
     tuned = write_run(outputs / "runs" / "tuned", argv=["cellfuse", "train", f"{outputs}/runs/cpu-mobilenet/recipe.toml",
-                                                         "--from", f"{outputs}/runs/cpu-mobilenet"])
+                                                         "--from", f"{outputs}/runs/cpu-mobilenet"],
+                      init_from=f"{outputs}/runs/cpu-mobilenet/best.keras")
     assert read_run(tuned, "runs/tuned").recipe == "from cpu-mobilenet"  # its start, not a path into another run
-    for named in ("recipe.toml", "../recipe.toml"):  # no run's name in the path: the path as given
-        (tuned / "env.json").write_text(json.dumps({"argv": ["cellfuse", "train", named]}))
-        assert read_run(tuned, "runs/tuned").recipe == named
+    blend = write_run(outputs / "runs" / "blend", init_from=f"{outputs}/runs/tuned/wise.keras")  # the demo: no argv
+    assert read_run(blend, "runs/blend").recipe == "from tuned/wise.keras"
+    # resumed with the run's own recipe snapshot, as the resume hint says: the file as given, not "from tuned"
+    resumed = write_run(outputs / "runs" / "resumed", argv=["cellfuse", "train", "runs/resumed/recipe.toml", "--resume"])
+    assert read_run(resumed, "runs/resumed").recipe == "runs/resumed/recipe.toml"
     # as set, else the backbone's own size (mobilenet: 128), or the data's 96 where that is over twice as large
     assert (lite0.input_size, mobilenet.input_size, student.input_size) == ("160", "128", "96")
     assert mobilenet.accuracy == {"val": 0.91, "val_corrupt": 0.65}

@@ -136,6 +136,7 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
     # the member the student started from, as resolved (init = "m0" in the function-matching modes)
     started = summary["init_from"]
     assert (started is not None and Path(started).parent.name == "m0") == ('init = "m0"' in MODES[mode])
+    assert started is None or Path(started).is_absolute()  # recorded the same from any working folder
     assert f"student: {summary['size_ratio']:.1f}x" in said and " points " in said.split("student: ")[-1]
     if mode == "cached":  # the teacher's targets are computed once and kept with the run
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))

@@ -71,9 +71,23 @@ def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
 
     assert submission_views(run, distilled(0.930, 0.810)) == "d4"
     assert submission_views(run, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
+    assert submission_views(run, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
+    assert submission_views(run, distilled(0.924, 0.810)) == "none"
     assert submission_views(run, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
     assert submission_views(run, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
     assert submission_views(run, distilled(0.940, 0.790)) == "none"
+
+
+def test_a_member_named_like_another_members_tuned_copy_is_refused_before_training():
+    import pytest
+
+    from toolkit.errors import CellfuseError
+    from toolkit.pipeline import check_member_names
+
+    check_member_names(["cpu-lite0", "cpu-mobilenet"])
+    for names, taken in ((["a", "a-tuned"], "a-tuned"), (["a", "b", "a"], "a, a-tuned")):
+        with pytest.raises(CellfuseError, match=f"one folder \\({taken};"):
+            check_member_names(names)
 
 
 def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):

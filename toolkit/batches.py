@@ -115,7 +115,8 @@ def check_initial_loss(model, val: Dataset, console: Console, *, trained: bool =
     rows = np.arange(min(len(val), 256))
     probs = Predictor(model, 64)(val.images[rows])
     if not np.isfinite(probs).all():
-        raise CellfuseError("the untrained model outputs NaN: check model.weights and the input range")
+        raise CellfuseError("the model outputs NaN before training: check model.weights"
+                            f"{' (and the run it starts from)' if trained else ''} and the input range")
     loss = float(keras.losses.CategoricalCrossentropy()(one_hot(val.labels[rows], val.n_classes), probs))
     expected = math.log(val.n_classes)
     if trained and loss < expected:

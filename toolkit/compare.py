@@ -143,7 +143,7 @@ def read_run(folder: Path, rel: str) -> Row:
     except Unreadable as e:
         row.state, row.note = "unreadable", str(e)
         return row
-    row.recipe = _recipe_file(env) or row.recipe
+    row.recipe = _started_from(recipe) or _recipe_file(env) or row.recipe
     if summary is not None:
         row.seconds, row.params = _float(summary.get("seconds")), _int(summary.get("params"))
         row.accuracy = _accuracies(summary.get("metrics"))
@@ -195,15 +195,20 @@ def _epochs(done: int, recipe: dict) -> str:
     return str(done) if not planned or done == planned else f"{done}/{planned}"
 
 
-def _recipe_file(env: dict) -> str:
-    """The recipe file named on the command line that made the run, if any; a run's own recipe.toml
-    (`cellfuse train RUN/recipe.toml --from RUN`) by the run's name: "from cpu-mobilenet"."""
-    argv = env.get("argv") or []
-    named = next((Path(a) for a in argv[1:] if isinstance(a, str) and a.endswith(".toml")), None)
-    if named is None:
+def _started_from(recipe: dict) -> str:
+    """A copy started from another run's weights (`train --from RUN`, train.init_from) by that run's
+    name, "from cpu-mobilenet", and the file when it is not the run's best.keras."""
+    init = (recipe.get("train") or {}).get("init_from")
+    if not isinstance(init, str) or not init:
         return ""
-    run = named.parent.name if named.name == "recipe.toml" else ""  # the snapshot every run folder holds
-    return f"from {run}" if run and run != ".." else str(named)
+    file = Path(init)
+    return f"from {file.parent.name}" if file.name == "best.keras" else f"from {file.parent.name}/{file.name}"
+
+
+def _recipe_file(env: dict) -> str:
+    """The recipe file named on the command line that made the run, if any, as given."""
+    argv = env.get("argv") or []
+    return next((a for a in argv[1:] if isinstance(a, str) and a.endswith(".toml")), "")
 
 
 def _resume_hint(env: dict) -> str:

@@ -377,7 +377,7 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
                             "the student cannot start from it")
     n = copy_backbone(member, student, file)
     console.print(f"student backbone starts from member {name} ({file}, {n} layers)")
-    return str(file)
+    return str(file.resolve())  # recorded in init.json: the same file from any working folder
 
 
 def matching_member(student, ensemble_dir: Path) -> str | None:

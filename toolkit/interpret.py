@@ -133,16 +133,22 @@ def training_families(path) -> tuple[set[str] | None, str]:
 
 def _recipe_families(recipe: Path) -> tuple[set[str] | None, str]:
     try:
-        section = read_toml(recipe).get("augment", {})
+        table = read_toml(recipe)
+        section = table.get("augment", {})
         preset = section.get("preset", DEFAULTS["preset"])
         specs = section.get("layers") or PRESETS[preset]
         layers = [spec["layer"] for spec in specs] + (["AugMix"] if section.get("augmix") else [])
         families = set().union(*(layer_families(layer) for layer in layers)) if layers else set()
+        corrupted = float(table.get("data", {}).get("corrupt_fraction", 0.0))  # a corruption-tuned copy
     except (ValueError, KeyError, TypeError, CellfuseError) as e:  # read_toml's errors name the file too
         why = str(e).splitlines()[0].removeprefix(f"{recipe}: ")
         return None, f"training augmentation unknown ({recipe}: {why})"
     what = "layers" if section.get("layers") else f"preset {preset!r}"
-    return families, f"{what}{' + AugMix' if section.get('augmix') else ''} ({recipe})"
+    what += " + AugMix" if section.get("augmix") else ""
+    if corrupted > 0:  # those rows carried cellfuse's own mix: its families are not unseen
+        families |= contents("cellfuse")
+        what += f" + the cellfuse corruption mix on {corrupted:.0%} of the rows"
+    return families, f"{what} ({recipe})"
 
 
 # ---------------------------------------------------------------- predictions and calibration

@@ -69,7 +69,23 @@ class Pipeline:
 
 
 def member_overrides(clean_npz: Path, extra_val: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
-    return [f'data.train="{clean_npz}"', f"data.extra_val={json.dumps([str(p) for p in extra_val])}", *extra]
+    # json.dumps writes a valid TOML string, whatever the path holds (quotes, backslashes)
+    return [f"data.train={json.dumps(str(clean_npz))}", f"data.extra_val={json.dumps([str(p) for p in extra_val])}",
+            *extra]
+
+
+def tuned_name(member: str) -> str:
+    return f"{member}-tuned"
+
+
+def check_member_names(names: list[str]) -> None:
+    """Every member and its corruption-tuned copy get their own run folder: refused before any training,
+    rather than a tuned copy replacing a member trained minutes earlier."""
+    runs = [*names, *map(tuned_name, names)]
+    taken = sorted({name for name in runs if runs.count(name) > 1})
+    if taken:
+        raise CellfuseError(f"the member recipes' names give two runs one folder ({', '.join(taken)}; each member "
+                            f"also makes NAME-tuned): rename one with name = \"...\"")
 
 
 def common_split(recipes) -> tuple[float, int]:
@@ -91,7 +107,8 @@ def submission_views(student_run: Path, distilled: dict, steer: str = "val_heldo
     viewed = distilled["rows"]["student"]
     gain = viewed[f"acc_{steer}"] - single[steer]["accuracy"]
     cost = single[clean]["accuracy"] - viewed[f"acc_{clean}"]
-    return distilled["views"] if gain > 0 and cost <= clean_cost else "none"
+    # rounded: accuracies are fractions of whole images, and 0.930 - 0.925 is 0.0050000000000000044
+    return distilled["views"] if round(gain, 9) > 0 and round(cost, 9) <= clean_cost else "none"
 
 
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
@@ -114,6 +131,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     recipes = [load_recipe(path, member_overrides(clean_npz, [val_corrupt, val_heldout], member_extra))
                for path in member_paths]
     fraction, seed = common_split(recipes)
+    check_member_names([recipe.name for recipe in recipes])
 
     p.step("validation files")
     write_val_files(clean_npz, out / "clean", fraction, seed, force=force)  # + val_heldout.npz
@@ -130,8 +148,9 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     candidates = list(runs)
     for run in runs:
         p.step(f"tune {run.name}")
-        copy = load_recipe(run / "recipe.toml", [f'name="{run.name}-tuned"',
-                                                 f'train.init_from="{resolve_model_file(run)}"', *TUNED_COPY])
+        copy = load_recipe(run / "recipe.toml", [f"name={json.dumps(tuned_name(run.name))}",
+                                                 f"train.init_from={json.dumps(str(resolve_model_file(run)))}",
+                                                 *TUNED_COPY])
         summary = train_recipe(copy, force=force, console=console, runs_root=out / "runs")
         figures[f"tune {run.name}"] = summary
         candidates += [Path(summary["run"]), Path(summary["run"]) / "wise.keras"]

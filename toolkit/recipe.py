@@ -111,8 +111,9 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.1  # weight of cross-entropy on true labels; 1 - alpha on the teacher's KL
     # "": the backbone starts from [model] weights; "best-member" or a member's name: from that trained
-    # member's backbone (same backbone, any input size); "matching-member": from the most accurate member
-    # with the student's backbone, else from [model] weights. The head always starts fresh.
+    # member's backbone (the same backbone, or one whose first layers the student's is, as a truncated
+    # Lite0 from a Lite0 member; any input size); "matching-member": from the most accurate such member,
+    # else from [model] weights. The head always starts fresh.
     init: str = ""
     # function-matching only: the teacher also averages its TTA views on every step (x views its cost).
     # Off, it runs its members on the student's own view; cached mode always uses the views.
