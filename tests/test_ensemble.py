@@ -247,7 +247,9 @@ def test_an_ensembles_member_lists_refuse_a_metrics_file_without_what_they_read(
     (tmp_path / "m0.keras").write_text("")
     with pytest.raises(CellfuseError, match=r"metrics.json: no rows, steering_data \(written by an older cellfuse"):
         ranked_members(tmp_path)
-    assert member_file(tmp_path, "m0") == tmp_path / "m0.keras"  # a name needs only the members
+    assert member_file(tmp_path, "m0").resolve() == (tmp_path / "m0.keras").resolve()  # a name needs only the members
+    with pytest.raises(CellfuseError, match="metrics.json names no best member"):
+        member_file(tmp_path, "best-member")
     (tmp_path / "metrics.json").write_text("{")
     with pytest.raises(CellfuseError, match="cannot read the ensemble's members"):
         member_file(tmp_path, "m0")

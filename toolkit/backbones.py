@@ -125,9 +125,14 @@ def register(name: str, *, default_size: int, preprocess: str, min_size: int = 3
     return decorate
 
 
+def find_backbone(name: str) -> Backbone | None:
+    """The registry entry a recipe's model.backbone names (every hub:<preset> shares one), if any."""
+    return BACKBONES.get(HUB if name.startswith(HUB) else name)
+
+
 def backbone_spec(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone:
     """The registry entry a recipe's model.backbone names, its builder bound to `width` and `depth`."""
-    entry = BACKBONES.get(HUB if name.startswith(HUB) else name)
+    entry = find_backbone(name)
     if entry is None:
         raise CellfuseError(f"unknown backbone {name!r}; registered: "
                             f"{', '.join(n for n in sorted(BACKBONES) if n != HUB)}, or hub:<keras-hub preset>")

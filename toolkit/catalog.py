@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from toolkit.backbones import BACKBONES, HUB, pretrained_status
+from toolkit.backbones import BACKBONES, HUB, find_backbone, pretrained_status
 from toolkit.recipe import ModelConfig, read_toml, shipped_dir, shipped_names, shipped_recipe
 from toolkit.runs import atomic_write_text, check_new_file
 
@@ -91,7 +91,7 @@ def recipe_row(path: Path) -> dict:
 def input_size(backbone: str, size: int) -> int | None:
     """The side the backbone sees: the recipe's, else the one build_classifier picks (its pretraining
     size, or the data's 96 px when that is more than twice 96); None for an unknown backbone without one."""
-    spec = BACKBONES.get(HUB if backbone.startswith(HUB) else backbone)
+    spec = find_backbone(backbone)
     return spec.input_size(size) if spec else size or None
 
 

@@ -357,6 +357,8 @@ def member_file(dir, name: str) -> Path:
     info = _ensemble_metrics(dir, "members")
     members = info["members"]
     if name == "best-member":
+        if "best_member" not in info:
+            raise CellfuseError(f"{dir}: metrics.json names no best member; rebuild it with cellfuse ensemble")
         name = info["best_member"]
     if name not in members:
         raise CellfuseError(f"{dir}: no member named {name!r}; members are {', '.join(members)} "
