@@ -78,6 +78,13 @@ def tuned_name(member: str) -> str:
     return f"{member}-tuned"
 
 
+def tuned_copy(run: Path):
+    """The recipe of a member's corruption-tuned copy: the member's own, started from its weights."""
+    return load_recipe(run / "recipe.toml", [f"name={json.dumps(tuned_name(run.name))}",
+                                             f"train.init_from={json.dumps(str(resolve_model_file(run)))}",
+                                             *TUNED_COPY])
+
+
 def check_member_names(names: list[str]) -> None:
     """Every member and its corruption-tuned copy get their own run folder: refused before any training,
     rather than a tuned copy replacing a member trained minutes earlier."""
@@ -148,10 +155,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     candidates = list(runs)
     for run in runs:
         p.step(f"tune {run.name}")
-        copy = load_recipe(run / "recipe.toml", [f"name={json.dumps(tuned_name(run.name))}",
-                                                 f"train.init_from={json.dumps(str(resolve_model_file(run)))}",
-                                                 *TUNED_COPY])
-        summary = train_recipe(copy, force=force, console=console, runs_root=out / "runs")
+        summary = train_recipe(tuned_copy(run), force=force, console=console, runs_root=out / "runs")
         figures[f"tune {run.name}"] = summary
         candidates += [Path(summary["run"]), Path(summary["run"]) / "wise.keras"]
         p.done(f"val acc {summary['metrics']['val']['accuracy']:.3f}", summary["run"])
