@@ -858,7 +858,7 @@ def demo(out, data, force, as_json):
     On synthetic data (2,000 images) the members (recipes/cpu-lite0.toml and cpu-mobilenet.toml, here
     at 96 px) and the student (recipes/student-cpu-lite0.toml) train 4 epochs each (1 head-only, 3 all
     layers). With --data the recipes run their full schedules (17 and 10 epochs per member, 40 for the
-    student): 84 minutes on 2 cores for the real training file (7,000 images).
+    student): 84 minutes on 2 cores for the real training file (6,990 images).
 
     \b
     Example:
