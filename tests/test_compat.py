@@ -78,3 +78,18 @@ def test_trial_id_is_the_storage_key_of_a_trial():
     trial = study.ask()
     assert isinstance(compat.trial_id(trial), int)
     assert optuna.trial.Trial(study, compat.trial_id(trial)).number == trial.number  # how a worker reopens it
+
+
+def test_op_determinism_switches_both_ways_with_keras_cv_drawing_image_by_image():
+    from keras_cv.src.layers.preprocessing.base_image_augmentation_layer import (
+        BaseImageAugmentationLayer as Base,
+    )
+    from tensorflow.python.framework import config
+
+    parallel = Base._map_fn
+    compat.set_op_determinism(True)
+    try:
+        assert config.is_op_determinism_enabled() and Base._map_fn is not parallel
+    finally:
+        compat.set_op_determinism(False)
+    assert not config.is_op_determinism_enabled() and Base._map_fn is parallel

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_images
 
 from toolkit.cli import main
 from toolkit.data import save_dataset
@@ -81,7 +82,6 @@ def test_evaluate_cli_on_a_run(tiny_npz, tmp_path, monkeypatch):
 
 def test_learns_the_toy_task(tmp_path):
     """Enough steps on learnable toy data must beat chance clearly: the pipeline really trains."""
-    from tests.conftest import make_images
     from toolkit.train import train_recipe
 
     images, labels = make_images(320, seed=3)
@@ -120,7 +120,6 @@ def test_leakage_is_reported(tmp_path, capsys):
     """Training on a file full of duplicates: the validation split shares images with training."""
     from rich.console import Console
 
-    from tests.conftest import make_images
     from toolkit.train import check_data, load_split
 
     images, labels = make_images(40)
@@ -541,3 +540,37 @@ def test_the_initial_loss_check_knows_a_run_that_starts_from_trained_weights(fav
     out = io.StringIO()
     check_initial_loss(model, val, Console(file=out, width=200), trained=trained)
     assert says in out.getvalue() and ("WARNING" in out.getvalue()) == (says != "below chance")
+
+
+def test_a_deterministic_recipe_trains_to_the_same_weights_twice(tmp_path):
+    """heavy: RandAugment and GridMask (per-image loops), MixUp/CutMix, Keras core layers, all in tf.data."""
+    from tensorflow.python.framework import config
+
+    from toolkit.train import train_recipe
+
+    images, labels = make_images(96, seed=3)
+    data = save_dataset(tmp_path / "d.npz", images, labels)
+    runs = tmp_path / "runs"
+    base = ['augment.preset="heavy"', "train.steps_per_epoch=4"]
+    twice = [train_recipe(tiny_recipe(data, tmp_path, *base, "train.deterministic=true", f'name="{name}"'),
+                          runs_root=runs)["final_weights_sha1"] for name in ("first", "again")]
+    assert twice[0] == twice[1]
+    # the next recipe in the same process gets its own setting: op determinism off again
+    train_recipe(tiny_recipe(data, tmp_path, *base, 'name="default"'), runs_root=runs)
+    assert not config.is_op_determinism_enabled()
+
+
+def test_an_op_without_a_deterministic_kernel_is_named_with_the_way_out(tiny_npz, tmp_path):
+    import tensorflow as tf
+
+    from toolkit.train import deterministic_kernels
+
+    missing = tf.errors.UnimplementedError(None, None, "Deterministic GPU implementation of unsorted segment "
+                                                       "reduction op not available.\nmore detail")
+    with pytest.raises(CellfuseError, match=r"tiny.toml: train.deterministic = true, but .*unsorted segment "
+                                            r"reduction op not available\.\); set train.deterministic = false"):
+        with deterministic_kernels(tiny_recipe(tiny_npz, tmp_path, "train.deterministic=true")):
+            raise missing
+    with pytest.raises(tf.errors.UnimplementedError):  # not ours to explain when determinism is off
+        with deterministic_kernels(tiny_recipe(tiny_npz, tmp_path)):
+            raise missing

@@ -261,8 +261,8 @@ def _sub_seed(seed: int | None, stream: int) -> int | None:
 def _generator(seed: int | None):
     import tensorflow as tf
 
-    return tf.random.Generator.from_seed(seed) if seed is not None else \
-        tf.random.Generator.from_non_deterministic_state()
+    # unseeded: a fresh numpy seed rather than the OS state, which op determinism (train.deterministic) refuses
+    return tf.random.Generator.from_seed(seed if seed is not None else int(np.random.default_rng().integers(2**62)))
 
 
 def _random_rot90(seed: int | None):

@@ -62,3 +62,32 @@ def trial_id(trial) -> int:
     """Optuna's storage id of a trial (`_trial_id`): what a worker process needs to open the same trial
     (`trial.number` is per study and not a storage key)."""
     return trial._trial_id
+
+
+def set_op_determinism(on: bool) -> None:
+    """TensorFlow's op determinism on or off (TensorFlow exposes only the switch on; turning it off is
+    `config.disable_op_determinism`), and, while on, keras-cv's per-image augmentation loop one image at
+    a time (`BaseImageAugmentationLayer._map_fn`: tf.map_fn's parallel iterations draw from one stateful
+    generator in whatever order they run, so RandAugment and GridMask differ between runs of one seed)."""
+    import tensorflow as tf
+    from keras_cv.src.layers.preprocessing.base_image_augmentation_layer import (
+        BaseImageAugmentationLayer as Base,
+    )
+    from tensorflow.python.framework import config
+
+    if on:
+        config.enable_op_determinism()
+    else:
+        config.disable_op_determinism()
+    if not hasattr(Base, "_parallel_map_fn"):
+        Base._parallel_map_fn = Base._map_fn
+
+    def one_at_a_time(self, func, inputs):
+        if self._any_ragged(inputs) or self.force_output_ragged_images:
+            return tf.map_fn(func, inputs, fn_output_signature=self._compute_output_signature(inputs),
+                             parallel_iterations=1)
+        if self.auto_vectorize:
+            return tf.vectorized_map(func, inputs)
+        return tf.map_fn(func, inputs, parallel_iterations=1)
+
+    Base._map_fn = one_at_a_time if on else Base._parallel_map_fn

@@ -99,6 +99,9 @@ class TrainConfig:
     # result's weight-space interpolation with it (WiSE-FT, Wortsman et al. 2022) is kept as wise.keras
     init_from: str = ""
     seed: int = 0
+    # bit-for-bit repeatable training for one seed on one machine (TensorFlow's op determinism, augmentation
+    # drawn in a fixed order); slower, since random tf.data maps then run one batch at a time
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

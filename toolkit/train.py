@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from toolkit import consistency, report
+from toolkit import compat, consistency, report
 from toolkit.averaging import inference_model, save_snapshots, save_wise, weights_digest
 from toolkit.backbones import backbone_spec, build_classifier, set_trainable
 from toolkit.batches import (
@@ -49,6 +49,7 @@ from toolkit.batches import (
     load_split,
     make_dataset,
     steps_per_epoch,
+    warn,
 )
 from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks
 from toolkit.data import save_npz
@@ -160,7 +161,7 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
         check_same_recipe(root / recipe.name, recipe)
         console.print(f"[green]{root / recipe.name}[/] is already complete; nothing to resume.")
         return RunStart(root / recipe.name, None, strategy, cluster, started, complete=existing)
-    _seed_everything(recipe.train.seed)
+    _seed_everything(recipe, console)
     split = load_split(recipe, console)
     check_model_config(recipe)
     inputs = [recipe.path, recipe.data.train, *recipe.data.extra_val, recipe.train.init_from or None, *inputs]
@@ -200,10 +201,23 @@ def check_distinct_names(recipes: list[Recipe]) -> None:
 
 # ---------------------------------------------------------------- run directory
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(recipe: Recipe, console: Console) -> None:
+    """Python, NumPy and TensorFlow seeds; with train.deterministic, TensorFlow's op determinism too and
+    a seeded global generator (keras-cv's unseeded layers draw from it). Set both ways: a process that
+    runs several recipes (tests, sweeps) gets each one's own setting."""
     import keras
+    import tensorflow as tf
 
-    keras.utils.set_random_seed(seed)
+    cfg = recipe.train
+    keras.utils.set_random_seed(cfg.seed)
+    compat.set_op_determinism(cfg.deterministic)
+    if not cfg.deterministic:
+        return
+    tf.random.set_global_generator(tf.random.Generator.from_seed(cfg.seed))
+    console.print("deterministic: op determinism on, random augmentation drawn one batch at a time (slower)")
+    if recipe.augment["augmix"]:  # its chains draw inside a tf.while_loop whose iterations overlap
+        warn(console, "train.deterministic does not cover \\[augment] augmix: keras-cv's AugMix draws in an "
+                      "order that varies, so this run will not repeat bit for bit")
 
 
 def check_model_config(recipe: Recipe) -> None:
@@ -253,14 +267,30 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                                    val=split.val["val"], strategy=strategy, extra=extra_callbacks,
                                    tracked={k: v for k, v in split.val.items() if k != "val"} if track_extra_val else {},
                                    calibration=calibration)
-        fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=0, shuffle=False, class_weight=class_weight(recipe, split.train))
+        with deterministic_kernels(recipe):
+            fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
+                       callbacks=callbacks, verbose=0, shuffle=False, class_weight=class_weight(recipe, split.train))
         nan = next((c for c in callbacks if isinstance(c, NaNGuard)), None)
         if nan and nan.where:
             raise CellfuseError(f"loss became NaN at {nan.where}; training stopped. Lower the learning rate "
                                 "(stage lr), check the inputs, or turn off mixed precision.")
         save_weights(model, done)
         offset += stage.epochs
+
+
+@contextlib.contextmanager
+def deterministic_kernels(recipe: Recipe):
+    """Under train.deterministic an op with no deterministic kernel on this device (some GPU ops) stops
+    training with TensorFlow's UnimplementedError: said in one line, with the way out."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.UnimplementedError as e:
+        if not recipe.train.deterministic:
+            raise
+        raise CellfuseError(f"{recipe.path}: train.deterministic = true, but an op has no deterministic kernel on "
+                            f"this device ({e.message.splitlines()[0]}); set train.deterministic = false") from None
 
 
 def compile_model(model, recipe: Recipe, stage, steps: int):
