@@ -365,13 +365,14 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
     member's file. MATCHING_MEMBER: the most accurate member whose backbone is the student's, or whose first
     layers it is (a truncated Lite0 from a Lite0 member), if any."""
     if name == MATCHING_MEMBER:
-        name = matching_member(student, ensemble_dir)
+        name, member = _matching(student, ensemble_dir)
         if name is None:
             console.print("no member of the ensemble has the student's backbone (or begins with it): it starts from "
                           "\\[model] weights")
             return None
+    else:
+        member = load_model(member_file(ensemble_dir, name))
     file = member_file(ensemble_dir, name)
-    member = load_model(file)
     if "backbone" not in {layer.name for layer in member.layers}:
         raise CellfuseError(f"{file}: has no layer named 'backbone' (not a cellfuse classifier); "
                             "the student cannot start from it")
@@ -382,10 +383,16 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
 
 def matching_member(student, ensemble_dir: Path) -> str | None:
     """The most accurate member alone (on the ensemble's steering data) that the student can start from."""
+    return _matching(student, ensemble_dir)[0]
+
+
+def _matching(student, ensemble_dir: Path):
+    """(name, loaded model) of matching_member, or (None, None): the winner is loaded once."""
     for name in ranked_members(ensemble_dir):
-        if backbone_starts_from(student, load_model(member_file(ensemble_dir, name))):
-            return name
-    return None
+        member = load_model(member_file(ensemble_dir, name))
+        if backbone_starts_from(student, member):
+            return name, member
+    return None, None
 
 
 def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:
