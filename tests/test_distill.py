@@ -104,7 +104,7 @@ def _student_recipe(tmp: Path, mode: str, extra: str = "") -> Path:
 
 
 MODES = {"cached": "", "function-matching": 'init = "m0"\n', "function-matching-tta": 'init = "m0"\nteacher_tta = true\n',
-         "bank": "bank_views = 2\n", "function-matching-jsd": ""}
+         "bank": "bank_views = 2\n", "bank-tta": "bank_views = 2\nteacher_tta = true\n", "function-matching-jsd": ""}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -119,6 +119,11 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
         args += ["--set", "augment.mixup=0.2"]
     if mode == "function-matching-jsd":  # AugMix + JSD: the teacher labels the clean view
         args += ["--set", "augment.augmix=true", "--set", "train.consistency=12.0"]
+    from toolkit import distill
+
+    teachers = []  # the `views` each teacher was loaded with
+    real_load = distill.load_ensemble
+    monkeypatch.setattr(distill, "load_ensemble", lambda d, views=True: teachers.append(views) or real_load(d, views=views))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
@@ -150,6 +155,12 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
         assert "teacher with its TTA views" in said and "student backbone starts from member m0" in said
     elif mode == "bank":  # two views of every training image, labelled once, kept with the run
         assert len(list((run / "checkpoint").glob("bank_*/view*.npz"))) == 2 and "bank: 2 view(s)" in said
+        assert teachers == [False]
+    elif mode == "bank-tta":  # each view labelled once by the teacher averaging its test-time views
+        with np.load(next((run / "checkpoint").glob("bank_*/view0.npz"))) as f:
+            stored, labelled = f["images"].astype(np.float32), f["teacher"]
+        np.testing.assert_allclose(labelled, real_load(tmp / "ens", views=True).predict(stored, verbose=0), atol=1e-5)
+        assert teachers == [True] and "teacher with its TTA views" in said
     else:
         history = (run / "history.csv").read_text().splitlines()
         assert "jsd" in history[0].split(",")

@@ -15,7 +15,8 @@ Three teacher modes:
   of every training image are drawn once and labelled once by the same teacher; the student then
   trains on rows drawn from that bank with no teacher pass per step. On a CPU, where the teacher's
   forward pass costs more than the student's step, this buys several student epochs per teacher
-  epoch; the price is a finite set of views (an epoch past `bank_views` sees a view again).
+  epoch; the price is a finite set of views (an epoch past `bank_views` sees a view again). With
+  `teacher_tta` the teacher labels each view with its TTA views averaged, paid once per bank.
 
 Consistency (`[train] consistency`, AugMix + JSD): in cached and function-matching mode the teacher
 labels the clean view only and the JSD term carries its labels to the two AugMix views (see

@@ -118,8 +118,9 @@ class DistillConfig:
     # Lite0 from a Lite0 member; any input size); "matching-member": from the most accurate such member,
     # else from [model] weights. The head always starts fresh.
     init: str = ""
-    # function-matching only: the teacher also averages its TTA views on every step (x views its cost).
-    # Off, it runs its members on the student's own view; cached mode always uses the views.
+    # function-matching: the teacher also averages its TTA views on every step; bank: on each view it labels
+    # (x views its cost, either way). Off, it runs its members on the student's own view; cached mode always
+    # uses the views.
     teacher_tta: bool = False
     # Mixing (MixUp/CutMix) comes from [augment], and applies to the teacher's view too.
 
@@ -383,9 +384,6 @@ def check_student(recipe: Recipe) -> None:
         raise CellfuseError(f"{path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
                             "to distillation (the student matches the teacher's probabilities, not labels "
                             "alone); remove it from the student recipe")
-    if cfg.mode == "bank" and cfg.teacher_tta:
-        raise CellfuseError(f"{path}: distill.teacher_tta applies to function-matching only; the bank is "
-                            "labelled by the members on each view alone")
     if cfg.mode == "bank" and recipe.train.consistency:
         raise CellfuseError(f"{path}: train.consistency needs three views of each image per step, and a "
                             "bank row holds one; use mode = \"function-matching\" or \"cached\"")
