@@ -33,7 +33,8 @@ Beta and RandAugment's magnitude from unseeded TF ops), so the augmenter called 
 in the same order returns the same output. Inside a parallel `tf.data` map the draws of batches that
 run at once interleave, and keras-cv's per-image layers (RandAugment, AugMix, GridMask, ...) draw
 inside a `tf.map_fn` whose iterations run in parallel in graph mode, so training-time augmentation is
-reproducible in distribution, not bit for bit.
+reproducible in distribution, not bit for bit, unless `[train] deterministic` serialises both
+(`compat.set_op_determinism`; AugMix's own loop stays parallel).
 """
 
 from __future__ import annotations
