@@ -69,25 +69,26 @@ def set_op_determinism(on: bool) -> None:
     `config.disable_op_determinism`), and, while on, keras-cv's per-image augmentation loop one image at
     a time (`BaseImageAugmentationLayer._map_fn`: tf.map_fn's parallel iterations draw from one stateful
     generator in whatever order they run, so RandAugment and GridMask differ between runs of one seed)."""
-    import tensorflow as tf
     from keras_cv.src.layers.preprocessing.base_image_augmentation_layer import (
         BaseImageAugmentationLayer as Base,
     )
     from tensorflow.python.framework import config
 
-    if on:
-        config.enable_op_determinism()
-    else:
-        config.disable_op_determinism()
-    if not hasattr(Base, "_parallel_map_fn"):
-        Base._parallel_map_fn = Base._map_fn
+    (config.enable_op_determinism if on else config.disable_op_determinism)()
+    _PARALLEL_MAP_FN.setdefault("keras_cv", Base._map_fn)
+    Base._map_fn = _map_one_image_at_a_time if on else _PARALLEL_MAP_FN["keras_cv"]
 
-    def one_at_a_time(self, func, inputs):
-        if self._any_ragged(inputs) or self.force_output_ragged_images:
-            return tf.map_fn(func, inputs, fn_output_signature=self._compute_output_signature(inputs),
-                             parallel_iterations=1)
-        if self.auto_vectorize:
-            return tf.vectorized_map(func, inputs)
-        return tf.map_fn(func, inputs, parallel_iterations=1)
 
-    Base._map_fn = one_at_a_time if on else Base._parallel_map_fn
+_PARALLEL_MAP_FN: dict = {}  # keras-cv's own _map_fn, kept the first time it is replaced
+
+
+def _map_one_image_at_a_time(layer, func, inputs):
+    """keras-cv's `_map_fn` with tf.map_fn's iterations in sequence (its vectorised path draws per batch)."""
+    import tensorflow as tf
+
+    if layer._any_ragged(inputs) or layer.force_output_ragged_images:
+        return tf.map_fn(func, inputs, fn_output_signature=layer._compute_output_signature(inputs),
+                         parallel_iterations=1)
+    if layer.auto_vectorize:
+        return tf.vectorized_map(func, inputs)
+    return tf.map_fn(func, inputs, parallel_iterations=1)

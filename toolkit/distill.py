@@ -365,15 +365,16 @@ def init_from_member(student, ensemble_dir: Path, name: str, console) -> str | N
     """The student's backbone starts where a trained member's ended (its head starts fresh); returns the
     member's file. MATCHING_MEMBER: the most accurate member whose backbone is the student's, or whose first
     layers it is (a truncated Lite0 from a Lite0 member), if any."""
+    member = None
     if name == MATCHING_MEMBER:
         name, member = _matching(student, ensemble_dir)
         if name is None:
             console.print("no member of the ensemble has the student's backbone (or begins with it): it starts from "
                           "\\[model] weights")
             return None
-    else:
-        member = load_model(member_file(ensemble_dir, name))
     file = member_file(ensemble_dir, name)
+    if member is None:
+        member = load_model(file)
     if "backbone" not in {layer.name for layer in member.layers}:
         raise CellfuseError(f"{file}: has no layer named 'backbone' (not a cellfuse classifier); "
                             "the student cannot start from it")
