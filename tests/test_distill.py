@@ -12,7 +12,7 @@ from test_tta import tiny_model
 
 from toolkit.cli import main
 from toolkit.corrupt import corrupt_images
-from toolkit.data import save_dataset
+from toolkit.data import load_dataset, save_dataset
 from toolkit.distill import distillation_loss
 from toolkit.errors import CellfuseError
 from toolkit.layers import EPS, ImageView
@@ -136,6 +136,14 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
     assert rows["ensemble"]["params"] >= rows["best member"]["params"]  # the selection holds the best member
     for name in ("val", "val_corrupt"):  # the gap is ensemble minus student, per validation set
         assert summary["gap"][name] == pytest.approx(rows["ensemble"][f"acc_{name}"] - rows["student"][f"acc_{name}"])
+        for other in ("ensemble", "best member"):  # image by image: the split of disagreements makes the gap
+            paired = summary["paired"][name][other]
+            assert paired["difference"] == pytest.approx(rows["student"][f"acc_{name}"] - rows[other][f"acc_{name}"])
+            assert 0 < paired["p"] <= 1
+    corrupt_rows = len(load_dataset(tmp / "val_corrupt.npz"))
+    for paired in summary["paired"]["val_corrupt"].values():
+        assert paired["a_only"] - paired["b_only"] == round(paired["difference"] * corrupt_rows)
+    assert "the student against each, image by image" in said
     assert summary["size_ratio"] == pytest.approx(rows["ensemble"]["bytes"] / rows["student"]["bytes"])
     assert "timing student, ensemble, best member on this machine" in said
     # the member the student started from, as resolved (init = "m0" in the function-matching modes)
@@ -177,7 +185,6 @@ def test_the_bank_stores_each_view_with_the_teachers_output_on_it_and_resumes(ti
     the original image), each row's label is its own image's (mixed ones stay soft), and an
     interrupted bank redraws only the missing views."""
     from toolkit import train as T
-    from toolkit.data import load_dataset
     from toolkit.distill import bank_dataset, build_bank
     from toolkit.ensemble import load_ensemble
     from toolkit.recipe import load_recipe
@@ -496,7 +503,6 @@ def test_a_fresh_student_passes_the_initial_loss_check(shared):
     import keras
 
     from toolkit import train
-    from toolkit.data import load_dataset
     from toolkit.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "student-cpu.toml")

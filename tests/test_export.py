@@ -14,6 +14,7 @@ from rich.console import Console
 from toolkit.data import CLASS_NAMES, save_dataset
 from toolkit.errors import CellfuseError
 from toolkit.export import _imported_modules, export_submission, grade_submission
+from toolkit.report import accuracy_interval
 
 # ---------------------------------------------------------------- fixtures (shared: TF work is slow)
 
@@ -230,6 +231,10 @@ def test_grade_agrees_with_the_model_itself(graded, model, data):
     assert graded["accuracy"] == pytest.approx((tta_direct(model, images) == labels).mean())
     assert graded["accuracy"] > 0.5  # trained: far above chance (0.125)
     assert graded["n"] == 64 and list(graded["per_class"]) == list(CLASS_NAMES)
+    # how far another 64 images could move it, printed beside it
+    low, high = graded["accuracy_ci95"]
+    assert (low, high) == pytest.approx(accuracy_interval(round(graded["accuracy"] * 64), 64))
+    assert low <= graded["accuracy"] <= high and f"{low:.3f}-{high:.3f}" in printed
     assert 0 < graded["macro_f1"] <= 1
     assert graded["seconds"] >= graded["load_seconds"] + graded["predict_seconds"] > 0
     assert graded["peak_memory_mb"] > 100  # TensorFlow was loaded: the child reported its own RSS

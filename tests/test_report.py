@@ -134,3 +134,47 @@ def test_models_are_named_one_way_in_every_table(tmp_path):
     assert ensemble._members(paths) == names  # the ensemble's tables and ensemble.json
     with pytest.raises(CellfuseError, match="given twice"):
         ensemble._members([run, run / "best.keras"])
+
+
+def test_the_accuracy_interval_is_wilsons_and_narrows_with_more_images():
+    # Wilson's closed form, z = 1.96: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    def wilson(k, n, z=1.959963984540054):
+        p = k / n
+        centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+
+    for k, n in ((313, 399), (0, 10), (10, 10), (870, 1000)):
+        assert report.accuracy_interval(k, n) == pytest.approx(wilson(k, n), abs=1e-9)
+    assert report.accuracy_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)  # never below 0 (the normal one is)
+    small, large = report.accuracy_interval(80, 100), report.accuracy_interval(800, 1000)
+    assert large[0] > small[0] and large[1] < small[1]
+    labels, probs = CALIBRATION  # 3 of 5 right
+    assert report.classification_metrics(labels, probs, ["a", "b", "c"])["accuracy_ci95"] == pytest.approx(wilson(3, 5))
+    assert all(np.isnan(report.accuracy_interval(0, 0)))
+
+
+def test_the_paired_comparison_counts_only_the_images_the_two_models_disagree_on():
+    from math import comb
+
+    a = np.array([True] * 80 + [True] * 12 + [False] * 5 + [False] * 3)  # 80 both right, 3 both wrong
+    b = np.array([True] * 80 + [False] * 12 + [True] * 5 + [False] * 3)
+    paired = report.paired_comparison(a, b)
+    assert (paired["a_only"], paired["b_only"]) == (12, 5)
+    assert paired["difference"] == pytest.approx(0.07)
+    # exact two-sided McNemar: twice the chance of 5 or fewer of the 17 split images going b's way
+    assert paired["p"] == pytest.approx(2 * sum(comb(17, k) for k in range(6)) / 2 ** 17)
+    assert report.paired_comparison(b, a)["p"] == pytest.approx(paired["p"])  # symmetric
+    assert report.paired_comparison(a, a) == {"difference": 0.0, "a_only": 0, "b_only": 0, "p": 1.0}
+    with pytest.raises(ValueError, match="same images"):
+        report.paired_comparison(a, b[:-1])
+
+
+def test_metrics_tables_show_the_interval_under_a_readable_header():
+    from rich.console import Console
+
+    labels, probs = CALIBRATION
+    console = Console(record=True, width=200)
+    console.print(report.metrics_table({"val": report.classification_metrics(labels, probs, ["a", "b", "c"])}))
+    text = console.export_text()
+    low, high = report.accuracy_interval(3, 5)
+    assert "accuracy 95% interval" in text and f"{low:.3f}-{high:.3f}" in text

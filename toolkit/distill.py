@@ -424,15 +424,15 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
               "best member": (member_file(ensemble_dir, "best-member"), views)}
     split = T.load_split(recipe, Console(quiet=True))
-    rows, loaded = {}, {}
+    rows, loaded, correct = {}, {}, {}
     for label, (path, tta) in models.items():
         model = load_model(path)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
         loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
         predict = T.Predictor(loaded[label], 256)
         for name, data in split.val.items():
-            probs = predict(data.images)
-            rows[label][f"acc_{name}"] = float((probs.argmax(1) == data.labels).mean())
+            correct[label, name] = predict(data.images).argmax(1) == data.labels
+            rows[label][f"acc_{name}"] = float(correct[label, name].mean())
     if timing:
         for label, speed in img_per_s(loaded, split.val["val"], console).items():
             rows[label]["img_per_s"] = speed
@@ -444,10 +444,14 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
               "size_ratio": ensemble["bytes"] / student["bytes"],
               "speed_ratio": student["img_per_s"] / ensemble["img_per_s"] if timing else None,
               "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val},
+              # is a gap more than the draw of these images? (report.paired_comparison)
+              "paired": {name: {other: report.paired_comparison(correct["student", name], correct[other, name])
+                                for other in ("ensemble", "best member")} for name in split.val},
               "patience": patience(run, {name: ensemble[f"acc_{name}"] for name in split.val})}
     write_json(run / "distill.json", result)
     write_csv(run / "distill.csv", [{"model": label, **r} for label, r in rows.items()])
     console.print(_table(rows, list(split.val), heaviest["views"]))
+    console.print(_paired_table(result["paired"]))
     console.print(f"student: {closing_line(result)}")
     return result
 
@@ -515,6 +519,19 @@ def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = T
                 if spent[label] >= budget_s and len(speeds[label]) >= 2:
                     active.remove(label)
     return {label: float(np.median(s)) for label, s in speeds.items()}
+
+
+def _paired_table(paired: dict) -> Table:
+    """The student against each model on the same images: points, images only one of the two got right,
+    and the exact McNemar p (below 0.05: unlikely to be the draw of these images alone)."""
+    table = Table(title="the student against each, image by image (exact McNemar test)")
+    for col in ("data", "against", "points", "only the student right", "only the other right", "p"):
+        table.add_column(col, justify="left" if col in ("data", "against") else "right")
+    for name, against in paired.items():
+        for other, c in against.items():
+            table.add_row(name, other, f"{100 * c['difference']:+.1f}", str(c["a_only"]), str(c["b_only"]),
+                          f"{c['p']:.3f}")
+    return table
 
 
 def _table(rows: dict, val_names: list[str], views: str) -> Table:

@@ -242,7 +242,7 @@ def grade_submission(submission, data, *, timeout=600, console=None) -> dict:
     _check_predictions(submission, predictions, len(dataset), dataset.n_classes)
     metrics = _metrics(dataset, predictions)
     result = {"submission": str(submission), "data": str(data), "n": len(dataset),
-              "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+              "accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"], "macro_f1": metrics["macro_f1"],
               "per_class": metrics["per_class"], "confusion": metrics["confusion"], **timings}
     _print_grade(result, console)
     return result
@@ -341,9 +341,10 @@ def _print_grade(result: dict, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{Path(result['submission']).name} on {Path(result['data']).name}")
-    for column in ("images", "accuracy", "macro-F1", "load s", "predict s", "peak MB"):
+    for column in ("images", "accuracy", "95% interval", "macro-F1", "load s", "predict s", "peak MB"):
         table.add_column(column, justify="right")
-    table.add_row(str(result["n"]), f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}",
+    low, high = result["accuracy_ci95"]
+    table.add_row(str(result["n"]), f"{result['accuracy']:.4f}", f"{low:.3f}-{high:.3f}", f"{result['macro_f1']:.4f}",
                   f"{result['load_seconds']:.1f}", f"{result['predict_seconds']:.1f}",
                   f"{result['peak_memory_mb']:.0f}")
     console.print(table)
