@@ -9,7 +9,7 @@ from conftest import make_images
 from scipy.special import softmax
 from test_tta import tiny_model
 
-from toolkit.data import save_dataset
+from toolkit.data import load_dataset, save_dataset
 from toolkit.ensemble import (
     Candidate,
     _cache_key,
@@ -145,11 +145,14 @@ def test_ensemble_command_writes_its_files_and_beats_or_ties_the_best_member(bui
         assert row in rows
     assert set(rows["ensemble"]) >= {figures["steering_data"], str(out.parent / "val.npz")}
     assert json.loads((out / "metrics.json").read_text())["ensemble_accuracy"] == figures["ensemble_accuracy"]
+    # the selection's gain on images it did not see, image by image: the split of disagreements makes it
+    cross = figures["cross_fitted"]
+    steering = len(load_dataset(figures["steering_data"]))
+    assert cross["paired"]["difference"] == pytest.approx(cross["ensemble_accuracy"] - cross["best_single_accuracy"])
+    assert cross["paired"]["a_only"] - cross["paired"]["b_only"] == round(cross["paired"]["difference"] * steering)
 
 
 def test_saved_ensemble_reproduces_the_cached_predictions(built):
-    from toolkit.data import load_dataset
-
     out, _ = built
     spec = json.loads((out / "ensemble.json").read_text())
     data = load_dataset(out.parent / "val_corrupt.npz")

@@ -35,6 +35,7 @@ from toolkit.report import (
     metrics_table,
     model_names,
     nll,
+    paired_comparison,
 )
 from toolkit.runs import (
     MANIFEST,
@@ -468,7 +469,9 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
         "best_member_accuracy": rows[f"{best_member} as saved"][steer.path]["accuracy"],
         "ensemble_accuracy": rows["ensemble"][steer.path]["accuracy"],
         "cross_fitted": {"best_single_accuracy": rows["best single, 2-fold"][steer.path]["accuracy"],
-                         "ensemble_accuracy": rows["ensemble, 2-fold"][steer.path]["accuracy"]},
+                         "ensemble_accuracy": rows["ensemble, 2-fold"][steer.path]["accuracy"],
+                         "paired": paired_comparison(ensemble_cv.argmax(1) == steer.labels,
+                                                     single_cv.argmax(1) == steer.labels)},
         "model_max_abs_error": model_error, "rows": rows,
     }
     write_json(out / "ensemble.json", {
@@ -483,6 +486,7 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
         d.path: classification_metrics(d.labels, ensemble[d.path], d.class_names) for d in datasets}})
     for dataset in datasets:
         console.print(_table(rows, dataset, steering=dataset is steer))
+    console.print(_selection_gain(figures["cross_fitted"], Path(steer.path).name))
     console.print(f"selected {len(selected)} of {len(candidates)} candidates; "
                   f"wrote {out / 'ensemble.keras'} and {out / 'ensemble.json'}")
     return figures
@@ -530,6 +534,17 @@ def resolve_member(dir, recorded: str) -> Path:
         raise CellfuseError(f"{Path(dir) / 'ensemble.json'}: member file {recorded} not found (looked at "
                             f"{path}); keep run folders where they were relative to the ensemble")
     return path
+
+
+def _selection_gain(cross_fitted: dict, steering: str) -> str:
+    """One line: does the ensemble beat its best single candidate on images its selection did not see,
+    by more than the draw of those images? (exact McNemar on the 2-fold out-of-fold predictions)"""
+    paired = cross_fitted["paired"]
+    verdict = "beyond chance" if paired["p"] < 0.05 else "within chance"
+    return (f"2-fold cross-fitted on {steering}: ensemble {cross_fitted['ensemble_accuracy']:.3f}, best single "
+            f"{cross_fitted['best_single_accuracy']:.3f} ({100 * paired['difference']:+.1f} points; "
+            f"{paired['a_only']} images only the ensemble got right, {paired['b_only']} only the single; "
+            f"p = {paired['p']:.2f}, {verdict})")
 
 
 def _brief(labels, probs) -> dict:
