@@ -67,7 +67,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
 
 def accuracy_interval(correct: int, n: int, level: float = 0.95) -> list[float]:
     """Wilson score interval of an accuracy of `correct` out of `n` images: where another draw of as many
-    images from the same distribution could put it. At 0.8 on 399 images it spans 0.74-0.82."""
+    images from the same distribution could put it. At 0.80 on 399 images it spans 0.76-0.84."""
     from scipy.stats import binomtest
 
     if n == 0:
