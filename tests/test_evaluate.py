@@ -50,6 +50,26 @@ def test_evaluate_with_tta_scores_the_merged_views(model_file, tiny_npz):
     assert results[str(tiny_npz)]["nll"] == pytest.approx(classification_metrics(labels, probs, range(8))["nll"])
 
 
+def test_evaluate_against_a_second_model_sets_the_two_side_by_side_image_by_image(model_file, tiny_npz, tmp_path):
+    other = tmp_path / "other.keras"
+    tiny_model(seed=3).save(other)  # untrained: disagrees with the trained model on many images
+    result = CliRunner().invoke(main, ["evaluate", str(model_file), str(tiny_npz), "--against", str(other),
+                                       "--against-tta", "flips", "--json"])
+    assert result.exit_code == 0, result.output
+    paired = json.loads(result.output.strip().splitlines()[-1])[str(tiny_npz)]["against"]
+    images, labels = make_images(64)
+    mine = load_model(model_file).predict(images.astype(np.float32), verbose=0).argmax(1) == labels
+    theirs = merge(predict_views(load_model(other), images, "flips"), "mean").argmax(1) == labels
+    assert (paired["a_only"], paired["b_only"]) == (int((mine & ~theirs).sum()), int((theirs & ~mine).sum()))
+    assert paired["difference"] == pytest.approx(mine.mean() - theirs.mean())
+    assert paired["model"] == str(other) and paired["tta"] == "flips"
+    assert "image by image" in result.output
+    alone = CliRunner().invoke(main, ["evaluate", str(model_file), str(tiny_npz), "--against-tta", "d4"])
+    assert alone.exit_code == 2 and "--against-tta needs --against" in alone.output
+    missing = CliRunner().invoke(main, ["evaluate", str(model_file), str(tiny_npz), "--against", str(tmp_path / "no.keras")])
+    assert missing.exit_code == 2 and "no.keras" in missing.output
+
+
 def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path):
     from toolkit.ensemble import build_ensemble
 

@@ -564,22 +564,31 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tta", default="none", type=ViewSpec(), help=VIEWS_HELP)
+@click.option("--against", type=click.Path(path_type=Path), default=None,
+              help="A second model: the two set side by side on each DATA file, image by image (exact McNemar).")
+@click.option("--against-tta", default=None, type=ViewSpec(), help="The second model's views (default: --tta's).")
 @click.option("--batch-size", default=256, help="Images predicted at once.")
 @json_option
-def evaluate(model, data, tta, batch_size, as_json):
+def evaluate(model, data, tta, against, against_tta, batch_size, as_json):
     """Metrics of MODEL (a .keras file, run or ensemble directory) on each DATA file.
 
     \b
     Example:
       cellfuse evaluate outputs/runs/cpu-mobilenet ../shared/data/test_shifted_sample.npz --tta d4
+      cellfuse evaluate outputs/runs/student-cpu-lite0 ../shared/data/test_shifted_sample.npz --against outputs/runs/cpu-lite0 --against-tta d4
     """
     from toolkit import precheck
 
     precheck.model(model)
+    if against is not None:
+        precheck.model(against)
+    elif against_tta is not None:
+        raise click.UsageError("--against-tta needs --against")
     precheck.data_files(data)
     from toolkit.evaluate import evaluate_model
 
-    results = evaluate_model(model, data, tta=tta, batch_size=batch_size, console=console)
+    results = evaluate_model(model, data, tta=tta, batch_size=batch_size, console=console, against=against,
+                             against_tta=against_tta)
     if as_json:
         print_json(results)
 

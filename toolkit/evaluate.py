@@ -6,35 +6,64 @@ from pathlib import Path
 
 from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
-from toolkit.report import classification_metrics, metrics_table, per_class_table
+from toolkit.report import classification_metrics, metrics_table, paired_comparison, per_class_table
 from toolkit.runs import load_model  # also public here: evaluate.load_model
 from toolkit.tta import merge, parse_tta, predict_views
 
 
-def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None) -> dict:
-    """Metrics of `model` on each data file (merged over the `tta` views); {data_path: metrics}."""
+def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None,
+                   against=None, against_tta: str | None = None) -> dict:
+    """Metrics of `model` on each data file (merged over the `tta` views); {data_path: metrics}. With
+    `against` (another model, with `against_tta` views, else `tta`'s), each file's metrics also hold
+    `against`: the two set side by side image by image (report.paired_comparison)."""
     from rich.console import Console
     from rich.progress import Progress
 
     console = console or Console()
-    views, how = parse_tta(tta)  # a bad spec fails before the slow model load
+    specs = {"model": parse_tta(tta)}  # a bad spec fails before the slow model load
+    if against is not None:
+        specs["against"] = parse_tta(against_tta or tta)
     if batch_size < 1:
         raise CellfuseError(f"batch size must be positive, got {batch_size}")
-    keras_model = load_model(model)
+    models = {"model": (model, load_model(model))}
+    if against is not None:
+        models["against"] = (against, load_model(against))
     datasets = [load_dataset(path) for path in data]
-    results = {}
+    results, correct = {}, {}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("predicting", total=len(datasets) * len(views))
+        task = progress.add_task("predicting", total=len(datasets) * sum(len(v) for v, _ in specs.values()))
         for dataset in datasets:
-            check_compatible(keras_model, dataset, model)
-            probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
-                                        progress=lambda units: progress.advance(task, units)), how)
-            results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
+            for role, (path, keras_model) in models.items():
+                check_compatible(keras_model, dataset, path)
+                views, how = specs[role]
+                probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
+                                            progress=lambda units: progress.advance(task, units)), how)
+                correct[role] = probs.argmax(1) == dataset.labels
+                if role == "model":
+                    results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
+            if against is not None:
+                results[dataset.path]["against"] = {"model": str(against), "tta": against_tta or tta,
+                                                    **paired_comparison(correct["model"], correct["against"])}
     title = f"{model} (TTA: {tta})"
     console.print(metrics_table({Path(p).name: m for p, m in results.items()}, title=title))
     for path, metrics in results.items():
         console.print(per_class_table(metrics, title=f"per class on {Path(path).name}"))
+    if against is not None:
+        console.print(_against_table(results, model, against, against_tta or tta))
     return results
+
+
+def _against_table(results: dict, model, against, against_tta: str):
+    from rich.table import Table
+
+    table = Table(title=f"{model} against {against} (TTA: {against_tta}), image by image (exact McNemar test)")
+    for col in ("data", "points", f"only {Path(model).name} right", f"only {Path(against).name} right", "p"):
+        table.add_column(col, justify="left" if col == "data" else "right")
+    for path, metrics in results.items():
+        c = metrics["against"]
+        table.add_row(Path(path).name, f"{100 * c['difference']:+.1f}", str(c["a_only"]), str(c["b_only"]),
+                      f"{c['p']:.3f}")
+    return table
 
 
 def check_compatible(keras_model, dataset, model_path) -> None:
