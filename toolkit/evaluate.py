@@ -20,9 +20,10 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
     from rich.progress import Progress
 
     console = console or Console()
+    against_tta = against_tta or tta
     specs = {"model": parse_tta(tta)}  # a bad spec fails before the slow model load
     if against is not None:
-        specs["against"] = parse_tta(against_tta or tta)
+        specs["against"] = parse_tta(against_tta)
     if batch_size < 1:
         raise CellfuseError(f"batch size must be positive, got {batch_size}")
     models = {"model": (model, load_model(model))}
@@ -42,14 +43,14 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
                 if role == "model":
                     results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
             if against is not None:
-                results[dataset.path]["against"] = {"model": str(against), "tta": against_tta or tta,
+                results[dataset.path]["against"] = {"model": str(against), "tta": against_tta,
                                                     **paired_comparison(correct["model"], correct["against"])}
     title = f"{model} (TTA: {tta})"
     console.print(metrics_table({Path(p).name: m for p, m in results.items()}, title=title))
     for path, metrics in results.items():
         console.print(per_class_table(metrics, title=f"per class on {Path(path).name}"))
     if against is not None:
-        console.print(_against_table(results, model, against, against_tta or tta))
+        console.print(_against_table(results, model, against, against_tta))
     return results
 
 

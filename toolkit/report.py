@@ -50,11 +50,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
     except ValueError:
         auc = float("nan")
     p, r, f, s = precision_recall_fscore_support(labels, pred, labels=range(n_classes), zero_division=0)
-    correct = int((pred == labels).sum())
+    correct = pred == labels
     return {
         "n": int(len(labels)),
-        "accuracy": float((pred == labels).mean()),
-        "accuracy_ci95": accuracy_interval(correct, len(labels)),
+        "accuracy": float(correct.mean()),
+        "accuracy_ci95": accuracy_interval(int(correct.sum()), len(labels)),
         "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
         "auc_ovr": auc,
         "nll": nll(labels, probs),
