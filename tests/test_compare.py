@@ -248,3 +248,29 @@ def test_columns_pick_and_order_the_table_and_name_the_choices(outputs):
     assert result.exit_code == 2 and "no column 'acc' here" in result.output and "val_corrupt" in result.output
     result = CliRunner().invoke(main, ["runs", str(outputs), "--columns", "name,val,name"])
     assert result.exit_code == 2 and "'name' named twice" in result.output
+
+
+def _wilson(correct: int, n: int, z: float = 1.959964) -> str:
+    """The 95% Wilson interval by its closed form, as the table prints it."""
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return f"({(centre - half) / (1 + z * z / n):.3f}-{(centre + half) / (1 + z * z / n):.3f})"
+
+
+def test_intervals_come_from_the_image_counts_each_stage_recorded(outputs):
+    summary = outputs / "runs" / "cpu-mobilenet" / "summary.json"  # a new run records n in its summary
+    record = json.loads(summary.read_text())
+    record["metrics"]["val"]["n"], record["metrics"]["val_corrupt"]["n"] = 100, 400
+    summary.write_text(json.dumps(record))
+    (outputs / "runs" / "cpu-lite0" / "metrics.json").write_text(json.dumps(  # an older one in metrics.json only
+        {"val": {"n": 1000, "accuracy": 0.933}, "val_corrupt": {"n": 1000, "accuracy": 0.673}}))
+    result = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--intervals",
+                                       "--columns", "name,val,val_corrupt d4"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in result.output.splitlines()[2:]}
+    assert rows["runs/cpu-mobilenet"] == [f"0.910 {_wilson(91, 100)}", f"0.649 {_wilson(260, 400)} |"]
+    assert rows["runs/cpu-lite0"][0] == f"0.933 {_wilson(933, 1000)}"
+    assert rows["ensemble"][0] == f"0.950 {_wilson(2, 2)}"  # the ensemble's own n: 2 images
+    assert rows["runs/student-cpu"] == ["0.920", "0.660 |"]  # no count recorded: no interval invented
+    plain = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--columns", "name,val"])
+    assert "(" not in plain.output and "0.910" in plain.output

@@ -810,8 +810,10 @@ def grade(submission, data, timeout, as_json):
 @click.option("--markdown", is_flag=True, help="Print a GitHub Markdown table (the README's results are made so).")
 @click.option("--columns", default=None, metavar="NAME,...",
               help="Only these columns, in this order (header names, e.g. name,val,val_heldout,params).")
+@click.option("--intervals", is_flag=True,
+              help="Each accuracy with its 95% interval: where another draw of as many images could put it.")
 @json_option
-def runs_table(folder, markdown, columns, as_json):
+def runs_table(folder, markdown, columns, intervals, as_json):
     """One table of every run, ensemble and student under FOLDER (default outputs): recipe, backbone,
     input size, epochs, time, parameters, accuracy on each validation file, and with D4 views where
     an ensemble or distill measured it. Reads only the files the stages wrote, so it takes a second;
@@ -819,7 +821,7 @@ def runs_table(folder, markdown, columns, as_json):
 
     \b
     Example:
-      cellfuse runs outputs --markdown --columns name,val,val_heldout,params
+      cellfuse runs outputs --markdown --columns name,val,val_heldout,params --intervals
     """
     from toolkit import precheck
 
@@ -827,7 +829,7 @@ def runs_table(folder, markdown, columns, as_json):
     from toolkit.compare import as_json as table_json
     from toolkit.compare import show_runs
 
-    rows = show_runs(folder, as_markdown=markdown, console=console,
+    rows = show_runs(folder, as_markdown=markdown, console=console, intervals=intervals,
                      columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
     if as_json:
         print_json(table_json(rows, folder))

@@ -12,7 +12,8 @@ folder is, is told by the files cellfuse writes there:
 Accuracy is per validation file, named by its stem: "val" is a run's own split (`cellfuse split` writes
 the same rows as val.npz), then each extra validation file. An ensemble's accuracy is its saved model's,
 TTA views included. The "d4" columns are a run's or student's accuracy with the eight D4 views averaged,
-where an ensemble (its "<member> d4" rows) or a distillation measured it.
+where an ensemble (its "<member> d4" rows) or a distillation measured it. With --intervals each accuracy
+carries its 95% Wilson interval, from the number of images the stage recorded for that file.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Row:
     params: int | None = None
     accuracy: dict[str, float] = field(default_factory=dict)  # by validation file stem
     d4: dict[str, float] = field(default_factory=dict)  # the same with D4 views, where measured
+    n: dict[str, int] = field(default_factory=dict)  # images in each validation file, where recorded
     note: str = ""
 
 
@@ -147,6 +149,7 @@ def read_run(folder: Path, rel: str) -> Row:
     if summary is not None:
         row.seconds, row.params = _float(summary.get("seconds")), _int(summary.get("params"))
         row.accuracy = _accuracies(summary.get("metrics"))
+        row.n = _counts(summary.get("metrics")) or _counts(_read_json(folder / "metrics.json"))  # older runs
     if distill is not None:
         row.d4 = _distill_d4(distill)
     _set_state(row, folder, summary, distill, stopped, env, history)
@@ -159,6 +162,13 @@ def _accuracies(metrics) -> dict[str, float]:
         return {}
     return {Path(name).stem: m["accuracy"] for name, m in metrics.items()
             if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))}
+
+
+def _counts(metrics) -> dict[str, int]:
+    """{name: images} from the same shape: the `n` that train, distill and ensemble record."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {Path(name).stem: m["n"] for name, m in metrics.items() if isinstance(m, dict) and _int(m.get("n"))}
 
 
 def _is_student(folder: Path, recipe: dict) -> bool:
@@ -244,7 +254,7 @@ def read_ensemble(folder: Path, rel: str, runs: dict[Path, Row]) -> tuple[Row, d
     row = Row(rel, "ensemble", "complete", recipe=" + ".join(map(str, selected)),
               backbone=_joined(r.backbone for r in chosen if r), input_size=_joined(r.input_size for r in chosen if r),
               params=_total_params(chosen),
-              accuracy=_accuracies(metrics.get("ensemble_metrics")),
+              accuracy=_accuracies(metrics.get("ensemble_metrics")), n=_counts(metrics.get("ensemble_metrics")),
               note=_cross_fitted_note(metrics))
     return row, _member_d4(metrics.get("rows") or {}, member_runs)
 
@@ -343,15 +353,16 @@ def validation_names(rows: list[Row]) -> list[str]:
     return [n for n in names if any(n in r.accuracy or n in r.d4 for r in rows)]
 
 
-def table_columns(rows: list[Row], columns=None) -> tuple[list[str], list[list[str]]]:
+def table_columns(rows: list[Row], columns=None, intervals: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and text cells, shared by the terminal table and the Markdown one; COLUMNS picks and
-    orders them by header name (`cellfuse runs --columns`)."""
+    orders them by header name (`cellfuse runs --columns`); INTERVALS adds each accuracy's 95% interval."""
     names = validation_names(rows)
     d4_names = [n for n in names if any(n in r.d4 for r in rows)]
     header = ["name", "kind", "state", "recipe", "backbone", "input", "epochs", "time", "params",
               *names, *[f"{n} d4" for n in d4_names], "note"]
     cells = [[r.path, r.kind, r.state, r.recipe, r.backbone, r.input_size, r.epochs, _duration(r.seconds),
-              _params(r.params), *[_acc(r.accuracy.get(n)) for n in names], *[_acc(r.d4.get(n)) for n in d4_names],
+              _params(r.params), *[_acc(r.accuracy.get(n), r.n.get(n), intervals) for n in names],
+              *[_acc(r.d4.get(n), r.n.get(n), intervals) for n in d4_names],
               r.note] for r in rows]
     if not columns:
         return header, cells
@@ -371,8 +382,16 @@ def _numeric(i: int, header: list[str]) -> bool:
     return header[i] not in TEXT_COLUMNS
 
 
-def _acc(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _acc(value, n: int | None = None, interval: bool = False) -> str:
+    """0.972, or with its interval 0.972 (0.959-0.981) where the file's image count is known."""
+    if value is None:
+        return ""
+    if not (interval and n):
+        return f"{value:.3f}"
+    from toolkit.report import accuracy_interval
+
+    lo, hi = accuracy_interval(round(value * n), n)
+    return f"{value:.3f} ({lo:.3f}-{hi:.3f})"
 
 
 def _params(value) -> str:
@@ -392,9 +411,9 @@ def _duration(seconds) -> str:
 TEXT_COLUMNS = ("name", "kind", "state", "recipe", "backbone", "note")
 
 
-def markdown(rows: list[Row], columns=None) -> str:
+def markdown(rows: list[Row], columns=None, intervals: bool = False) -> str:
     """A GitHub Markdown table (numbers right-aligned), for the README's results."""
-    header, cells = table_columns(rows, columns)
+    header, cells = table_columns(rows, columns, intervals)
     align = ["---:" if _numeric(i, header) else "---" for i in range(len(header))]
     lines = [header, align, *cells]
     return "\n".join("| " + " | ".join(_cell(c) for c in line) + " |" for line in lines)
@@ -404,10 +423,11 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")  # one line, and a | that does not end the cell
 
 
-def rich_table(rows: list[Row], root, columns=None) -> Table:
-    header, cells = table_columns(rows, columns)
+def rich_table(rows: list[Row], root, columns=None, intervals: bool = False) -> Table:
+    header, cells = table_columns(rows, columns, intervals)
     table = Table(title=f"runs under {root}", caption="accuracy per validation file; an ensemble's includes "
-                  "its TTA views; d4: with the 8 D4 views averaged, where measured")
+                  "its TTA views; d4: with the 8 D4 views averaged, where measured"
+                  + ("; in brackets its 95% interval" if intervals else ""))
     for i, name in enumerate(header):
         # a narrow terminal wraps (folds, never cuts) the words, and leaves every figure whole
         table.add_column(name, justify="right" if _numeric(i, header) else "left",
@@ -421,7 +441,7 @@ def as_json(rows: list[Row], root) -> dict:
     return {"dir": str(root), "rows": [asdict(r) for r in rows]}
 
 
-def show_runs(root, *, as_markdown: bool = False, columns=None, console=None) -> list[Row]:
+def show_runs(root, *, as_markdown: bool = False, columns=None, intervals: bool = False, console=None) -> list[Row]:
     """Print the table (rich, or Markdown); piped output is never wrapped nor truncated."""
     import click
 
@@ -433,8 +453,8 @@ def show_runs(root, *, as_markdown: bool = False, columns=None, console=None) ->
         return rows
     if as_markdown:
         if not console.quiet:
-            click.echo(markdown(rows, columns))
+            click.echo(markdown(rows, columns, intervals))
         return rows
     out = console if console.is_terminal else Console(width=100_000, quiet=console.quiet, no_color=True)
-    out.print(rich_table(rows, root, columns))
+    out.print(rich_table(rows, root, columns, intervals))
     return rows

@@ -355,7 +355,7 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
                "seconds": round(time.time() - started, 1), "snapshots": candidates, "wise": wise,
                "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
-               "metrics": {k: {m: v[m] for m in ("accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
+               "metrics": {k: {m: v[m] for m in ("n", "accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
                            for k, v in metrics.items()}}
     write_json(run / "metrics.json", metrics)
     write_json(run / "summary.json", summary)  # last: its presence marks the run complete
