@@ -62,7 +62,7 @@ def write_ensemble(out: Path, clean: str, members: dict[str, float], d4: dict[st
     (out / "metrics.json").write_text(json.dumps({
         "out": str(out), "steering_data": val_files[1], "members": files, "selected": components,
         "best_member": selected[0], "cross_fitted": {"best_single_accuracy": 0.692, "ensemble_accuracy": 0.682},
-        "rows": rows, "ensemble_metrics": {f: {"n": 2, "accuracy": a, "macro_f1": a, "per_class": {}}
+        "rows": rows, "ensemble_metrics": {f: {"n": 20, "accuracy": a, "macro_f1": a, "per_class": {}}
                                            for f, a in zip(val_files, accuracy, strict=True)}}))
     return out
 
@@ -268,9 +268,14 @@ def test_intervals_come_from_the_image_counts_each_stage_recorded(outputs):
                                        "--columns", "name,val,val_corrupt d4"])
     assert result.exit_code == 0, result.output
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1:] for line in result.output.splitlines()[2:]}
-    assert rows["runs/cpu-mobilenet"] == [f"0.910 {_wilson(91, 100)}", f"0.649 {_wilson(260, 400)} |"]
+    assert rows["runs/cpu-mobilenet"] == [f"0.910 {_wilson(91, 100)}", f"0.649 {_wilson(13, 20)} |"]
     assert rows["runs/cpu-lite0"][0] == f"0.933 {_wilson(933, 1000)}"
-    assert rows["ensemble"][0] == f"0.950 {_wilson(2, 2)}"  # the ensemble's own n: 2 images
+    assert rows["ensemble"][0] == f"0.950 {_wilson(19, 20)}"  # the ensemble's own count: 20 images
+    # the d4 figures were measured by the ensemble, on its 20 images, not the runs' 400 or 1000
+    assert rows["runs/cpu-lite0"][1] == f"0.692 {_wilson(14, 20)} |"
     assert rows["runs/student-cpu"] == ["0.920", "0.660 |"]  # no count recorded: no interval invented
+    (outputs / "runs" / "cpu-lite0" / "metrics.json").write_text("{")  # the intervals' fallback, broken
+    (row,) = [r for r in collect(outputs) if r.path == "runs/cpu-lite0"]
+    assert row.state == "complete" and row.n == {} and row.accuracy == {"val": 0.933, "val_corrupt": 0.673}
     plain = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--columns", "name,val"])
     assert "(" not in plain.output and "0.910" in plain.output

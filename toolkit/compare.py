@@ -54,6 +54,7 @@ class Row:
     accuracy: dict[str, float] = field(default_factory=dict)  # by validation file stem
     d4: dict[str, float] = field(default_factory=dict)  # the same with D4 views, where measured
     n: dict[str, int] = field(default_factory=dict)  # images in each validation file, where recorded
+    d4_n: dict[str, int] = field(default_factory=dict)  # the same for the files the d4 figures were measured on
     note: str = ""
 
 
@@ -149,9 +150,9 @@ def read_run(folder: Path, rel: str) -> Row:
     if summary is not None:
         row.seconds, row.params = _float(summary.get("seconds")), _int(summary.get("params"))
         row.accuracy = _accuracies(summary.get("metrics"))
-        row.n = _counts(summary.get("metrics")) or _counts(_read_json(folder / "metrics.json"))  # older runs
-    if distill is not None:
-        row.d4 = _distill_d4(distill)
+        row.n = _image_counts(folder, summary)
+    if distill is not None:  # measured on the student's own validation files
+        row.d4, row.d4_n = _distill_d4(distill), row.n
     _set_state(row, folder, summary, distill, stopped, env, history)
     return row
 
@@ -162,6 +163,17 @@ def _accuracies(metrics) -> dict[str, float]:
         return {}
     return {Path(name).stem: m["accuracy"] for name, m in metrics.items()
             if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))}
+
+
+def _image_counts(folder: Path, summary: dict) -> dict[str, int]:
+    """Images per validation file: summary.json's record, or metrics.json's for runs older than it."""
+    counts = _counts(summary.get("metrics"))
+    if counts:
+        return counts
+    try:
+        return _counts(_read_json(folder / "metrics.json"))
+    except Unreadable:  # only the intervals need it: the row stays whole
+        return {}
 
 
 def _counts(metrics) -> dict[str, int]:
@@ -239,7 +251,8 @@ def _distill_d4(distill: dict) -> dict[str, float]:
 
 
 def read_ensemble(folder: Path, rel: str, runs: dict[Path, Row]) -> tuple[Row, dict[Path, dict]]:
-    """An ensemble folder as one row, and the D4 accuracies it measured for its members' runs."""
+    """An ensemble folder as one row, and the D4 accuracies it measured for its members' runs (on its
+    own validation files, whose image counts are the row's `n`)."""
     try:
         spec, metrics = _read_json(folder / "ensemble.json"), _read_json(folder / "metrics.json")
     except Unreadable as e:
@@ -324,8 +337,9 @@ def collect(root) -> list[Row]:
         row, measured = _guarded(read_ensemble, folder, root, known)
         ensembles.append(row)
         for run, accuracy in measured.items():
-            if run in runs:  # the first measurement of a file stays
+            if run in runs:  # the first measurement of a file stays, with the count of its images
                 runs[run].d4 = {**accuracy, **runs[run].d4}
+                runs[run].d4_n = {**{n: row.n[n] for n in accuracy if n in row.n}, **runs[run].d4_n}
     rows = [*runs.values(), *ensembles]
     return sorted(rows, key=lambda r: (KINDS.index(r.kind), r.path))
 
@@ -362,7 +376,7 @@ def table_columns(rows: list[Row], columns=None, intervals: bool = False) -> tup
               *names, *[f"{n} d4" for n in d4_names], "note"]
     cells = [[r.path, r.kind, r.state, r.recipe, r.backbone, r.input_size, r.epochs, _duration(r.seconds),
               _params(r.params), *[_acc(r.accuracy.get(n), r.n.get(n), intervals) for n in names],
-              *[_acc(r.d4.get(n), r.n.get(n), intervals) for n in d4_names],
+              *[_acc(r.d4.get(n), r.d4_n.get(n), intervals) for n in d4_names],
               r.note] for r in rows]
     if not columns:
         return header, cells

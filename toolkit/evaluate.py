@@ -6,7 +6,13 @@ from pathlib import Path
 
 from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
-from toolkit.report import classification_metrics, metrics_table, paired_comparison, per_class_table
+from toolkit.report import (
+    classification_metrics,
+    metrics_table,
+    model_names,
+    paired_comparison,
+    per_class_table,
+)
 from toolkit.runs import load_model  # also public here: evaluate.load_model
 from toolkit.tta import merge, parse_tta, predict_views
 
@@ -50,15 +56,17 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
     for path, metrics in results.items():
         console.print(per_class_table(metrics, title=f"per class on {Path(path).name}"))
     if against is not None:
-        console.print(_against_table(results, model, against, against_tta))
+        console.print(_against_table(results, model, against, tta, against_tta))
     return results
 
 
-def _against_table(results: dict, model, against, against_tta: str):
+def _against_table(results: dict, model, against, tta: str, against_tta: str):
     from rich.table import Table
 
-    table = Table(title=f"{model} against {against} (TTA: {against_tta}), image by image (exact McNemar test)")
-    for col in ("data", "points", f"only {Path(model).name} right", f"only {Path(against).name} right", "p"):
+    table = Table(title=f"{model} against {against} (TTA: {tta} vs {against_tta}), image by image "
+                  "(exact McNemar test)")
+    first, second = model_names([model, against])  # two best.keras files get two names
+    for col in ("data", "points", f"only {first} right", f"only {second} right", "p"):
         table.add_column(col, justify="left" if col == "data" else "right")
     for path, metrics in results.items():
         c = metrics["against"]
