@@ -404,7 +404,7 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
 @click.option("--families", default="cellfuse", show_default=True,
               help="Comma list of corruptions, one drawn per image: cellfuse (the 2-4 family mix), own "
                    "(its six families), held-out (ImageNet-C families no preset trains on), all, or names "
-                   "such as fog,snow (README lists them).")
+                   "such as fog,snow (docs/commands.md lists them).")
 @force_option
 @json_option
 def corrupt(data, out, severity, seed, families, force, as_json):
@@ -429,7 +429,7 @@ def corrupt(data, out, severity, seed, families, force, as_json):
 @main.command(short_help="Write the validation split training will hold out, clean and corrupted.")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"),
-              help="Folder that receives val.npz and val_corrupt.npz.")
+              help="Folder that receives val.npz, val_corrupt.npz and val_heldout.npz.")
 @click.option("--val-fraction", default=0.15, help="As the recipes' data.val_fraction.")
 @click.option("--seed", default=0, help="As the recipes' data.split_seed.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
@@ -523,7 +523,7 @@ def train(recipes, overrides, out, resume, force, parallel, start_from, as_json)
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--space", "space", type=click.Path(path_type=Path), required=True,
-              help="Search-space TOML: recipe keys with a range, log range or choice (see README).")
+              help="Search-space TOML: recipe keys with a range, log range or choice (docs/commands.md, sweep).")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(1),
               help="Trials in the whole sweep; a resumed sweep counts those already run.")
 @click.option("--parallel", default=1, show_default=True, type=click.IntRange(1),
@@ -915,7 +915,7 @@ def recipes(ctx, as_json):
     """List the recipes that ship with cellfuse; `recipes copy NAME PATH` writes one out to edit.
 
     Every command that takes a recipe file also takes a shipped recipe's name (cellfuse train tiny).
-    CPU time: the whole schedule on the real training file on 2 CPU cores (README Results).
+    CPU time: the whole schedule on the real training file on 2 CPU cores (docs/results.md).
 
     \b
     Example:
