@@ -140,7 +140,7 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
             paired = summary["paired"][name][other]
             assert paired["difference"] == pytest.approx(rows["student"][f"acc_{name}"] - rows[other][f"acc_{name}"])
             assert 0 < paired["p"] <= 1
-    assert "the student against each, image by image" in said
+    assert "the student against each, image by image" in said and "p weighs the draw of these images only" in said
     assert summary["size_ratio"] == pytest.approx(rows["ensemble"]["bytes"] / rows["student"]["bytes"])
     assert "timing student, ensemble, best member on this machine" in said
     # the member the student started from, as resolved (init = "m0" in the function-matching modes)

@@ -65,6 +65,7 @@ def test_evaluate_against_a_second_model_sets_the_two_side_by_side_image_by_imag
     assert paired["model"] == str(other) and paired["tta"] == "flips"
     said = " ".join(result.output.split())  # rich wraps the title
     assert "(TTA: none vs flips), image by image" in said  # each model's views
+    assert "p weighs the draw of these images only" in said  # not the seed behind each model
     assert f"only {model_file.parent.name} right" in said and "only other right" in said  # as every table names them
     alone = CliRunner().invoke(main, ["evaluate", str(model_file), str(tiny_npz), "--against-tta", "d4"])
     assert alone.exit_code == 2 and "--against-tta needs --against" in alone.output

@@ -524,7 +524,8 @@ def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = T
 def _paired_table(paired: dict) -> Table:
     """The student against each model on the same images: points, images only one of the two got right,
     and the exact McNemar p (below 0.05: unlikely to be the draw of these images alone)."""
-    table = Table(title="the student against each, image by image (exact McNemar test)")
+    table = Table(title="the student against each, image by image (exact McNemar test)",
+                  caption=report.PAIRED_CAVEAT)
     for col in ("data", "against", "points", "only the student right", "only the other right", "p"):
         table.add_column(col, justify="left" if col in ("data", "against") else "right")
     for name, against in paired.items():

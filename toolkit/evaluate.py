@@ -7,6 +7,7 @@ from pathlib import Path
 from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
 from toolkit.report import (
+    PAIRED_CAVEAT,
     classification_metrics,
     metrics_table,
     model_names,
@@ -64,7 +65,7 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
     from rich.table import Table
 
     table = Table(title=f"{model} against {against} (TTA: {tta} vs {against_tta}), image by image "
-                  "(exact McNemar test)")
+                  "(exact McNemar test)", caption=PAIRED_CAVEAT)
     first, second = model_names([model, against])  # two best.keras files get two names
     for col in ("data", "points", f"only {first} right", f"only {second} right", "p"):
         table.add_column(col, justify="left" if col == "data" else "right")

@@ -76,6 +76,11 @@ def accuracy_interval(correct: int, n: int, level: float = 0.95) -> list[float]:
     return [float(interval.low), float(interval.high)]
 
 
+# Printed under every paired table: McNemar's p knows the images, not the training run behind each model.
+PAIRED_CAVEAT = ("p weighs the draw of these images only: a second training seed of one recipe can move a "
+                 "model further (docs/results.md), so compare recipes over seeds")
+
+
 def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     """Exact McNemar test of two models scored on the same images. Only the images one model gets right
     and the other wrong count; `p` is the chance of a split at least this uneven between two equally
