@@ -28,8 +28,8 @@ from toolkit.synth import write_synthetic
 # D4 views and the MobileNet; Lite1 got no weight), README Results.
 MEMBER_RECIPES = ("cpu-lite0", "cpu-mobilenet")  # shipped recipes (toolkit.catalog)
 # The smallest rung of the student ladder within a point of the pipeline's teacher on clean and held-out
-# validation, and ahead of every member (Lite0's first five stages; MobileNet 0.25 was 1.6-1.8 behind):
-# docs/results.md.
+# validation, and level with or ahead of every member on the ladder's teacher (Lite0's first five stages;
+# MobileNet 0.25 was 1.6-1.8 behind; 128 px gained nothing over two seeds): docs/results.md.
 STUDENT_RECIPE = "student-cpu-lite0"
 # Each member's corruption-tuned copy (`train --from`: one epoch at a low rate, half the images corrupted by
 # cellfuse's mix) and its WiSE-FT blend join the ensemble's candidates: on the real file +1.1 held-out and
