@@ -279,3 +279,7 @@ def test_intervals_come_from_the_image_counts_each_stage_recorded(outputs):
     assert row.state == "complete" and row.n == {} and row.accuracy == {"val": 0.933, "val_corrupt": 0.673}
     plain = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--columns", "name,val"])
     assert "(" not in plain.output and "0.910" in plain.output
+    record["metrics"]["val"]["accuracy"] = 1.5  # hand-edited: shown as written, with no interval to invent
+    summary.write_text(json.dumps(record))
+    edited = CliRunner().invoke(main, ["runs", str(outputs), "--markdown", "--intervals", "--columns", "name,val"])
+    assert edited.exit_code == 0 and "| runs/cpu-mobilenet | 1.500 |" in edited.output, edited.output

@@ -400,7 +400,7 @@ def _acc(value, n: int | None = None, interval: bool = False) -> str:
     """0.972, or with its interval 0.972 (0.959-0.981) where the file's image count is known."""
     if value is None:
         return ""
-    if not (interval and n):
+    if not (interval and n and 0 <= value <= 1):  # a hand-edited figure out of range gets no interval
         return f"{value:.3f}"
     from toolkit.report import accuracy_interval
 
