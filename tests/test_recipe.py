@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Stage, load_recipe
+from toolkit.recipe import Stage, load_recipe, monitored_set
 
 RECIPES = sorted(Path(__file__).parents[1].glob("recipes/*.toml"))
 
@@ -63,6 +63,18 @@ def test_bad_recipes_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(CellfuseError, match=message) as e:
         load_recipe(write(tmp_path, text))
     assert "r.toml" in str(e.value)
+
+
+def test_the_monitor_may_name_an_extra_validation_set_and_only_one_the_recipe_reads(tmp_path):
+    path = write(tmp_path, "[train]\nmonitor = \"val_heldout_accuracy\"\n")
+    with pytest.raises(CellfuseError, match=r"r.toml: train.monitor = 'val_heldout_accuracy'; choose one of "
+                                            r"\['val_auc', 'val_accuracy'\] \(an extra validation set"):
+        load_recipe(path)
+    with pytest.raises(CellfuseError, match=r"--set train.monitor=.*'val_heldout_accuracy'\]"):
+        load_recipe(path, ['data.extra_val=["x/val_heldout.npz"]', 'train.monitor="val_held_accuracy"'])
+    recipe = load_recipe(path, ['data.extra_val=["x/val_corrupt.npz", "x/val_heldout.npz"]'])
+    assert monitored_set(recipe) == "val_heldout"
+    assert monitored_set(load_recipe(path, ['data.extra_val=["val_heldout.npz"]', 'train.monitor="val_accuracy"'])) is None
 
 
 def test_missing_recipe(tmp_path):

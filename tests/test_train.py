@@ -574,3 +574,40 @@ def test_an_op_without_a_deterministic_kernel_is_named_with_the_way_out(tiny_npz
     with pytest.raises(tf.errors.UnimplementedError):  # not ours to explain when determinism is off
         with deterministic_kernels(tiny_recipe(tiny_npz, tmp_path)):
             raise missing
+
+
+def test_cross_fitting_a_checkpoint_pick_scores_each_half_with_the_epoch_the_other_half_picked():
+    from toolkit.report import two_folds
+    from toolkit.train import cross_fitted_checkpoint
+
+    labels = np.repeat(np.arange(4), 6)
+    (a, b), (b2, a2) = list(two_folds(labels))
+    assert sorted(a) == sorted(a2) and sorted(b) == sorted(b2)
+    only_a, only_b = np.isin(np.arange(24), a), np.isin(np.arange(24), b)
+    # each epoch is right exactly where it would be picked: picked on one half, it scores 0 on the other
+    assert cross_fitted_checkpoint({"e1": only_a, "e2": only_b}, labels) == 0.0
+    steady = np.arange(24) % 3 > 0  # picked on both halves over an epoch worse everywhere: its own accuracy
+    assert cross_fitted_checkpoint({"e10": steady & only_a, "e2": steady}, labels) == pytest.approx(2 / 3)
+
+
+def test_a_checkpoint_picked_on_an_extra_set_is_that_sets_best_epoch_with_an_honest_figure(tiny_npz, tmp_path):
+    """train.monitor = "val_heldout_accuracy": every epoch scores the file, the best epoch is kept, and the
+    summary carries the figure cross-fitted from the per-image record."""
+    import csv
+
+    from toolkit.train import cross_fitted_checkpoint, train_recipe
+
+    images, labels = make_images(40, seed=5)
+    save_dataset(tmp_path / "val_heldout.npz", images, labels)
+    recipe = tiny_recipe(tiny_npz, tmp_path, f'data.extra_val=["{tmp_path / "val_heldout.npz"}"]',
+                         'train.monitor="val_heldout_accuracy"', "train.epochs=3")
+    summary = train_recipe(recipe, runs_root=tmp_path / "runs")
+    run = tmp_path / "runs" / "tiny"
+    curve = [float(row["val_heldout_accuracy"]) for row in csv.DictReader((run / "history.csv").open())]
+    kept = dict(np.load(run / "checkpoint" / "steered.npz"))
+    assert [kept[f"e{e}"].mean() for e in range(1, 5)] == pytest.approx(curve)
+    assert summary["best_epoch"] == 1 + int(np.argmax(curve)) and summary["best_value"] == pytest.approx(max(curve))
+    shipped = np.load(run / "probs_val_heldout.npz")["probs"].argmax(1) == labels
+    assert (shipped == kept[f"e{summary['best_epoch']}"]).all()  # best.keras is the epoch that was picked
+    assert summary["steered"] == {"set": "val_heldout", "accuracy": pytest.approx(max(curve)),
+                                  "cross_fitted_accuracy": cross_fitted_checkpoint(kept, labels)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -31,7 +30,7 @@ from toolkit.data import (
     stratified_split,
 )
 from toolkit.errors import CellfuseError
-from toolkit.recipe import Recipe
+from toolkit.recipe import Recipe, extra_val_names
 
 
 @dataclass
@@ -47,8 +46,7 @@ def load_split(recipe: Recipe, console: Console) -> Split:
         data = data.subset(np.arange(min(recipe.data.limit, len(data))))
     train_rows, val_rows = stratified_split(data.labels, recipe.data.val_fraction, recipe.data.split_seed)
     val = {"val": data.subset(val_rows)}
-    for path in recipe.data.extra_val:
-        name = Path(path).stem
+    for path, name in zip(recipe.data.extra_val, extra_val_names(recipe), strict=True):
         if name in val:  # "val" is the held-out split itself: a file named so would replace it
             raise CellfuseError(f"{recipe.path}: data.extra_val names {path}, whose name {name!r} is already "
                                 "taken (the split's own is 'val'); rename the file")

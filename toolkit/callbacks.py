@@ -20,9 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from toolkit import report
 from toolkit.batches import Predictor
 from toolkit.compat import BACKUP_SAVE_METHOD, flatten_layers, initial_epoch, set_initial_epoch
-from toolkit.data import Dataset
+from toolkit.data import Dataset, save_npz
 from toolkit.distribute import is_multi_worker, sync_replicas, tf_variables
-from toolkit.recipe import Recipe
+from toolkit.recipe import Recipe, monitored_set
 from toolkit.runs import (
     adopt_library_files,
     folder_kind,
@@ -49,7 +49,8 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if val is not None:
         callbacks.append(ValidationAUC(source, val))
     if tracked:
-        callbacks.append(TrackedAccuracy(source, tracked))
+        callbacks.append(TrackedAccuracy(source, tracked, steered=run / "checkpoint" / "steered.npz",
+                                         monitored=monitored_set(recipe), offset=offset))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   Snapshots(run, sum(s.epochs for s in cfg.stages) - cfg.snapshots, offset, source),
                   keras.callbacks.TensorBoard(str(make_own_dir(run / "tb", "part")), profile_batch=0),
@@ -208,16 +209,26 @@ class ValidationAUC(keras.callbacks.Callback):
 
 class TrackedAccuracy(keras.callbacks.Callback):
     """`<name>_accuracy` every epoch on further validation sets (extra_val), from the weights the
-    checkpoint sees: a distilled student's corrupted-validation curve is its "patience" plot."""
+    checkpoint sees: a distilled student's corrupted-validation curve is its "patience" plot.
 
-    def __init__(self, source, sets: dict[str, Dataset]):
+    When one of them picks the checkpoint (train.monitor), which of its images each epoch got right
+    goes to `steered` (e<epoch> -> bools): the choice replayed on half the images and scored on the
+    other half is the honest figure for that set (train.cross_fitted_checkpoint)."""
+
+    def __init__(self, source, sets: dict[str, Dataset], *, steered: Path, monitored: str | None, offset: int):
         super().__init__()
         self.sets, self.predict = sets, Predictor(source)
+        self.steered, self.monitored, self.offset = steered, monitored, offset
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            for name, data in self.sets.items():
-                logs[f"{name}_accuracy"] = float((self.predict(data.images).argmax(1) == data.labels).mean())
+        if logs is None:
+            return
+        for name, data in self.sets.items():
+            correct = self.predict(data.images).argmax(1) == data.labels
+            logs[f"{name}_accuracy"] = float(correct.mean())
+            if name == self.monitored:  # rewritten whole each epoch: survives a resume
+                kept = dict(np.load(self.steered)) if self.steered.exists() else {}
+                save_npz(self.steered, **kept, **{f"e{self.offset + epoch + 1}": correct})
 
 
 class ChiefState(keras.callbacks.Callback):

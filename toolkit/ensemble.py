@@ -36,6 +36,7 @@ from toolkit.report import (
     model_names,
     nll,
     paired_comparison,
+    two_folds,
 )
 from toolkit.runs import (
     MANIFEST,
@@ -139,13 +140,8 @@ def _scaled(candidate_probs: np.ndarray, temperatures: np.ndarray) -> np.ndarray
 
 def _cross_fitted(candidate_probs: np.ndarray, labels: np.ndarray, rounds: int, seed: int = 0):
     """Out-of-fold probabilities of (best single candidate, ensemble), two folds each way."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    counts = np.bincount(labels)
-    stratify = counts[counts > 0].min() >= 2
-    folds = (StratifiedKFold if stratify else KFold)(2, shuffle=True, random_state=seed)
     single, ensemble = np.zeros(candidate_probs.shape[1:]), np.zeros(candidate_probs.shape[1:])
-    for fit_rows, score_rows in folds.split(labels, labels):
+    for fit_rows, score_rows in two_folds(labels, seed):
         temperatures, weights, scaled = _fit(candidate_probs[:, fit_rows], labels[fit_rows], rounds)
         best = max(range(len(scaled)), key=lambda k: _score(labels[fit_rows], scaled[k]))
         held_out = _scaled(candidate_probs[:, score_rows], temperatures)

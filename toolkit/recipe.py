@@ -82,7 +82,9 @@ class TrainConfig:
     consistency: float = 0.0  # AugMix JSD weight (12.0 in the paper; 0 = off); needs [augment] augmix = true
     class_weights: str = "none"  # none | balanced
     early_stopping: int = 0  # patience in epochs on `monitor`; 0 = off
-    monitor: str = "val_auc"  # val_auc | val_accuracy: picks the best checkpoint (never the loss)
+    # picks the best checkpoint (never the loss): val_auc | val_accuracy on the split, or <name>_accuracy on
+    # an extra_val file (val_heldout_accuracy: corruptions no training saw; its figure is then cross-fitted)
+    monitor: str = "val_auc"
     ema: bool = False  # exponential moving average of weights, used for validation and the checkpoint
     freeze_batchnorm: bool = False  # BatchNorm keeps training by default (freezing it hurt the seed team)
     mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
@@ -207,7 +209,6 @@ RULES: dict[str, Bound | frozenset] = {
     "train.consistency": AT_LEAST_0,
     "train.class_weights": frozenset({"none", "balanced"}),
     "train.early_stopping": AT_LEAST_0,
-    "train.monitor": frozenset({"val_auc", "val_accuracy"}),
     "train.mixed_precision": frozenset({"auto", "on", "off"}),
     "train.distribute": frozenset({"auto", "mirrored", "multi-worker", "none"}),
     "train.steps_per_epoch": AT_LEAST_0,
@@ -369,10 +370,29 @@ def build_recipe(raw: dict, path: Path, origin: Origin | None = None) -> Recipe:
                 if key in raw or key != "distill"}
     augment = _augment(raw.get("augment", {}), origin)
     recipe = Recipe(name=name, path=str(path), augment=augment, **sections)
+    _check_monitor(recipe, origin)
     if recipe.train.consistency > 0 and not recipe.augment["augmix"]:
         raise CellfuseError(f"{origin.path}: train.consistency = {recipe.train.consistency} compares AugMix "
                             "views; add [augment] augmix = true (or set consistency = 0)")
     return recipe
+
+
+def monitored_set(recipe: Recipe) -> str | None:
+    """The extra_val set whose accuracy picks the checkpoint (train.monitor = "<name>_accuracy"), if any."""
+    name = recipe.train.monitor.removesuffix("_accuracy")
+    return name if name in extra_val_names(recipe) else None
+
+
+def extra_val_names(recipe: Recipe) -> list[str]:
+    """Each extra_val file's name in the validation tables and logs: its stem (val_heldout.npz -> val_heldout)."""
+    return [Path(path).stem for path in recipe.data.extra_val]
+
+
+def _check_monitor(recipe: Recipe, origin: Origin) -> None:
+    allowed = ["val_auc", "val_accuracy", *(f"{name}_accuracy" for name in extra_val_names(recipe))]
+    if recipe.train.monitor not in allowed:
+        raise CellfuseError(f"{origin.of('train.monitor')}: train.monitor = {recipe.train.monitor!r}; choose one of "
+                            f"{allowed} (an extra validation set's accuracy needs the file in data.extra_val)")
 
 
 def check_student(recipe: Recipe) -> None:

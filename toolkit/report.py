@@ -95,6 +95,16 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"difference": float(a.mean() - b.mean()), "a_only": a_only, "b_only": b_only, "p": float(p)}
 
 
+def two_folds(labels: np.ndarray, seed: int = 0):
+    """(fit rows, score rows) twice, each image scored once: stratified when every class present has two
+    images. Every cross-fitted figure (ensemble selection, a checkpoint picked on an extra set) uses these."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels)
+    stratify = counts[counts > 0].min() >= 2
+    return (StratifiedKFold if stratify else KFold)(2, shuffle=True, random_state=seed).split(labels, labels)
+
+
 def nll(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)
     return float(-np.log(p).mean())

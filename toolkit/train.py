@@ -63,7 +63,7 @@ from toolkit.distribute import (
 )
 from toolkit.errors import CellfuseError
 from toolkit.procs import run_all, spawn
-from toolkit.recipe import Recipe, load_recipe
+from toolkit.recipe import Recipe, load_recipe, monitored_set
 from toolkit.runs import (
     OUTPUTS,
     adopt_library_files,
@@ -265,8 +265,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
         callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model,
                                    val=split.val["val"], strategy=strategy, extra=extra_callbacks,
-                                   tracked={k: v for k, v in split.val.items() if k != "val"} if track_extra_val else {},
-                                   calibration=calibration)
+                                   tracked=tracked_sets(recipe, split, track_extra_val), calibration=calibration)
         with deterministic_kernels(recipe):
             fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
                        callbacks=callbacks, verbose=0, shuffle=False, class_weight=class_weight(recipe, split.train))
@@ -276,6 +275,12 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                                 "(stage lr), check the inputs, or turn off mixed precision.")
         save_weights(model, done)
         offset += stage.epochs
+
+
+def tracked_sets(recipe: Recipe, split: Split, every: bool) -> dict:
+    """The extra validation sets scored every epoch: all of them, or only the one train.monitor names."""
+    steer = monitored_set(recipe)
+    return {name: data for name, data in split.val.items() if name != "val" and (every or name == steer)}
 
 
 @contextlib.contextmanager
@@ -350,10 +355,11 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     if history:
         report.plot_curves(history, run / "curves.png", stages=[s.epochs for s in recipe.train.stages])
     best = json.loads((run / "checkpoint" / "best.json").read_text()) if (run / "checkpoint" / "best.json").exists() else {}
+    steered = steered_figures(recipe, split, run, metrics)
     summary = {"name": recipe.name, "run": str(run), "params": int(model.count_params()),
                "final_weights_sha1": final,
                "best_epoch": best.get("epoch"), "monitor": recipe.train.monitor, "best_value": best.get("value"),
-               "seconds": round(time.time() - started, 1), "snapshots": candidates, "wise": wise,
+               "steered": steered, "seconds": round(time.time() - started, 1), "snapshots": candidates, "wise": wise,
                "train_img_per_s": float(np.median([r["img_per_s"] for r in history])) if history else None,
                "metrics": {k: {m: v[m] for m in ("n", "accuracy", "macro_f1", "auc_ovr", "nll", "ece")}
                            for k, v in metrics.items()}}
@@ -362,8 +368,37 @@ def finish_run(recipe: Recipe, split: Split, run: Path, started: float, console:
     console.print(report.metrics_table({k: v for k, v in metrics.items()}, title=f"{recipe.name}: best epoch "
                                        f"{best.get('epoch')} by {recipe.train.monitor}"))
     console.print(report.per_class_table(metrics["val"], title="validation split, per class"))
+    if steered:
+        console.print(f"[yellow]{steered['set']} picked the checkpoint, so its {steered['accuracy']:.3f} is chosen on; "
+                      f"picked on half its images and scored on the other half: {steered['cross_fitted_accuracy']:.3f} "
+                      "(2-fold, cross-fitted)[/]")
     console.print(f"run directory: {run}")
     return summary
+
+
+def steered_figures(recipe: Recipe, split: Split, run: Path, metrics: dict) -> dict | None:
+    """For a checkpoint picked on an extra validation set (train.monitor): that set's figure, chosen on,
+    beside the honest one (cross_fitted_checkpoint)."""
+    name = monitored_set(recipe)
+    kept = run / "checkpoint" / "steered.npz"
+    if name is None or not kept.exists():
+        return None
+    return {"set": name, "accuracy": metrics[name]["accuracy"],
+            "cross_fitted_accuracy": cross_fitted_checkpoint(dict(np.load(kept)), split.val[name].labels)}
+
+
+def cross_fitted_checkpoint(correct: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    """Accuracy with the epoch picked on one half of the images and scored on the other, both ways.
+
+    `correct`: e<epoch> -> which images that epoch got right. The pick is BestCheckpoint's: the first
+    epoch with the highest accuracy. A set that picked the checkpoint flatters it (the best of many
+    noisy epochs); this figure does not, as the ensemble's cross-fitted selection."""
+    by_epoch = np.stack([correct[k] for k in sorted(correct, key=lambda k: int(k[1:]))])  # (epochs, n)
+    right = 0
+    for fit_rows, score_rows in report.two_folds(np.asarray(labels)):
+        picked = int(np.argmax(by_epoch[:, fit_rows].mean(1)))  # argmax: the first of equals
+        right += int(by_epoch[picked, score_rows].sum())
+    return right / by_epoch.shape[1]
 
 
 def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> dict:
