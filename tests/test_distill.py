@@ -524,3 +524,39 @@ def test_a_fresh_student_passes_the_initial_loss_check(shared):
     out = io.StringIO()
     loss = train.check_initial_loss(train.build_model(recipe, 8), val, Console(file=out, width=200))
     assert "WARNING" not in out.getvalue() and abs(loss - np.log(8)) < 0.5 * np.log(8), out.getvalue()
+
+
+def test_seeds_distill_one_student_per_seed_and_end_with_their_spread(tiny_ensemble, monkeypatch):
+    """--seeds 1,2: two students named <name>-seed<S> with their train.seed; the closing table holds each
+    seed's figures and their mean and spread. Its checkpoint picked on val_corrupt (train.monitor), each
+    also carries that set's figure cross-fitted."""
+    from toolkit.recipe import load_recipe
+
+    tmp, data = tiny_ensemble
+    monkeypatch.chdir(tmp)
+    recipe = _student_recipe(tmp, "cached")
+    args = ["distill", str(tmp / "ens"), str(recipe), "--json", "--no-timing", "--seeds", "1,2",
+            "--set", f'data.train="{data}"', "--set", f'data.extra_val=["{tmp / "val_corrupt.npz"}"]',
+            "--set", 'name="seeded"', "--set", "train.steps_per_epoch=2", "--set", 'train.monitor="val_corrupt_accuracy"']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output.strip().splitlines()[-1])) == 2
+    runs = [tmp / "outputs" / "runs" / f"seeded-seed{seed}" for seed in (1, 2)]
+    assert [load_recipe(run / "recipe.toml").train.seed for run in runs] == [1, 2]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    said = result.output.split("over seeds 1, 2")[-1]
+    for data_set in ("val", "val_corrupt"):
+        values = [s["metrics"][data_set]["accuracy"] for s in summaries]
+        row = next(line for line in said.splitlines() if f" {data_set} " in line)
+        assert [f"{v:.4f}" for v in (*values, np.mean(values), max(values) - min(values))] == \
+            [cell.strip() for cell in row.split("│")[3:7]]
+    for summary in summaries:
+        steered = summary["steered"]
+        assert steered["set"] == "val_corrupt" and steered["accuracy"] == summary["metrics"]["val_corrupt"]["accuracy"]
+        assert 0 <= steered["cross_fitted_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("seeds, message", [("2,2", "distinct"), ("2,x", "whole numbers"), ("-1", "not negative")])
+def test_bad_seed_lists_are_refused_before_anything_loads(seeds, message):
+    result = CliRunner().invoke(main, ["distill", "nowhere", "tiny", "--seeds", seeds])
+    assert result.exit_code == 2 and message in result.output

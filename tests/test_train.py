@@ -366,7 +366,7 @@ def test_parallel_reports_every_failure_and_keeps_logs_apart(tiny_npz, tmp_path,
         path.write_text(TINY.read_text().replace('name = "tiny"', f'name = "{name}"')
                         .replace('"outputs/clean/clean.npz"', f'"{data}"'))
     with pytest.raises(CellfuseError, match=r"1 of 2 recipe\(s\) failed: .*b/tiny.toml"):
-        train_many([good, bad], parallel=2, runs_root=tmp_path / "runs")
+        train_many([(good, []), (bad, [])], parallel=2, runs_root=tmp_path / "runs")
     assert (tmp_path / "runs" / "good" / "summary.json").exists()
     assert "missing.npz" in (tmp_path / "runs" / "logs" / "bad.log").read_text()
     assert (tmp_path / "runs" / "logs" / "good.json").read_text().strip()
@@ -391,7 +391,7 @@ def test_parallel_stops_its_children_on_ctrl_c(tiny_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(toolkit.procs.time, "sleep", interrupt)
     recipes = [tiny_recipe(tiny_npz, tmp_path, f"name=\"r{i}\"") for i in range(2)]
     with pytest.raises(KeyboardInterrupt):
-        T.train_parallel(recipes, (), False, False, 2, None, tmp_path / "runs")
+        T.train_parallel([(r, []) for r in recipes], False, False, 2, None, tmp_path / "runs")
     assert len(spawned) == 2 and all(p.poll() is not None for p in spawned)
 
 
@@ -611,3 +611,20 @@ def test_a_checkpoint_picked_on_an_extra_set_is_that_sets_best_epoch_with_an_hon
     assert (shipped == kept[f"e{summary['best_epoch']}"]).all()  # best.keras is the epoch that was picked
     assert summary["steered"] == {"set": "val_heldout", "accuracy": pytest.approx(max(curve)),
                                   "cross_fitted_accuracy": cross_fitted_checkpoint(kept, labels)}
+
+
+def test_seeds_train_each_recipe_once_per_seed_in_parallel_too(tiny_npz, tmp_path, monkeypatch):
+    """--seeds 4,5 with --parallel 2: each child gets its own seed and name; the table spans both."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    result = CliRunner().invoke(main, ["train", str(TINY), "--set", f"data.train=\"{tiny_npz}\"", "--seeds", "4,5",
+                                       "--parallel", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summaries = json.loads(result.output.strip().splitlines()[-1])
+    assert [s["name"] for s in summaries] == ["tiny-seed4", "tiny-seed5"]
+    for seed in (4, 5):
+        assert load_recipe(tmp_path / "outputs" / "runs" / f"tiny-seed{seed}" / "recipe.toml").train.seed == seed
+    values = [s["metrics"]["val"]["accuracy"] for s in summaries]
+    row = next(line for line in result.output.split("over seeds 4, 5")[-1].splitlines() if " val " in line)
+    assert [cell.strip() for cell in row.split("│")[1:7]] == ["tiny", "val", *(f"{v:.4f}" for v in values),
+                                                             f"{np.mean(values):.4f}", f"{max(values) - min(values):.4f}"]

@@ -316,6 +316,32 @@ class ViewSpec(click.ParamType):
         return value
 
 
+class SeedList(click.ParamType):
+    """Comma-separated distinct whole numbers: `2,3`."""
+
+    name = "seeds"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "S1,S2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            seeds = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: expected whole numbers joined by commas, e.g. 2,3", param, ctx)
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            self.fail(f"{value!r}: the seeds must be distinct and not negative", param, ctx)
+        return seeds
+
+
+seeds_option = click.option(
+    "--seeds", type=SeedList(), default=None,
+    help="Run each recipe once per seed (train.seed, run named <name>-seed<S>) and end with each validation "
+         "set's accuracy per seed, mean and spread: two seeds of one recipe differ by more than most levers.")
+
+
 VIEWS_HELP = ("Test-time views: a set, or views joined with + (d4+shifts); :geometric or :logits "
               "merges them otherwise than by the mean.")
 
@@ -495,8 +521,9 @@ def preview(recipe, out, overrides, images, repeats, force, as_json):
 @click.option("--parallel", default=1, help="Recipes trained at once, each in its own process.")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
               help="Start from a finished run's weights (train.init_from); its WiSE-FT blend is kept as wise.keras.")
+@seeds_option
 @json_option
-def train(recipes, overrides, out, resume, force, parallel, start_from, as_json):
+def train(recipes, overrides, out, resume, force, parallel, start_from, seeds, as_json):
     """Fine-tune one backbone per RECIPE; write OUT/<recipe name>/.
 
     A corruption-tuned copy of a member: --from RUN with RUN's recipe under a new name, a short
@@ -511,11 +538,18 @@ def train(recipes, overrides, out, resume, force, parallel, start_from, as_json)
     if start_from is not None:
         overrides = (*overrides, f'train.init_from="{precheck.model(start_from)}"')
 
-    precheck.runs_to_train(recipes, overrides, out, resume=resume, force=force)
+    from toolkit.recipe import seeded
+
+    jobs = seeded(recipes, overrides, seeds)
+    for path, job_overrides in jobs:
+        precheck.runs_to_train([path], job_overrides, out, resume=resume, force=force)
     from toolkit.train import train_many
 
-    results = train_many(recipes, overrides, resume=resume, force=force, parallel=parallel,
-                         console=console, runs_root=out)
+    results = train_many(jobs, resume=resume, force=force, parallel=parallel, console=console, runs_root=out)
+    if seeds:
+        from toolkit.report import seed_table
+
+        console.print(seed_table(results, seeds))
     if as_json:
         print_json(results)
 
@@ -732,8 +766,9 @@ def snapshot_models(run: Path) -> list[Path]:
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder cellfuse wrote.")
 @click.option("--no-timing", is_flag=True, help="Skip timing the student, ensemble and best member (about "
               "3 s each after a warm-up pass); the img/s column stays empty.")
+@seeds_option
 @json_option
-def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, as_json):
+def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, seeds, as_json):
     """Distill ENSEMBLE_DIR into the compact student described by RECIPE; write OUT/<recipe name>/.
 
     \b
@@ -743,13 +778,22 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, as_j
     from toolkit import precheck
 
     precheck.ensemble_folder(ensemble_dir)
-    precheck.runs_to_train([recipe], overrides, out, kind="student", resume=resume, force=force)
+    from toolkit.recipe import seeded
+
+    jobs = seeded([recipe], overrides, seeds)
+    for path, job_overrides in jobs:
+        precheck.runs_to_train([path], job_overrides, out, kind="student", resume=resume, force=force)
     from toolkit.distill import distill_recipe
 
-    result = distill_recipe(ensemble_dir, recipe, overrides, resume=resume, force=force,
-                            console=console, runs_root=out, timing=not no_timing)
+    results = [distill_recipe(ensemble_dir, path, job_overrides, resume=resume, force=force, console=console,
+                              runs_root=out, timing=not no_timing) for path, job_overrides in jobs]
+    if seeds:
+        from toolkit.report import seed_table
+
+        summaries = [json.loads((Path(r["student_run"]) / "summary.json").read_text()) for r in results]
+        console.print(seed_table(summaries, seeds))
     if as_json:
-        print_json(result)
+        print_json(results if seeds else results[0])
 
 
 @main.command()

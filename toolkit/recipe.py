@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import tomllib
@@ -375,6 +376,20 @@ def build_recipe(raw: dict, path: Path, origin: Origin | None = None) -> Recipe:
         raise CellfuseError(f"{origin.path}: train.consistency = {recipe.train.consistency} compares AugMix "
                             "views; add [augment] augmix = true (or set consistency = 0)")
     return recipe
+
+
+def seeded(paths, overrides, seeds=()) -> list[tuple[Path, list[str]]]:
+    """(recipe path, overrides) for each recipe as written, or, given seeds, once per seed: train.seed set
+    and the run named <name>-seed<S>. Two training draws of one recipe differ by more than most levers
+    (docs/results.md), so a recipe is judged by its spread over seeds, not by one run."""
+    if not seeds:
+        return [(Path(p), list(overrides)) for p in paths]
+    jobs = []
+    for path in paths:
+        name = load_recipe(path, overrides).name
+        jobs += [(Path(path), [*overrides, f"train.seed={seed}", f"name={json.dumps(f'{name}-seed{seed}')}"])
+                 for seed in seeds]
+    return jobs
 
 
 def monitored_set(recipe: Recipe) -> str | None:

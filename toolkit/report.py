@@ -250,6 +250,27 @@ def model_names(paths) -> dict[str, Path]:
     return names
 
 
+def seed_table(summaries: list[dict], seeds):
+    """Each recipe's accuracy on each validation set at every seed, their mean and spread (max - min):
+    a lever whose gain is below the spread has not been shown. `summaries`: runs named <name>-seed<S>
+    (recipe.seeded), each with its summary's `metrics`."""
+    from rich.table import Table
+
+    table = Table(title=f"over seeds {', '.join(map(str, seeds))}: accuracy of the best checkpoint")
+    for col in ("recipe", "set", *(f"seed {s}" for s in seeds), "mean", "spread"):
+        table.add_column(col, justify="left" if col in ("recipe", "set") else "right")
+    by_name = {summary["name"]: summary["metrics"] for summary in summaries}
+    bases = dict.fromkeys(name.rpartition("-seed")[0] for name in by_name)
+    for base in bases:
+        runs = [by_name.get(f"{base}-seed{s}", {}) for s in seeds]
+        for data_set in dict.fromkeys(k for metrics in runs for k in metrics):
+            values = [metrics.get(data_set, {}).get("accuracy") for metrics in runs]
+            known = [v for v in values if v is not None]
+            table.add_row(base, data_set, *(_fmt(v) for v in values), _fmt(float(np.mean(known))),
+                          _fmt(max(known) - min(known)))
+    return table
+
+
 HEADERS = {"accuracy_ci95": "accuracy 95% interval"}
 
 

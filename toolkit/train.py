@@ -91,18 +91,18 @@ RUNS = OUTPUTS / "runs"
 
 # ---------------------------------------------------------------- entry points
 
-def train_many(paths, overrides=(), *, resume=False, force=False, parallel=1, console=None,
-               runs_root=None) -> list[dict]:
-    """Train several recipes one after another, or `parallel` at once in their own processes."""
+def train_many(jobs, *, resume=False, force=False, parallel=1, console=None, runs_root=None) -> list[dict]:
+    """Train several recipes one after another, or `parallel` at once in their own processes.
+    `jobs`: (recipe path, its --set overrides), as recipe.seeded makes them."""
     console = console or Console()
-    recipes = [load_recipe(p, overrides) for p in paths]  # parse all first: fail before any training
-    check_distinct_names(recipes)
+    jobs = [(load_recipe(p, overrides), list(overrides)) for p, overrides in jobs]  # all parsed before any trains
+    check_distinct_names([recipe for recipe, _ in jobs])
     root = Path(runs_root or RUNS)
-    if parallel > 1 and len(recipes) > 1:
+    if parallel > 1 and len(jobs) > 1:
         if cluster_from_env().workers > 1:
             raise CellfuseError("--parallel cannot be combined with a multi-worker TF_CONFIG")
-        return train_parallel(recipes, overrides, resume, force, parallel, console, root)
-    return [train_recipe(r, resume=resume, force=force, console=console, runs_root=root) for r in recipes]
+        return train_parallel(jobs, resume, force, parallel, console, root)
+    return [train_recipe(r, resume=resume, force=force, console=console, runs_root=root) for r, _ in jobs]
 
 
 def train_recipe(recipe: Recipe, *, resume=False, force=False, console=None, runs_root=None,
@@ -413,14 +413,14 @@ def finish_worker(model, recipe: Recipe, start: RunStart, console: Console) -> d
 
 # ---------------------------------------------------------------- several recipes at once
 
-def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, console, root: Path) -> list[dict]:
-    """One process per recipe, `parallel` at a time (toolkit.procs), each on the least busy GPU when
-    there are GPUs. A failed recipe does not stop the others; all failures are reported together."""
+def train_parallel(jobs: list[tuple[Recipe, list[str]]], resume, force, parallel, console, root: Path) -> list[dict]:
+    """One process per recipe (with its overrides), `parallel` at a time (toolkit.procs), each on the least
+    busy GPU when there are GPUs. A failed recipe does not stop the others; all are reported together."""
     logs = make_own_dir(root / "logs", "logs")
     results, failed = {}, []
 
     def start(job, gpu, share_gpu):
-        _, recipe = job
+        _, (recipe, overrides) = job
         cmd = [sys.executable, "-m", "toolkit", "train", str(recipe.path), "--json"]
         cmd += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--force"] if force else [])
         if Path(root) != RUNS:
@@ -429,7 +429,7 @@ def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, co
         return spawn(cmd, log, stdout=log.with_suffix(".json"), gpu=gpu, share_gpu=share_gpu)
 
     def finished(job, proc):
-        i, recipe = job
+        i, (recipe, _) = job
         log = logs / f"{recipe.name}.log"
         if proc.returncode != 0:
             failed.append(f"{recipe.path} (exit {proc.returncode}; log {log})")
@@ -438,7 +438,7 @@ def train_parallel(recipes: list[Recipe], overrides, resume, force, parallel, co
         results[i] = json.loads(log.with_suffix(".json").read_text().strip().splitlines()[-1])[0]
         console.print(f"[green]done[/] {recipe.path}")
 
-    run_all(enumerate(recipes), parallel, start, finished)
+    run_all(enumerate(jobs), parallel, start, finished)
     if failed:
-        raise CellfuseError(f"{len(failed)} of {len(recipes)} recipe(s) failed: " + "; ".join(failed))
+        raise CellfuseError(f"{len(failed)} of {len(jobs)} recipe(s) failed: " + "; ".join(failed))
     return [results[i] for i in sorted(results)]
