@@ -541,6 +541,7 @@ def test_seeds_distill_one_student_per_seed_and_end_with_their_spread(tiny_ensem
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output.strip().splitlines()[-1])) == 2
+    assert result.output.count("val_corrupt picked the student's checkpoint") == 2
     runs = [tmp / "outputs" / "runs" / f"seeded-seed{seed}" for seed in (1, 2)]
     assert [load_recipe(run / "recipe.toml").train.seed for run in runs] == [1, 2]
     summaries = [json.loads((run / "summary.json").read_text()) for run in runs]

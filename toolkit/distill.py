@@ -58,7 +58,7 @@ from toolkit.ensemble import (
     resolve_member,
 )
 from toolkit.errors import CellfuseError
-from toolkit.recipe import DataConfig, Recipe, check_student, load_recipe, read_toml
+from toolkit.recipe import DataConfig, Recipe, check_student, load_recipe, monitored_set, read_toml
 from toolkit.runs import (
     load_model,
     make_own_dir,
@@ -452,6 +452,9 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
     write_csv(run / "distill.csv", [{"model": label, **r} for label, r in rows.items()])
     console.print(_table(rows, list(split.val), heaviest["views"]))
     console.print(_paired_table(result["paired"]))
+    if monitored_set(recipe):  # the one set whose figures above flatter the student
+        console.print(f"[yellow]{monitored_set(recipe)} picked the student's checkpoint (train.monitor): its figures "
+                      "there are chosen on, the other sets judge it; summary.json's `steered` has it cross-fitted[/]")
     console.print(f"student: {closing_line(result)}")
     return result
 
