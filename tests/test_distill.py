@@ -546,8 +546,9 @@ def test_seeds_distill_one_student_per_seed_and_end_with_their_spread(tiny_ensem
     assert [load_recipe(run / "recipe.toml").train.seed for run in runs] == [1, 2]
     summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
     said = result.output.split("over seeds 1, 2")[-1]
-    for data_set in ("val", "val_corrupt"):
-        values = [s["metrics"][data_set]["accuracy"] for s in summaries]
+    figures = {"val": [s["metrics"]["val"]["accuracy"] for s in summaries],  # the picking set: not chosen on
+               "val_corrupt (cross-fitted)": [s["steered"]["cross_fitted_accuracy"] for s in summaries]}
+    for data_set, values in figures.items():
         row = next(line for line in said.splitlines() if f" {data_set} " in line)
         assert [f"{v:.4f}" for v in (*values, np.mean(values), max(values) - min(values))] == \
             [cell.strip() for cell in row.split("│")[3:7]]
@@ -557,7 +558,15 @@ def test_seeds_distill_one_student_per_seed_and_end_with_their_spread(tiny_ensem
         assert 0 <= steered["cross_fitted_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("seeds, message", [("2,2", "distinct"), ("2,x", "whole numbers"), ("-1", "not negative")])
+@pytest.mark.parametrize("seeds, message", [("2,2", "distinct"), ("2,x", "whole numbers"), ("-1", "from 0 to"),
+                                           (str(2**32), "from 0 to")])
 def test_bad_seed_lists_are_refused_before_anything_loads(seeds, message):
     result = CliRunner().invoke(main, ["distill", "nowhere", "tiny", "--seeds", seeds])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_seeds_refuse_a_seed_set_by_hand(tiny_ensemble):
+    tmp, _ = tiny_ensemble
+    result = CliRunner().invoke(main, ["distill", str(tmp / "ens"), str(_student_recipe(tmp, "cached")),
+                                       "--seeds", "1,2", "--set", "train.seed=7"])
+    assert result.exit_code == 2 and "drop --set train.seed" in result.output

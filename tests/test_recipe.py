@@ -75,6 +75,8 @@ def test_the_monitor_may_name_an_extra_validation_set_and_only_one_the_recipe_re
     recipe = load_recipe(path, ['data.extra_val=["x/val_corrupt.npz", "x/val_heldout.npz"]'])
     assert monitored_set(recipe) == "val_heldout"
     assert monitored_set(load_recipe(path, ['data.extra_val=["val_heldout.npz"]', 'train.monitor="val_accuracy"'])) is None
+    # an extra file named like a split metric does not make that metric a set's: the split's val_auc picks
+    assert monitored_set(load_recipe(path, ['data.extra_val=["x/val_auc.npz"]', 'train.monitor="val_auc"'])) is None
 
 
 def test_missing_recipe(tmp_path):

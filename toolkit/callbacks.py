@@ -220,6 +220,13 @@ class TrackedAccuracy(keras.callbacks.Callback):
         self.sets, self.predict = sets, Predictor(source)
         self.steered, self.monitored, self.offset = steered, monitored, offset
 
+    def on_train_begin(self, logs=None):
+        """Drops the record of epochs this stage is about to run (again, after a backup was dropped)."""
+        first = self.offset + (initial_epoch(self.model) or 0)
+        if self.steered.exists():
+            kept = dict(np.load(self.steered))
+            save_npz(self.steered, **{k: v for k, v in kept.items() if int(k[1:]) <= first})
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return

@@ -331,8 +331,8 @@ class SeedList(click.ParamType):
             seeds = tuple(int(part) for part in str(value).split(","))
         except ValueError:
             self.fail(f"{value!r}: expected whole numbers joined by commas, e.g. 2,3", param, ctx)
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            self.fail(f"{value!r}: the seeds must be distinct and not negative", param, ctx)
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2**32:
+            self.fail(f"{value!r}: the seeds must be distinct, from 0 to 2**32 - 1", param, ctx)
         return seeds
 
 

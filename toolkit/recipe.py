@@ -384,6 +384,8 @@ def seeded(paths, overrides, seeds=()) -> list[tuple[Path, list[str]]]:
     (docs/results.md), so a recipe is judged by its spread over seeds, not by one run."""
     if not seeds:
         return [(Path(p), list(overrides)) for p in paths]
+    if any(item.partition("=")[0].strip() == "train.seed" for item in overrides):
+        raise CellfuseError("--seeds sets train.seed for each run; drop --set train.seed=...")
     jobs = []
     for path in paths:
         name = load_recipe(path, overrides).name
@@ -394,8 +396,9 @@ def seeded(paths, overrides, seeds=()) -> list[tuple[Path, list[str]]]:
 
 def monitored_set(recipe: Recipe) -> str | None:
     """The extra_val set whose accuracy picks the checkpoint (train.monitor = "<name>_accuracy"), if any."""
-    name = recipe.train.monitor.removesuffix("_accuracy")
-    return name if name in extra_val_names(recipe) else None
+    monitor = recipe.train.monitor
+    name = monitor.removesuffix("_accuracy")
+    return name if monitor.endswith("_accuracy") and name in extra_val_names(recipe) else None
 
 
 def extra_val_names(recipe: Recipe) -> list[str]:

@@ -253,13 +253,14 @@ def model_names(paths) -> dict[str, Path]:
 def seed_table(summaries: list[dict], seeds):
     """Each recipe's accuracy on each validation set at every seed, their mean and spread (max - min):
     a lever whose gain is below the spread has not been shown. `summaries`: runs named <name>-seed<S>
-    (recipe.seeded), each with its summary's `metrics`."""
+    (recipe.seeded), each with its summary's `metrics`; the set that picked a run's checkpoint shows
+    its cross-fitted figure (train.monitor), the one not chosen on."""
     from rich.table import Table
 
     table = Table(title=f"over seeds {', '.join(map(str, seeds))}: accuracy of the best checkpoint")
     for col in ("recipe", "set", *(f"seed {s}" for s in seeds), "mean", "spread"):
         table.add_column(col, justify="left" if col in ("recipe", "set") else "right")
-    by_name = {summary["name"]: summary["metrics"] for summary in summaries}
+    by_name = {summary["name"]: _unsteered(summary) for summary in summaries if "metrics" in summary}  # not workers
     bases = dict.fromkeys(name.rpartition("-seed")[0] for name in by_name)
     for base in bases:
         runs = [by_name.get(f"{base}-seed{s}", {}) for s in seeds]
@@ -269,6 +270,15 @@ def seed_table(summaries: list[dict], seeds):
             table.add_row(base, data_set, *(_fmt(v) for v in values), _fmt(float(np.mean(known))),
                           _fmt(max(known) - min(known)))
     return table
+
+
+def _unsteered(summary: dict) -> dict:
+    """A run's metrics, the set that picked its checkpoint replaced by its cross-fitted accuracy."""
+    metrics, steered = dict(summary["metrics"]), summary.get("steered")
+    if steered:
+        metrics[f"{steered['set']} (cross-fitted)"] = {"accuracy": steered["cross_fitted_accuracy"]}
+        del metrics[steered["set"]]
+    return metrics
 
 
 HEADERS = {"accuracy_ci95": "accuracy 95% interval"}
