@@ -221,11 +221,12 @@ class TrackedAccuracy(keras.callbacks.Callback):
         self.steered, self.monitored, self.offset = steered, monitored, offset
 
     def on_train_begin(self, logs=None):
-        """Drops the record of epochs this stage is about to run (again, after a backup was dropped)."""
+        """The record so far, less the epochs this stage is about to run (again, after a dropped backup)."""
         first = self.offset + (initial_epoch(self.model) or 0)
-        if self.steered.exists():
-            kept = dict(np.load(self.steered))
-            save_npz(self.steered, **{k: v for k, v in kept.items() if int(k[1:]) <= first})
+        kept = dict(np.load(self.steered)) if self.steered.exists() else {}
+        self.record = {k: v for k, v in kept.items() if int(k[1:]) <= first}
+        if self.monitored and len(self.record) < len(kept):
+            save_npz(self.steered, **self.record)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -234,8 +235,8 @@ class TrackedAccuracy(keras.callbacks.Callback):
             correct = self.predict(data.images).argmax(1) == data.labels
             logs[f"{name}_accuracy"] = float(correct.mean())
             if name == self.monitored:  # rewritten whole each epoch: survives a resume
-                kept = dict(np.load(self.steered)) if self.steered.exists() else {}
-                save_npz(self.steered, **kept, **{f"e{self.offset + epoch + 1}": correct})
+                self.record[f"e{self.offset + epoch + 1}"] = correct
+                save_npz(self.steered, **self.record)
 
 
 class ChiefState(keras.callbacks.Callback):

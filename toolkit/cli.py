@@ -541,8 +541,7 @@ def train(recipes, overrides, out, resume, force, parallel, start_from, seeds, a
     from toolkit.recipe import seeded
 
     jobs = seeded(recipes, overrides, seeds)
-    for path, job_overrides in jobs:
-        precheck.runs_to_train([path], job_overrides, out, resume=resume, force=force)
+    precheck.runs_to_train(jobs, out, resume=resume, force=force)
     from toolkit.train import train_many
 
     results = train_many(jobs, resume=resume, force=force, parallel=parallel, console=console, runs_root=out)
@@ -781,8 +780,7 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, seed
     from toolkit.recipe import seeded
 
     jobs = seeded([recipe], overrides, seeds)
-    for path, job_overrides in jobs:
-        precheck.runs_to_train([path], job_overrides, out, kind="student", resume=resume, force=force)
+    precheck.runs_to_train(jobs, out, kind="student", resume=resume, force=force)
     from toolkit.distill import distill_recipe
 
     results = [distill_recipe(ensemble_dir, path, job_overrides, resume=resume, force=force, console=console,

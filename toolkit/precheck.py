@@ -96,14 +96,18 @@ def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
     return exists and resume and (run / "summary.json").is_file()
 
 
-def runs_to_train(paths, overrides, root, *, kind: str = "run", resume: bool, force: bool) -> list:
-    """Each recipe checked, then its run folder, then its data (not needed by a complete run on --resume)."""
-    loaded = [recipe(p, overrides, data=False) for p in paths]
+def runs_to_train(jobs, root, *, kind: str = "run", resume: bool, force: bool) -> list:
+    """Each (recipe, overrides) job checked, then its run folder, then its data (not needed by a complete run
+    on --resume; checked once for jobs that share it, as one recipe's seeds do)."""
+    loaded = [recipe(p, overrides, data=False) for p, overrides in jobs]
+    checked = set()
     for r in loaded:
         if kind == "student":
             check_student(r)
-        if not run_folder(root, r, kind=kind, resume=resume, force=force):
+        if not run_folder(root, r, kind=kind, resume=resume, force=force) and \
+                (r.data.train, r.data.extra_val) not in checked:
             recipe_data(r)
+            checked.add((r.data.train, r.data.extra_val))
     return loaded
 
 
