@@ -644,3 +644,14 @@ def test_a_stage_run_again_drops_the_record_of_its_earlier_attempt(tmp_path):
     callback.set_model(types.SimpleNamespace(_initial_epoch=1))  # stage 2 resumes after its first epoch
     callback.on_train_begin()
     assert sorted(np.load(steered)) == ["e1", "e2", "e3"]
+
+
+def test_a_per_image_record_cut_short_is_named_with_the_way_out(tmp_path):
+    from toolkit.callbacks import read_steered
+    from toolkit.data import save_npz
+
+    record = save_npz(tmp_path / "steered.npz", e1=np.ones(3, bool))
+    record.write_bytes(record.read_bytes()[:20])
+    with pytest.raises(CellfuseError, match=r"steered.npz: unreadable .*delete it and --resume again"):
+        read_steered(record)
+    assert read_steered(tmp_path / "none.npz") == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -22,6 +23,7 @@ from toolkit.batches import Predictor
 from toolkit.compat import BACKUP_SAVE_METHOD, flatten_layers, initial_epoch, set_initial_epoch
 from toolkit.data import Dataset, save_npz
 from toolkit.distribute import is_multi_worker, sync_replicas, tf_variables
+from toolkit.errors import CellfuseError
 from toolkit.recipe import Recipe, monitored_set
 from toolkit.runs import (
     adopt_library_files,
@@ -207,6 +209,18 @@ class ValidationAUC(keras.callbacks.Callback):
             logs["val_auc"] = report.classification_metrics(self.val.labels, probs, self.val.class_names)["auc_ovr"]
 
 
+def read_steered(path: Path) -> dict[str, np.ndarray]:
+    """TrackedAccuracy's record (e<epoch> -> which images it got right); {} before the first epoch."""
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path) as record:
+            return dict(record)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CellfuseError(f"{path}: unreadable ({e}); delete it and --resume again: the run then finishes "
+                            "without the cross-fitted figure of the set that picks its checkpoint") from None
+
+
 class TrackedAccuracy(keras.callbacks.Callback):
     """`<name>_accuracy` every epoch on further validation sets (extra_val), from the weights the
     checkpoint sees: a distilled student's corrupted-validation curve is its "patience" plot.
@@ -223,7 +237,7 @@ class TrackedAccuracy(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         """The record so far, less the epochs this stage is about to run (again, after a dropped backup)."""
         first = self.offset + (initial_epoch(self.model) or 0)
-        kept = dict(np.load(self.steered)) if self.steered.exists() else {}
+        kept = read_steered(self.steered)
         self.record = {k: v for k, v in kept.items() if int(k[1:]) <= first}
         if self.monitored and len(self.record) < len(kept):
             save_npz(self.steered, **self.record)

@@ -51,7 +51,7 @@ from toolkit.batches import (
     steps_per_epoch,
     warn,
 )
-from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks
+from toolkit.callbacks import NaNGuard, calibration_images, make_callbacks, read_steered
 from toolkit.data import save_npz
 from toolkit.distribute import (
     Cluster,
@@ -380,11 +380,11 @@ def steered_figures(recipe: Recipe, split: Split, run: Path, metrics: dict) -> d
     """For a checkpoint picked on an extra validation set (train.monitor): that set's figure, chosen on,
     beside the honest one (cross_fitted_checkpoint)."""
     name = monitored_set(recipe)
-    kept = run / "checkpoint" / "steered.npz"
-    if name is None or not kept.exists():
+    record = read_steered(run / "checkpoint" / "steered.npz") if name else {}
+    if not record:
         return None
     return {"set": name, "accuracy": metrics[name]["accuracy"],
-            "cross_fitted_accuracy": cross_fitted_checkpoint(dict(np.load(kept)), split.val[name].labels)}
+            "cross_fitted_accuracy": cross_fitted_checkpoint(record, split.val[name].labels)}
 
 
 def cross_fitted_checkpoint(correct: dict[str, np.ndarray], labels: np.ndarray) -> float:
