@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from toolkit.pipeline import run_pipeline, submission_views
+from toolkit.pipeline import CLOSE_POINTS, climb, points_behind, run_pipeline, submission_views
 from toolkit.synth import write_synthetic
 
 ROOT = Path(__file__).parents[1]
@@ -23,7 +23,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     student.write_text((ROOT / "recipes" / "tiny.toml").read_text().replace('name = "tiny"', 'name = "student"')
                        + '\n[distill]\nmode = "cached"\n')
     console = Console(record=True, width=160)
-    figures = run_pipeline(data, tmp_path / "out", None, console, members=members, student=student)
+    figures = run_pipeline(data, tmp_path / "out", None, console, members=members, students=[student])
     out = tmp_path / "out"
     planted = json.loads(Path(str(data).replace(".npz", ".planted.json")).read_text())["planted"]
     assert figures["clean"]["repeated_noncell"] == len(planted["repeated_noncell"])
@@ -55,8 +55,42 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     copy = (out / "runs" / "a-tuned" / "recipe.toml").read_text()
     assert "corrupt_fraction = 0.5" in copy and str(out / "runs" / "a" / "best.keras") in copy
     assert tuned["wise"] is not None
-    for stage in ("clean", "train a.toml", "tune a", "ensemble", "distill", "export", "grade"):
+    for stage in ("clean", "train a.toml", "tune a", "ensemble", "distill student.toml", "export", "grade"):
         assert stage in text
+    # a one-rung ladder ships its rung, and records how far behind its teacher it ended
+    distilled = json.loads((out / "runs" / "student" / "distill.json").read_text())
+    assert figures["ladder"] == [{"student_run": str(out / "runs" / "student"),
+                                  "points_behind": points_behind(distilled)}]
+
+
+def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
+    """Rungs are distilled smallest first until one is within CLOSE_POINTS of its teacher on clean and
+    held-out validation (rounded as distill prints); the cellfuse-mix gap does not count."""
+    assert CLOSE_POINTS == 1.0
+
+    def rung(name, val, heldout, corrupt=0.0):
+        return {"student_run": name, "gap": {"val": val, "val_corrupt": corrupt, "val_heldout": heldout}}
+
+    def run(*rungs):
+        asked = []
+
+        def distill_rung(r):
+            asked.append(r["student_run"])
+            return r
+        shipped, tried = climb(rungs, distill_rung)
+        assert tried == [r for r in rungs if r["student_run"] in asked]
+        return shipped["student_run"], asked
+
+    close, far, farther = rung("small", 0.004, 0.0100, corrupt=0.09), rung("mid", 0.013, 0.021), rung("big", 0.012, 0.025)
+    assert points_behind(close) == 1.0 and points_behind(far) == 2.1  # 0.0100 rounds to 1.0: within
+    assert run(close, far) == ("small", ["small"])  # within at once: the larger rung is never trained
+    assert run(far, close) == ("small", ["mid", "small"])
+    assert run(far, farther) == ("mid", ["mid", "big"])  # none within: the closest
+    assert run(farther, far) == ("mid", ["big", "mid"])
+    assert run(far, rung("level", 0.021, -0.01)) == ("mid", ["mid", "level"])  # a tie: the smaller rung
+    # 9 of 899 images (1.001 points) prints as 1.0 and counts as within; 10 of 899 does not
+    assert run(rung("a", 9 / 899, 0.0), far) == ("a", ["a"])
+    assert run(rung("a", 10 / 899, 0.0), far)[1] == ["a", "mid"]
 
 
 def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):

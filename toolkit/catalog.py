@@ -28,6 +28,7 @@ MEASURED_CPU_TIME = {
     "student-cpu": "32.5 min",
     "student-cpu-effv2": "46.2 min",
     "student-cpu-lite0": "39.1 min",
+    "student-cpu-lite0-whole": "31.5 min",
     "tiny": "seconds",
     "quick": "about 1 min",
     "gpu-convnext-base": "GPU",
