@@ -203,7 +203,7 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     if len(ladder) > 1:
         console.print(f"student: {student_run.name}, {points_behind(figures['distill']):.1f} points behind its "
                       f"teacher at most on {' and '.join(JUDGED_ON)} (the ladder ships the first within "
-                      f"{CLOSE_POINTS:.0f}, else the closest; tried {len(tried)} of {len(ladder)})")
+                      f"{CLOSE_POINTS:g} point, else the closest; tried {len(tried)} of {len(ladder)})")
 
     p.step("export")
     tta = submission_views(student_run, figures["distill"])
