@@ -19,20 +19,32 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
         path = tmp_path / f"{name}.toml"
         path.write_text((ROOT / "recipes" / "tiny.toml").read_text().replace('name = "tiny"', f'name = "{name}"'))
         members.append(path)
-    student = tmp_path / "student.toml"
-    student.write_text((ROOT / "recipes" / "tiny.toml").read_text().replace('name = "tiny"', 'name = "student"')
-                       + '\n[distill]\nmode = "cached"\n')
+    students = []
+    for name in ("student", "student-big"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text((ROOT / "recipes" / "tiny.toml").read_text().replace('name = "tiny"', f'name = "{name}"')
+                        + '\n[distill]\nmode = "cached"\n')
+        students.append(path)
+    # no rung is ever close enough: the ladder distils both and ships the closer
+    monkeypatch.setattr("toolkit.pipeline.CLOSE_POINTS", -100.0)
     console = Console(record=True, width=160)
-    figures = run_pipeline(data, tmp_path / "out", None, console, members=members, students=[student])
+    figures = run_pipeline(data, tmp_path / "out", None, console, members=members, students=students)
     out = tmp_path / "out"
     planted = json.loads(Path(str(data).replace(".npz", ".planted.json")).read_text())["planted"]
     assert figures["clean"]["repeated_noncell"] == len(planted["repeated_noncell"])
     assert figures["clean"]["exact_duplicate"] >= len(planted["exact_duplicate"]) - 2
     for path in ("clean/clean.npz", "clean/val_corrupt.npz", "runs/a/best.keras", "runs/b/best.keras",
                  "runs/a-tuned/best.keras", "runs/a-tuned/wise.keras", "runs/b-tuned/wise.keras",
-                 "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student/distill.json",
+                 "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student-big/distill.json",
                  "submission.zip"):
         assert (out / path).exists(), path
+    # both rungs distilled and recorded with how far behind their teacher they ended; the closer shipped
+    behind = {name: points_behind(json.loads((out / "runs" / name / "distill.json").read_text()))
+              for name in ("student", "student-big")}
+    assert figures["ladder"] == [{"student_run": str(out / "runs" / name), "points_behind": behind[name]}
+                                 for name in ("student", "student-big")]
+    shipped = out / "runs" / min(behind, key=behind.get)
+    assert figures["distill"]["student_run"] == str(shipped)
     # the graded zip predicts exactly what the student run does, with the views the pipeline chose for
     # it, on the graded (corrupted validation) file
     import numpy as np
@@ -41,8 +53,8 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
 
     graded_file = out / "clean" / "val_corrupt.npz"
     tta = figures["export"]["tta"]
-    assert tta == submission_views(out / "runs" / "student", figures["distill"])
-    student_metrics = evaluate_model(out / "runs" / "student", [graded_file], tta=tta, console=Console(quiet=True))
+    assert tta == submission_views(shipped, figures["distill"])
+    student_metrics = evaluate_model(shipped, [graded_file], tta=tta, console=Console(quiet=True))
     assert figures["grade"]["accuracy"] == student_metrics[str(graded_file)]["accuracy"]
     # the split files hold the rows every member held out (tiny.toml's 25%, not split's default 15%)
     ensemble = json.loads((out / "ensemble" / "ensemble.json").read_text())
@@ -55,12 +67,9 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     copy = (out / "runs" / "a-tuned" / "recipe.toml").read_text()
     assert "corrupt_fraction = 0.5" in copy and str(out / "runs" / "a" / "best.keras") in copy
     assert tuned["wise"] is not None
-    for stage in ("clean", "train a.toml", "tune a", "ensemble", "distill student.toml", "export", "grade"):
+    for stage in ("clean", "train a.toml", "tune a", "ensemble", "distill student.toml", "distill student-big.toml",
+                  "export", "grade", f"student: {shipped.name}, ", "distilled 2 of 2"):
         assert stage in text
-    # a one-rung ladder ships its rung, and records how far behind its teacher it ended
-    distilled = json.loads((out / "runs" / "student" / "distill.json").read_text())
-    assert figures["ladder"] == [{"student_run": str(out / "runs" / "student"),
-                                  "points_behind": points_behind(distilled)}]
 
 
 def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
@@ -77,7 +86,8 @@ def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
         def distill_rung(r):
             asked.append(r["student_run"])
             return r
-        shipped, tried = climb(rungs, distill_rung)
+        shipped, tried, failed = climb(rungs, distill_rung)
+        assert failed == []
         assert [r["student_run"] for r in tried] == asked  # every distilled rung's figures, in order
         return shipped["student_run"], asked
 
@@ -91,6 +101,27 @@ def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
     # 9 of 899 images (1.001 points) prints as 1.0 and counts as within; 10 of 899 does not
     assert run(rung("a", 9 / 899, 0.0), far) == ("a", ["a"])
     assert run(rung("a", 10 / 899, 0.0), far)[1] == ["a", "mid"]
+
+
+def test_a_failed_rung_is_skipped_but_a_failed_first_rung_stops_the_pipeline():
+    import pytest
+
+    from toolkit.errors import CellfuseError
+
+    def distill_rung(r):
+        if r["student_run"].startswith("broken"):
+            raise CellfuseError(f"{r['student_run']}: no weights here")
+        return r
+
+    small, mid = ({"student_run": name, "gap": {"val": 0.02, "val_heldout": gap}} for name, gap in
+                  (("small", 0.03), ("mid", 0.025)))
+    broken = {"student_run": "broken"}
+    shipped, tried, failed = climb([small, broken, mid], distill_rung)
+    assert (shipped, tried, failed) == (mid, [small, mid], [(broken, "broken: no weights here")])  # the closer
+    with pytest.raises(CellfuseError, match="broken: no weights"):
+        climb([broken, small], distill_rung)
+    with pytest.raises(CellfuseError, match="compared no val_heldout"):  # never judged on fewer sets
+        points_behind({"student_run": "s", "gap": {"val": 0.0}})
 
 
 def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
@@ -112,16 +143,19 @@ def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
     assert submission_views(run, distilled(0.940, 0.790)) == "none"
 
 
-def test_a_member_named_like_another_members_tuned_copy_is_refused_before_training():
+def test_runs_named_alike_are_refused_before_training():
+    """A member named like another member's tuned copy, or two student rungs (or a rung and a member)
+    of one name, would share a run folder."""
     import pytest
 
     from toolkit.errors import CellfuseError
-    from toolkit.pipeline import check_member_names
+    from toolkit.pipeline import STUDENT_LADDER, check_run_names
 
-    check_member_names(["cpu-lite0", "cpu-mobilenet"])
-    for names, taken in ((["a", "a-tuned"], "a-tuned"), (["a", "b", "a"], "a, a-tuned")):
+    check_run_names(["cpu-lite0", "cpu-mobilenet"], list(STUDENT_LADDER))
+    for members, students, taken in ((["a", "a-tuned"], [], "a-tuned"), (["a", "b", "a"], [], "a, a-tuned"),
+                                     (["a"], ["s", "s"], "s"), (["a"], ["a-tuned"], "a-tuned")):
         with pytest.raises(CellfuseError, match=f"one folder \\({taken};"):
-            check_member_names(names)
+            check_run_names(members, students)
 
 
 def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):

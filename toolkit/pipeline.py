@@ -89,13 +89,13 @@ def tuned_copy(run: Path):
                                              *TUNED_COPY])
 
 
-def check_member_names(names: list[str]) -> None:
-    """Every member and its corruption-tuned copy get their own run folder: refused before any training,
-    rather than a tuned copy replacing a member trained minutes earlier."""
-    runs = [*names, *map(tuned_name, names)]
+def check_run_names(members: list[str], students: list[str] = ()) -> None:
+    """Every member, its corruption-tuned copy and every student rung get their own run folder: refused
+    before any training, rather than one run replacing another trained minutes earlier."""
+    runs = [*members, *map(tuned_name, members), *students]
     taken = sorted({name for name in runs if runs.count(name) > 1})
     if taken:
-        raise CellfuseError(f"the member recipes' names give two runs one folder ({', '.join(taken)}; each member "
+        raise CellfuseError(f"the recipes' names give two runs one folder ({', '.join(taken)}; each member "
                             f"also makes NAME-tuned): rename one with name = \"...\"")
 
 
@@ -125,19 +125,31 @@ def submission_views(student_run: Path, distilled: dict, steer: str = "val_heldo
 def points_behind(distilled: dict) -> float:
     """The student's largest gap to its teacher on JUDGED_ON, in points as distill prints them (one decimal)."""
     gaps = distilled["gap"]
-    return max(round(100 * gaps[name], 1) for name in JUDGED_ON if name in gaps)
+    missing = [name for name in JUDGED_ON if name not in gaps]
+    if missing:  # the pipeline always passes them; a judge on fewer sets would pass students it should not
+        raise CellfuseError(f"{distilled['student_run']}: distill compared no {' or '.join(missing)} with the "
+                            f"teacher, and the ladder judges a student on {' and '.join(JUDGED_ON)}")
+    return max(round(100 * gaps[name], 1) for name in JUDGED_ON)
 
 
-def climb(rungs, distill_rung) -> tuple[dict, list[dict]]:
+def climb(rungs, distill_rung) -> tuple[dict, list[dict], list[tuple]]:
     """Distil rung after rung (`distill_rung(rung)` returns distill's figures) until one is within
     CLOSE_POINTS of its teacher; returns the shipped rung's figures (the first within, else the closest,
-    the smaller on a tie) and every tried rung's."""
-    tried = []
+    the smaller on a tie), every distilled rung's, and (rung, error) for each rung that failed. A rung
+    that fails after one succeeded (a larger backbone's weights out of reach, say) does not throw away
+    the student already made: the climb goes on without it. The first rung's error is the pipeline's."""
+    tried, failed = [], []
     for rung in rungs:
-        tried.append(distill_rung(rung))
+        try:
+            tried.append(distill_rung(rung))
+        except CellfuseError as error:
+            if not tried:
+                raise
+            failed.append((rung, str(error)))
+            continue
         if points_behind(tried[-1]) <= CLOSE_POINTS:
             break
-    return min(tried, key=points_behind), tried
+    return min(tried, key=points_behind), tried, failed
 
 
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
@@ -160,7 +172,9 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     recipes = [load_recipe(path, member_overrides(clean_npz, [val_corrupt, val_heldout], member_extra))
                for path in member_paths]
     fraction, seed = common_split(recipes)
-    check_member_names([recipe.name for recipe in recipes])
+    ladder = [find_recipe(s) for s in students] if students else [shipped_recipe(s) for s in STUDENT_LADDER]
+    student_overrides = member_overrides(clean_npz, [val_corrupt, val_heldout], student_extra)
+    check_run_names([recipe.name for recipe in recipes], [load_recipe(path, student_overrides).name for path in ladder])
 
     p.step("validation files")
     write_val_files(clean_npz, out / "clean", fraction, seed, force=force)  # + val_heldout.npz
@@ -190,20 +204,21 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
 
     def distill_rung(path: Path) -> dict:
         p.step(f"distill {path.name}")
-        distilled = distill_recipe(out / "ensemble", path,
-                                   member_overrides(clean_npz, [val_corrupt, val_heldout], student_extra),
-                                   force=force, console=console, runs_root=out / "runs")
+        distilled = distill_recipe(out / "ensemble", path, student_overrides, force=force, console=console,
+                                   runs_root=out / "runs")
         p.done(closing_line(distilled), distilled["student_run"])
         return distilled
 
-    ladder = [find_recipe(s) for s in students] if students else [shipped_recipe(s) for s in STUDENT_LADDER]
-    figures["distill"], tried = climb(ladder, distill_rung)
+    figures["distill"], tried, failed = climb(ladder, distill_rung)
     figures["ladder"] = [{"student_run": d["student_run"], "points_behind": points_behind(d)} for d in tried]
+    figures["ladder"] += [{"recipe": str(path), "error": error} for path, error in failed]
+    for path, error in failed:
+        console.print(f"[yellow]warning:[/] the ladder's rung {path.name} failed, so it was skipped: {error}")
     student_run = Path(figures["distill"]["student_run"])
     if len(ladder) > 1:
         console.print(f"student: {student_run.name}, {points_behind(figures['distill']):.1f} points behind its "
                       f"teacher at most on {' and '.join(JUDGED_ON)} (the ladder ships the first within "
-                      f"{CLOSE_POINTS:g} point, else the closest; tried {len(tried)} of {len(ladder)})")
+                      f"{CLOSE_POINTS:g} point, else the closest; distilled {len(tried)} of {len(ladder)})")
 
     p.step("export")
     tta = submission_views(student_run, figures["distill"])
