@@ -59,7 +59,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
     # the split files hold the rows every member held out (tiny.toml's 25%, not split's default 15%)
     ensemble = json.loads((out / "ensemble" / "ensemble.json").read_text())
     assert ensemble["val_index"] == sorted(np.load(out / "clean" / "val.npz")["index"].tolist())
-    text = console.export_text()
+    text = " ".join(console.export_text().split())  # as printed, but for where rich wrapped its lines
     # each member's corruption-tuned copy starts from it and trains on corrupted images (the ensemble's candidates)
     tuned = json.loads((out / "runs" / "a-tuned" / "summary.json").read_text())
     ensemble_members = json.loads((out / "ensemble" / "metrics.json").read_text())["members"]
