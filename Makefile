@@ -2,6 +2,8 @@
 PY ?= .venv/bin/python
 DATA ?=
 OUT ?= outputs/demo
+# RESUME=1 continues an interrupted `make demo` instead of starting over
+RESUME ?=
 
 .PHONY: install test test-slow keras-cache demo bench lint clean-outputs gpu-check
 
@@ -27,7 +29,7 @@ keras-cache:
 	  [ -f "$$f" ] && [ ! -e "outputs/keras-cache/models/$${f##*/}" ] && cp "$$f" outputs/keras-cache/models/; done; true
 
 demo: keras-cache
-	$(KERAS_CACHE) $(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) --force
+	$(KERAS_CACHE) $(PY) -m toolkit demo --out $(OUT) $(if $(DATA),--data $(DATA),) $(if $(RESUME),--resume,--force)
 
 bench: keras-cache
 	$(KERAS_CACHE) $(PY) -m toolkit bench

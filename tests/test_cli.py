@@ -306,6 +306,17 @@ def test_ctrl_c_prints_the_command_that_resumes(tiny_npz, tmp_path, monkeypatch)
     assert line.startswith("Error: interrupted") and resume == ["cellfuse", *args[:-1], "--resume"]
 
 
+def test_ctrl_c_in_the_demo_says_how_to_resume_it(tmp_path, monkeypatch):
+    import toolkit.pipeline
+
+    monkeypatch.setattr(toolkit.pipeline, "run_demo", interrupt)
+    args = ["demo", "--out", str(tmp_path / "demo"), "--force"]
+    result = CliRunner().invoke(main, args)
+    line = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 130 and shlex.split(line.split("to continue: ", 1)[1]) == ["cellfuse", "demo", "--out",
+                                                                                          str(tmp_path / "demo"), "--resume"]
+
+
 def test_ctrl_c_in_a_command_that_cannot_resume(tmp_path, monkeypatch):
     import toolkit.synth
 

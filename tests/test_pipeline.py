@@ -71,6 +71,22 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
                   "export", "grade", f"student: {shipped.name}, ", "distilled 2 of 2"):
         assert stage in text
 
+    # interrupted during the last rung: resuming keeps every finished stage and distils only that rung
+    import shutil
+
+    kept = {f: (out / f).stat().st_mtime_ns for f in ("clean/report.json", "clean/val_heldout.npz",
+                                                      "runs/a/summary.json", "runs/b-tuned/wise.keras",
+                                                      "ensemble/metrics.json", "runs/student/summary.json")}
+    shutil.rmtree(out / "runs" / "student-big")
+    console = Console(record=True, width=160)
+    resumed = run_pipeline(data, out, None, console, members=members, students=students, force=True, resume=True)
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
+    assert (out / "runs" / "student-big" / "summary.json").is_file()
+    assert [r["student_run"] for r in resumed["ladder"]] == [r["student_run"] for r in figures["ladder"]]
+    assert resumed["ensemble"] == figures["ensemble"] and resumed["clean"] == figures["clean"]
+    text = " ".join(console.export_text().split())
+    assert text.count("(kept from before)") == 2 and text.count("already complete") == 5  # 4 members, 1 student
+
 
 def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
     """Rungs are distilled smallest first until one is within CLOSE_POINTS of its teacher on clean and
@@ -156,6 +172,38 @@ def test_runs_named_alike_are_refused_before_training():
                                      (["a"], ["s", "s"], "s"), (["a"], ["a-tuned"], "a-tuned")):
         with pytest.raises(CellfuseError, match=f"one folder \\({taken};"):
             check_run_names(members, students)
+
+
+def test_a_demo_resumes_only_its_own_folder_on_its_own_data(tmp_path):
+    import numpy as np
+    import pytest
+
+    from toolkit.errors import CellfuseError
+    from toolkit.pipeline import demo_folder
+
+    data = tmp_path / "train.npz"
+    np.savez(data, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.zeros((2, 1)))
+    out = demo_folder(tmp_path / "demo", data, 100, force=False, resume=True)  # nothing to resume: a new demo
+    (out / "progress.txt").write_text("a stage's output")
+    assert demo_folder(out, data, 100, force=False, resume=True) == out
+    assert (out / "progress.txt").exists()  # kept
+    with pytest.raises(CellfuseError, match="began on .*train.npz.*--resume continues a demo on its own data"):
+        demo_folder(out, None, 100, force=False, resume=True)
+    np.savez(data, images=np.ones((2, 4, 4, 3), np.uint8), labels=np.zeros((2, 1)))  # same name, new content
+    with pytest.raises(CellfuseError, match="its own data"):
+        demo_folder(out, data, 100, force=False, resume=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(CellfuseError, match="not made by cellfuse"):
+        demo_folder(mine, data, 100, force=True, resume=True)
+    assert (mine / "notes.txt").read_text() == "the user's"
+    with pytest.raises(CellfuseError, match="is an input, and it lies inside the output"):
+        demo_folder(tmp_path, data, 100, force=True, resume=True)
+    inside = out / "train.npz"  # a demo resumed on a file under its own folder would replace it
+    inside.write_bytes(data.read_bytes())
+    with pytest.raises(CellfuseError, match="is an input, and it lies inside the output"):
+        demo_folder(out, inside, 100, force=True, resume=True)
 
 
 def test_split_writes_the_held_out_rows_clean_and_corrupted(tiny_npz, tmp_path):

@@ -36,7 +36,7 @@ from toolkit.tta import VIEW_SETS as VIEWS_BY_SET
 # --force). Every other command writes.
 READ_ONLY = {"evaluate", "grade", "runs", "recipes", "backbones"}
 # Commands that continue an interrupted run with --resume: Ctrl-C prints that command line.
-RESUMABLE = {"train", "distill", "sweep"}
+RESUMABLE = {"train", "distill", "sweep", "demo"}
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 VIEW_SETS = tuple(VIEWS_BY_SET)  # the set names --help lists (toolkit.tta defines them; it loads no numpy)
 
@@ -902,9 +902,11 @@ def synth(out, n, seed, force, as_json):
               help="Folder that receives every stage's output.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Run on this file, with the recipes' full schedules, instead of synthetic data.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo in --out: finished stages are kept, "
+              "the interrupted run continues from its checkpoint.")
 @force_option
 @json_option
-def demo(out, data, force, as_json):
+def demo(out, data, resume, force, as_json):
     """The whole pipeline end to end on CPU: synth -> clean -> split -> train two members -> a
     corruption-tuned copy of each -> ensemble -> distill -> export -> grade.
 
@@ -913,7 +915,8 @@ def demo(out, data, force, as_json):
     With --data the recipes run their full schedules (17 and 10 epochs per member, 40 for the student):
     62-84 minutes on 2 cores for the real training file (6,990 images). A student more than a point behind
     its teacher on clean or held-out validation is followed by the next rung,
-    recipes/student-cpu-lite0-whole.toml (about 30 minutes more), and the closer one ships.
+    recipes/student-cpu-lite0-whole.toml (about 30 minutes more), and the closer one ships. An
+    interrupted demo continues with --resume (same --out and --data).
 
     \b
     Example:
@@ -925,7 +928,7 @@ def demo(out, data, force, as_json):
         precheck.data_file(data)
     from toolkit.pipeline import run_demo
 
-    figures = run_demo(out, data=data, force=force, console=console)
+    figures = run_demo(out, data=data, force=force, resume=resume, console=console)
     if as_json:
         print_json(figures)
 

@@ -17,11 +17,11 @@ from rich.table import Table
 
 from toolkit.clean import clean_file
 from toolkit.corrupt import corrupt_file, write_val_files
-from toolkit.ensemble import build_ensemble
+from toolkit.ensemble import build_ensemble, content_key
 from toolkit.errors import CellfuseError
 from toolkit.export import export_submission, grade_submission
 from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
-from toolkit.runs import fresh_dir, resolve_model_file
+from toolkit.runs import check_run_folder, fresh_dir, lock_output, refuse_inputs_inside, resolve_model_file, write_json
 from toolkit.synth import write_synthetic
 
 # Two different ImageNet backbones: the pair the ensemble's selection kept on the real data (Lite0 with
@@ -70,6 +70,16 @@ class Pipeline:
             table.add_row(s.name, s.produced, s.where, f"{s.seconds:.0f}")
         table.add_row("total", "", "", f"{sum(s.seconds for s in self.stages):.0f}")
         return table
+
+
+def finished(folder: Path, last: str, kind: str, resume: bool) -> dict | None:
+    """On resume, what a stage cellfuse finished there wrote last (its `last` JSON file), else None:
+    the stage runs again, replacing only its own unfinished output."""
+    from toolkit.runs import folder_kind
+
+    if resume and folder_kind(folder) == kind and (folder / last).is_file():
+        return json.loads((folder / last).read_text())
+    return None
 
 
 def member_overrides(clean_npz: Path, extra_val: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
@@ -153,8 +163,9 @@ def climb(rungs, distill_rung) -> tuple[dict, list[dict], list[tuple]]:
 
 
 def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, member_extra=(),
-                 student_extra=(), force=False, members=None, students=None) -> dict:
-    """Everything after the data exists. Returns each stage's main figures."""
+                 student_extra=(), force=False, resume=False, members=None, students=None) -> dict:
+    """Everything after the data exists. Returns each stage's main figures. With `resume`, every stage
+    cellfuse finished under `out` is kept, and interrupted runs continue from their checkpoints."""
     # these load TensorFlow (~10 s): run_demo refuses a missing --data before paying for it
     from toolkit.distill import closing_line, distill_recipe
     from toolkit.train import train_recipe
@@ -162,8 +173,10 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     p = Pipeline(out, console)
     figures = {}
     p.step("clean")
-    figures["clean"] = clean_file(data, out / "clean", force=force, console=console)
-    p.done(f"{figures['clean'].get('kept', '?')} images kept", out / "clean" / "clean.npz")
+    report = finished(out / "clean", "report.json", "clean", resume)
+    figures["clean"] = report["counts"] if report else clean_file(data, out / "clean", force=force, console=console)
+    p.done(f"{figures['clean'].get('kept', '?')} images kept" + (" (kept from before)" if report else ""),
+           out / "clean" / "clean.npz")
     clean_npz = out / "clean" / "clean.npz"
 
     member_paths = ([find_recipe(recipe) for recipe in members] if members
@@ -177,13 +190,14 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     check_run_names([recipe.name for recipe in recipes], [load_recipe(path, student_overrides).name for path in ladder])
 
     p.step("validation files")
-    write_val_files(clean_npz, out / "clean", fraction, seed, force=force)  # + val_heldout.npz
+    if not (resume and val_heldout.is_file()):  # written last
+        write_val_files(clean_npz, out / "clean", fraction, seed, force=force)  # + val_heldout.npz
     p.done(f"clean + corrupted validation split ({fraction:.0%}, seed {seed})", val_corrupt)
 
     runs = []
     for path, recipe in zip(member_paths, recipes, strict=True):
         p.step(f"train {path.name}")
-        summary = train_recipe(recipe, force=force, console=console, runs_root=out / "runs")
+        summary = train_recipe(recipe, resume=resume, force=force, console=console, runs_root=out / "runs")
         figures[f"train {recipe.name}"] = summary
         runs.append(Path(summary["run"]))
         p.done(f"val acc {summary['metrics']['val']['accuracy']:.3f}", summary["run"])
@@ -191,21 +205,24 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     candidates = list(runs)
     for run in runs:
         p.step(f"tune {run.name}")
-        summary = train_recipe(tuned_copy(run), force=force, console=console, runs_root=out / "runs")
+        summary = train_recipe(tuned_copy(run), resume=resume, force=force, console=console, runs_root=out / "runs")
         figures[f"tune {run.name}"] = summary
         candidates += [Path(summary["run"]), Path(summary["run"]) / "wise.keras"]
         p.done(f"val acc {summary['metrics']['val']['accuracy']:.3f}", summary["run"])
 
     p.step("ensemble")
     # steered by the held-out families (the last file): corruptions no member trained on
-    figures["ensemble"] = build_ensemble(candidates, [val, val_corrupt, val_heldout], out / "ensemble", force=force,
-                                         console=console)
-    p.done("selected members, views, temperatures", out / "ensemble" / "ensemble.json")
+    built = finished(out / "ensemble", "metrics.json", "ensemble", resume)
+    figures["ensemble"] = ({k: v for k, v in built.items() if k != "ensemble_metrics"} if built else
+                           build_ensemble(candidates, [val, val_corrupt, val_heldout], out / "ensemble", force=force,
+                                          console=console))
+    p.done("selected members, views, temperatures" + (" (kept from before)" if built else ""),
+           out / "ensemble" / "ensemble.json")
 
     def distill_rung(path: Path) -> dict:
         p.step(f"distill {path.name}")
-        distilled = distill_recipe(out / "ensemble", path, student_overrides, force=force, console=console,
-                                   runs_root=out / "runs")
+        distilled = distill_recipe(out / "ensemble", path, student_overrides, resume=resume, force=force,
+                                   console=console, runs_root=out / "runs")
         p.done(closing_line(distilled), distilled["student_run"])
         return distilled
 
@@ -234,19 +251,43 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
     return figures
 
 
-def run_demo(out: Path, *, data: Path | None = None, force: bool = False, console: Console | None = None,
-             n: int = 2000) -> dict:
-    """Synthetic data (or the user's file) through every stage, on CPU, in minutes."""
+def demo_folder(out: Path, data: Path | None, n: int, *, force: bool, resume: bool) -> Path:
+    """The demo's folder, locked: on resume the demo cellfuse began there on the same data (demo.json),
+    else a new one (`force` replaces only a folder cellfuse made, never one holding the data)."""
+    from toolkit.runs import folder_kind
+
+    began = {"data": str(Path(data).resolve()), "sha1": content_key(data)} if data is not None else {"synthetic": n}
+    if resume and folder_kind(out) == "demo":
+        lock_output(out)
+        refuse_inputs_inside(out, [data])
+        record = out / "demo.json"
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before != began:
+            raise CellfuseError(f"{out}: this demo began on {before or 'something unrecorded'}, not on {began}; "
+                                "--resume continues a demo on its own data only (--force starts over)")
+        return out
+    out = fresh_dir(out, force, inputs=[data], kind="demo")
+    write_json(out / "demo.json", began)
+    return out
+
+
+def run_demo(out: Path, *, data: Path | None = None, force: bool = False, resume: bool = False,
+             console: Console | None = None, n: int = 2000) -> dict:
+    """Synthetic data (or the user's file) through every stage, on CPU, in minutes. With `resume`, an
+    interrupted demo continues: finished stages are kept, the interrupted one resumes."""
     console = console or Console()
     if data is not None and not Path(data).exists():
         raise CellfuseError(f"{data}: does not exist")
-    out = fresh_dir(out, force, inputs=[data], kind="demo")  # the user's data is never inside what --force replaces
+    out = demo_folder(out, data, n, force=force, resume=resume)
     started = time.time()
     if data is None:
         console.print(Rule("[bold]synthesise"))
-        data = write_synthetic(out / "synth.npz", n=n, seed=0, console=console)
-        held_out = write_synthetic(out / "heldout.npz", n=400, seed=1, console=console)
-        test = corrupt_file(held_out, out / "heldout_corrupt.npz", severity=3, seed=1, console=console)
+        files = {"synth": out / "synth.npz", "heldout": out / "heldout.npz", "test": out / "heldout_corrupt.npz"}
+        if not (resume and files["test"].is_file()):  # written last, each atomically, from fixed seeds
+            write_synthetic(files["synth"], n=n, seed=0, force=True, console=console)
+            write_synthetic(files["heldout"], n=400, seed=1, force=True, console=console)
+            corrupt_file(files["heldout"], files["test"], severity=3, seed=1, force=True, console=console)
+        data, test = files["synth"], files["test"]
         # The demo's data is easy: a few epochs of the CPU recipes at the data's own 96 px are plenty.
         member_extra = ("train.stages=[{epochs=1, lr=1e-3, unfreeze=0.0}, {epochs=3, lr=1e-3, unfreeze=1.0}]",
                         "model.input_size=96")
@@ -257,6 +298,6 @@ def run_demo(out: Path, *, data: Path | None = None, force: bool = False, consol
     else:
         data, test, member_extra, student_extra = Path(data), None, (), ()
     figures = run_pipeline(data, out, test, console, member_extra=member_extra,
-                           student_extra=student_extra, force=True)
+                           student_extra=student_extra, force=True, resume=resume)
     console.print(f"demo finished in {time.time() - started:.0f} s; everything is under {out}")
     return figures
