@@ -21,7 +21,13 @@ from toolkit.ensemble import build_ensemble, content_key
 from toolkit.errors import CellfuseError
 from toolkit.export import export_submission, grade_submission
 from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
-from toolkit.runs import check_run_folder, fresh_dir, lock_output, refuse_inputs_inside, resolve_model_file, write_json
+from toolkit.runs import (
+    fresh_dir,
+    lock_output,
+    refuse_inputs_inside,
+    resolve_model_file,
+    write_json,
+)
 from toolkit.synth import write_synthetic
 
 # Two different ImageNet backbones: the pair the ensemble's selection kept on the real data (Lite0 with
