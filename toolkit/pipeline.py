@@ -22,6 +22,7 @@ from toolkit.errors import CellfuseError
 from toolkit.export import export_submission, grade_submission
 from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
 from toolkit.runs import (
+    folder_kind,
     fresh_dir,
     lock_output,
     refuse_inputs_inside,
@@ -81,8 +82,6 @@ class Pipeline:
 def finished(folder: Path, last: str, kind: str, resume: bool) -> dict | None:
     """On resume, what a stage cellfuse finished there wrote last (its `last` JSON file), else None:
     the stage runs again, replacing only its own unfinished output."""
-    from toolkit.runs import folder_kind
-
     if resume and folder_kind(folder) == kind and (folder / last).is_file():
         return json.loads((folder / last).read_text())
     return None
@@ -260,8 +259,6 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
 def demo_folder(out: Path, data: Path | None, n: int, *, force: bool, resume: bool) -> Path:
     """The demo's folder, locked: on resume the demo cellfuse began there on the same data (demo.json),
     else a new one (`force` replaces only a folder cellfuse made, never one holding the data)."""
-    from toolkit.runs import folder_kind
-
     began = {"data": str(Path(data).resolve()), "sha1": content_key(data)} if data is not None else {"synthetic": n}
     if resume and folder_kind(out) == "demo":
         lock_output(out)
