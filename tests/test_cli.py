@@ -310,11 +310,28 @@ def test_ctrl_c_in_the_demo_says_how_to_resume_it(tmp_path, monkeypatch):
     import toolkit.pipeline
 
     monkeypatch.setattr(toolkit.pipeline, "run_demo", interrupt)
+    monkeypatch.delenv("MAKELEVEL", raising=False)  # `make test` sets it
     args = ["demo", "--out", str(tmp_path / "demo"), "--force"]
     result = CliRunner().invoke(main, args)
     line = result.output.strip().splitlines()[-1]
     assert result.exit_code == 130 and shlex.split(line.split("to continue: ", 1)[1]) == ["cellfuse", "demo", "--out",
                                                                                           str(tmp_path / "demo"), "--resume"]
+
+
+def test_ctrl_c_in_make_demo_says_how_to_resume_it_with_make(tmp_path, monkeypatch):
+    """`make demo` points Keras at its own cache; the line that resumes it must too."""
+    import toolkit.pipeline
+
+    monkeypatch.setattr(toolkit.pipeline, "run_demo", interrupt)
+    monkeypatch.setenv("MAKELEVEL", "1")
+    data = tmp_path / "my data.npz"
+    data.write_bytes(b"")
+    monkeypatch.setattr("toolkit.precheck.data_file", lambda path: path)
+    result = CliRunner().invoke(main, ["demo", "--out", "outputs/demo", "--data", str(data), "--force"])
+    line = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 130, result.output
+    assert shlex.split(line.split("to continue: ", 1)[1]) == ["make", "demo", "OUT=outputs/demo", f"DATA={data}",
+                                                              "RESUME=1"]
 
 
 def test_ctrl_c_in_a_command_that_cannot_resume(tmp_path, monkeypatch):

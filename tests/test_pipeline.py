@@ -180,18 +180,23 @@ def test_a_demo_resumes_only_its_own_folder_on_its_own_data(tmp_path):
 
     from toolkit.errors import CellfuseError
     from toolkit.pipeline import demo_folder
+    from toolkit.runs import write_json
 
     data = tmp_path / "train.npz"
     np.savez(data, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.zeros((2, 1)))
     out = demo_folder(tmp_path / "demo", data, 100, force=False, resume=True)  # nothing to resume: a new demo
-    (out / "progress.txt").write_text("a stage's output")
+    write_json(out / "progress.json", {"stage": "done"})  # a stage's output (cellfuse's own)
     assert demo_folder(out, data, 100, force=False, resume=True) == out
-    assert (out / "progress.txt").exists()  # kept
+    assert (out / "progress.json").exists()  # kept
     with pytest.raises(CellfuseError, match="began on .*train.npz.*--resume continues a demo on its own data"):
         demo_folder(out, None, 100, force=False, resume=True)
     np.savez(data, images=np.ones((2, 4, 4, 3), np.uint8), labels=np.zeros((2, 1)))  # same name, new content
     with pytest.raises(CellfuseError, match="its own data"):
         demo_folder(out, data, 100, force=False, resume=True)
+    assert demo_folder(out, data, 100, force=True, resume=True) == out  # --force starts over
+    assert not (out / "progress.json").exists()
+    (out / "demo.json").unlink()  # cut off right after the folder was made: nothing there to resume but that
+    assert demo_folder(out, data, 100, force=False, resume=True) == out and (out / "demo.json").is_file()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's")

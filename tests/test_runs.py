@@ -298,3 +298,20 @@ def test_read_history_gives_floats_and_survives_a_damaged_file(tmp_path):
     assert read_history(tmp_path) == [{"epoch": 1.0, "loss": 2.08}, {"epoch": 2.0, "loss": 1.5}]
     (tmp_path / "history.csv").write_bytes(b"\xff\xfe\x00bad")
     assert read_history(tmp_path) == []
+
+
+def test_a_resumed_recipe_may_spell_its_files_differently_but_not_change_them(tmp_path, monkeypatch):
+    """`demo --resume` from another spelling of --out writes the same files as absolute or relative paths."""
+    from toolkit.runs import changed_keys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clean.npz").write_bytes(b"x")
+    (tmp_path / "other.npz").write_bytes(b"y")
+    old = {"data": {"train": "clean.npz", "extra_val": ["clean.npz", "other.npz"]}, "train": {"seed": 2}}
+    same = {"data": {"train": str(tmp_path / "clean.npz"), "extra_val": [str(tmp_path / "clean.npz"), "./other.npz"]},
+            "train": {"seed": 2}}
+    assert changed_keys(old, same) == []
+    moved = {"data": {"train": "other.npz", "extra_val": ["clean.npz"]}, "train": {"seed": 3}}
+    assert changed_keys(old, moved) == ["data.extra_val: ['clean.npz', 'other.npz'] -> ['clean.npz']",
+                                        "data.train: 'clean.npz' -> 'other.npz'", "train.seed: 2 -> 3"]
+    assert changed_keys({"x": "missing.npz"}, {"x": str(tmp_path / "missing.npz")}) != []  # no file: by spelling

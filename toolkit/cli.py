@@ -201,7 +201,11 @@ class Group(click.Group):
 def interrupted(argv: list[str]):
     """Ctrl-C: say how to continue (a resumable command's own line with --resume), exit 130."""
     message = "interrupted"
-    if argv and argv[0] in RESUMABLE:
+    if argv[:1] == ["demo"] and os.environ.get("MAKELEVEL"):  # under `make demo`, which sets Keras' cache
+        values = {name: argv[argv.index(flag) + 1] for name, flag in (("OUT", "--out"), ("DATA", "--data"))
+                  if flag in argv[:-1]}
+        message += f"; to continue: make demo {' '.join(f'{k}={shlex.quote(v)}' for k, v in values.items())} RESUME=1"
+    elif argv and argv[0] in RESUMABLE:
         again = [a for a in argv if a != "--force"] + ([] if "--resume" in argv else ["--resume"])
         message += f"; to continue: cellfuse {shlex.join(again)}"
     fail(message, EXIT_INTERRUPTED)

@@ -22,6 +22,7 @@ from toolkit.errors import CellfuseError
 from toolkit.export import export_submission, grade_submission
 from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
 from toolkit.runs import (
+    MANIFEST,
     folder_kind,
     fresh_dir,
     lock_output,
@@ -82,8 +83,11 @@ class Pipeline:
 def finished(folder: Path, last: str, kind: str, resume: bool) -> dict | None:
     """On resume, what a stage cellfuse finished there wrote last (its `last` JSON file), else None:
     the stage runs again, replacing only its own unfinished output."""
-    if resume and folder_kind(folder) == kind and (folder / last).is_file():
-        return json.loads((folder / last).read_text())
+    if resume and folder_kind(folder) == kind:
+        try:
+            return json.loads((folder / last).read_text())
+        except (OSError, ValueError):  # missing or damaged: the stage did not finish
+            return None
     return None
 
 
@@ -263,12 +267,16 @@ def demo_folder(out: Path, data: Path | None, n: int, *, force: bool, resume: bo
     if resume and folder_kind(out) == "demo":
         lock_output(out)
         refuse_inputs_inside(out, [data])
-        record = out / "demo.json"
-        before = json.loads(record.read_text()) if record.is_file() else None
-        if before != began:
+        try:
+            before = json.loads((out / "demo.json").read_text())
+        except (OSError, ValueError):  # interrupted before it was written: nothing else is there yet
+            before = began if not [f for f in out.iterdir() if f.name != MANIFEST] else None
+        if before == began:
+            write_json(out / "demo.json", began)
+            return out
+        if not force:
             raise CellfuseError(f"{out}: this demo began on {before or 'something unrecorded'}, not on {began}; "
                                 "--resume continues a demo on its own data only (--force starts over)")
-        return out
     out = fresh_dir(out, force, inputs=[data], kind="demo")
     write_json(out / "demo.json", began)
     return out

@@ -533,9 +533,18 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and not same_files(a, b):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def same_files(a, b) -> bool:
+    """Two recipe values naming the same existing files, however spelled (relative or absolute)."""
+    if isinstance(a, str) and isinstance(b, str):
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x == y or same_files(x, y) for x, y in zip(a, b, strict=True))
+    return False
 
 
 def never_trained(run: Path) -> bool:
