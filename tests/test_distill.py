@@ -153,6 +153,7 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing
         assert "teacher with its TTA views" in said
         _compare_again_without_timing(tmp, recipe, args, monkeypatch)
         _student_against_ensemble_image_by_image(tmp, run, summary["paired"]["val_corrupt"]["ensemble"])
+        _resume_refuses_another_teacher(run, args)
     elif mode == "function-matching":
         assert not list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher without its TTA views" in said
@@ -349,6 +350,20 @@ def _student_against_ensemble_image_by_image(tmp: Path, run: Path, paired: dict)
     student = merge(predict_views(load_model(run / "best.keras"), data.images, views), "mean").argmax(1) == data.labels
     ensemble = load_model(tmp / "ens").predict(data.images.astype(np.float32), verbose=0).argmax(1) == data.labels
     assert (paired["a_only"], paired["b_only"]) == (int((student & ~ensemble).sum()), int((ensemble & ~student).sum()))
+
+
+def _resume_refuses_another_teacher(run: Path, args: list[str]) -> None:
+    """A student made from one ensemble is never continued or compared against another."""
+    record = run / "teacher.json"
+    mine = json.loads(record.read_text())
+    assert mine["key"] and Path(mine["ensemble"]).name == "ens"
+    record.write_text(json.dumps({**mine, "key": "0" * 16}))  # as if distilled from an ensemble since rebuilt
+    try:
+        result = CliRunner().invoke(main, [a for a in args if a != "--json"] + ["--resume"])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "holds another ensemble" in said and "--force to distil it again" in said, said
+    finally:
+        record.write_text(json.dumps(mine))
 
 
 def _compare_again_without_timing(tmp: Path, recipe: Path, args: list[str], monkeypatch) -> None:

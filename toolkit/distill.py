@@ -175,6 +175,7 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     cfg = recipe.distill
     start = T.start_run(recipe, runs_root, resume=resume, force=force, console=console,  # train's set-up
                         inputs=[ensemble_dir], kind="student")
+    check_same_teacher(start.run, Path(ensemble_dir), new=start.created)
     if start.complete is not None:
         return compare(recipe, start.run, Path(ensemble_dir), console, timing=timing)
     run, split, strategy, started = start.run, start.split, start.strategy, start.started
@@ -407,6 +408,20 @@ def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: s
         probs = T.Predictor(teacher, 256)(data.images)
     save_npz(cache, probs=probs)
     return probs
+
+
+def check_same_teacher(run: Path, ensemble_dir: Path, new: bool) -> None:
+    """A student resumes, or is compared again, only with the ensemble it was distilled from: teacher.json,
+    written when the run starts, holds that ensemble file's hash. (Runs from before it have none.)"""
+    record, key = run / "teacher.json", teacher_key(ensemble_dir)
+    if new:
+        write_json(record, {"ensemble": str(ensemble_dir), "key": key})
+    elif record.is_file():
+        before = json.loads(record.read_text())
+        if before.get("key") != key:
+            raise CellfuseError(f"{run}: was distilled from {before.get('ensemble')} (ensemble file {before.get('key')}), "
+                                f"and {ensemble_dir} holds another ensemble ({key}); --resume continues a student with "
+                                "its own teacher: give that ensemble, or --force to distil it again from this one")
 
 
 def teacher_key(ensemble_dir: Path) -> str:
