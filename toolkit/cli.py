@@ -917,7 +917,7 @@ def demo(out, data, resume, force, as_json):
     On synthetic data (2,000 images) the members (recipes/cpu-lite0.toml and cpu-mobilenet.toml) and the
     student (recipes/student-cpu-lite0.toml) train at 96 px, 4 epochs each (1 head-only, 3 all layers).
     With --data the recipes run their full schedules (17 and 10 epochs per member, 40 for the student):
-    62-84 minutes on 2 cores for the real training file (6,990 images). A student more than a point behind
+    60-84 minutes on 2 cores for the real training file (6,990 images). A student more than a point behind
     its teacher on clean or held-out validation is followed by the next rung,
     recipes/student-cpu-lite0-whole.toml (about 30 minutes more), and the closer one ships. An
     interrupted demo continues with --resume (same --out and --data).
