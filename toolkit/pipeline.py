@@ -26,6 +26,7 @@ from toolkit.runs import (
     folder_kind,
     fresh_dir,
     lock_output,
+    read_finished_json,
     refuse_inputs_inside,
     resolve_model_file,
     write_json,
@@ -83,12 +84,7 @@ class Pipeline:
 def finished(folder: Path, last: str, kind: str, resume: bool) -> dict | None:
     """On resume, what a stage cellfuse finished there wrote last (its `last` JSON file), else None:
     the stage runs again, replacing only its own unfinished output."""
-    if resume and folder_kind(folder) == kind:
-        try:
-            return json.loads((folder / last).read_text())
-        except (OSError, ValueError):  # missing or damaged: the stage did not finish
-            return None
-    return None
+    return read_finished_json(folder / last) if resume and folder_kind(folder) == kind else None
 
 
 def member_overrides(clean_npz: Path, extra_val: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
@@ -267,10 +263,9 @@ def demo_folder(out: Path, data: Path | None, n: int, *, force: bool, resume: bo
     if resume and folder_kind(out) == "demo":
         lock_output(out)
         refuse_inputs_inside(out, [data])
-        try:
-            before = json.loads((out / "demo.json").read_text())
-        except (OSError, ValueError):  # interrupted before it was written: nothing else is there yet
-            before = began if not [f for f in out.iterdir() if f.name != MANIFEST] else None
+        before = read_finished_json(out / "demo.json")
+        if before is None and not [f for f in out.iterdir() if f.name != MANIFEST]:
+            before = began  # cut off before demo.json was written: nothing else is there yet
         if before == began:
             write_json(out / "demo.json", began)
             return out

@@ -554,12 +554,18 @@ def never_trained(run: Path) -> bool:
         backups.is_dir() and any(f.is_file() and f.name != MANIFEST for f in backups.rglob("*")))
 
 
-def read_summary(run: Path) -> dict | None:
-    """A finished run's summary, or None. summary.json is written last: it marks completion."""
+def read_finished_json(path: Path) -> dict | None:
+    """A JSON file cellfuse writes last in a folder (atomically), or None when it is missing or damaged:
+    whatever wrote it did not finish."""
     try:
-        return json.loads((run / "summary.json").read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_summary(run: Path) -> dict | None:
+    """A finished run's summary, or None. summary.json is written last: it marks completion."""
+    return read_finished_json(run / "summary.json")
 
 
 
