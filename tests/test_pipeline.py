@@ -5,7 +5,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from toolkit.pipeline import CLOSE_POINTS, climb, points_behind, run_pipeline, submission_views
+from toolkit.pipeline import (
+    CLOSE_POINTS,
+    CLOSER_BY,
+    climb,
+    points_behind,
+    run_pipeline,
+    submission_views,
+)
 from toolkit.synth import write_synthetic
 
 ROOT = Path(__file__).parents[1]
@@ -25,7 +32,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
         path.write_text((ROOT / "recipes" / "tiny.toml").read_text().replace('name = "tiny"', f'name = "{name}"')
                         + '\n[distill]\nmode = "cached"\n')
         students.append(path)
-    # no rung is ever close enough: the ladder distils both and ships the closer
+    # no rung is ever close enough: the ladder distils both and ships the closest (by a margin)
     monkeypatch.setattr("toolkit.pipeline.CLOSE_POINTS", -100.0)
     console = Console(record=True, width=160)
     figures = run_pipeline(data, tmp_path / "out", None, console, members=members, students=students)
@@ -38,12 +45,14 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
                  "ensemble/ensemble.keras", "runs/student/best.keras", "runs/student-big/distill.json",
                  "submission.zip"):
         assert (out / path).exists(), path
-    # both rungs distilled and recorded with how far behind their teacher they ended; the closer shipped
+    # both rungs distilled and recorded with how far behind their teacher they ended
     behind = {name: points_behind(json.loads((out / "runs" / name / "distill.json").read_text()))
               for name in ("student", "student-big")}
     assert figures["ladder"] == [{"student_run": str(out / "runs" / name), "points_behind": behind[name]}
                                  for name in ("student", "student-big")]
-    shipped = out / "runs" / min(behind, key=behind.get)
+    # the larger rung ships only when closer by more than CLOSER_BY
+    shipped = out / "runs" / ("student-big" if round(behind["student"] - behind["student-big"], 1) > CLOSER_BY
+                              else "student")
     assert figures["distill"]["student_run"] == str(shipped)
     # the graded zip predicts exactly what the student run does, with the views the pipeline chose for
     # it, on the graded (corrupted validation) file
@@ -90,8 +99,9 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
 
 def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
     """Rungs are distilled smallest first until one is within CLOSE_POINTS of its teacher on clean and
-    held-out validation (rounded as distill prints); the cellfuse-mix gap does not count."""
-    assert CLOSE_POINTS == 1.0
+    held-out validation (rounded as distill prints); the cellfuse-mix gap does not count. With none
+    within, a larger rung ships only when closer by more than CLOSER_BY."""
+    assert (CLOSE_POINTS, CLOSER_BY) == (1.0, 0.5)
 
     def rung(name, val, heldout, corrupt=0.0):
         return {"student_run": name, "gap": {"val": val, "val_corrupt": corrupt, "val_heldout": heldout}}
@@ -112,8 +122,11 @@ def test_the_ladder_ships_the_first_rung_within_a_point_else_the_closest():
     assert run(close, far) == ("small", ["small"])  # within at once: the larger rung is never trained
     assert run(far, close) == ("small", ["mid", "small"])
     assert run(far, farther) == ("mid", ["mid", "big"])  # none within: the closest
-    assert run(farther, far) == ("mid", ["big", "mid"])
+    assert run(farther, far) == ("big", ["big", "mid"])  # the larger rung is only 0.4 closer: the smaller ships
     assert run(far, rung("level", 0.021, -0.01)) == ("mid", ["mid", "level"])  # a tie: the smaller rung
+    assert run(rung("a", 0.026, 0.0), far) == ("a", ["a", "mid"])  # 0.5 closer is not enough
+    assert run(rung("a", 0.027, 0.0), far) == ("mid", ["a", "mid"])  # 0.6 closer is
+    assert run(rung("a", 0.04, 0.0), far, farther) == ("mid", ["a", "mid", "big"])  # the closest of three
     # 9 of 899 images (1.001 points) prints as 1.0 and counts as within; 10 of 899 does not
     assert run(rung("a", 9 / 899, 0.0), far) == ("a", ["a"])
     assert run(rung("a", 10 / 899, 0.0), far)[1] == ["a", "mid"]
@@ -130,7 +143,7 @@ def test_a_failed_rung_is_skipped_but_a_failed_first_rung_stops_the_pipeline():
         return r
 
     small, mid = ({"student_run": name, "gap": {"val": 0.02, "val_heldout": gap}} for name, gap in
-                  (("small", 0.03), ("mid", 0.025)))
+                  (("small", 0.03), ("mid", 0.024)))
     broken = {"student_run": "broken"}
     shipped, tried, failed = climb([small, broken, mid], distill_rung)
     assert (shipped, tried, failed) == (mid, [small, mid], [(broken, "broken: no weights here")])  # the closer
