@@ -67,10 +67,11 @@ def tiny_npz(tmp_path):
     return save_dataset(tmp_path / "tiny.npz", images, labels)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def brief_timing(monkeypatch):
-    """distill's img/s timing at 0.1 s per model instead of 3 s: tests check that it runs and is
-    reported, not what it measures (test_distill times a model of known speed on its own)."""
+    """distill's img/s timing at 0.1 s per model instead of 3 s, in every test (each distillation times
+    three models): tests check that it runs and is reported, not what it measures (test_distill times a
+    model of known speed on its own, with a budget of its own)."""
     from functools import partial
 
     from toolkit import distill

@@ -108,7 +108,7 @@ MODES = {"cached": "", "function-matching": 'init = "m0"\n', "function-matching-
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch, brief_timing):
+def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     tmp, data = tiny_ensemble
     monkeypatch.chdir(tmp)
     recipe = _student_recipe(tmp, mode.removesuffix("-tta").removesuffix("-jsd"), MODES[mode])

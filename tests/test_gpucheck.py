@@ -17,7 +17,7 @@ def test_without_a_gpu_it_says_so_in_one_line(capsys):
     assert len(out) == 1 and "no GPU" in out[0]
 
 
-def test_dry_run_runs_every_check(tmp_path, capsys, brief_timing):
+def test_dry_run_runs_every_check(tmp_path, capsys):
     from toolkit.gpucheck import main
 
     code = main(["--dry-run", "--out", str(tmp_path)])

@@ -18,7 +18,7 @@ from toolkit.synth import write_synthetic
 ROOT = Path(__file__).parents[1]
 
 
-def test_synth_to_graded_submission(tmp_path, monkeypatch, brief_timing):
+def test_synth_to_graded_submission(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = write_synthetic(tmp_path / "synth.npz", n=300, seed=3, console=Console(quiet=True))
     members = []

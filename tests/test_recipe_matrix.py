@@ -64,9 +64,9 @@ TRACED = {"tiny", "quick"}  # traced (and jit-compiled where they say so) as on 
 # one step per stage: eager steps of the big backbones cost 5-9 s each, whatever the batch; 16 images
 # make each validation file one batch
 STEPS, BATCH, GRADE_IMAGES = 1, 16, 16
-# config.json's "module" of Keras' own layers, models, initializers..., and of cellfuse's layers
+# config.json's "module" of Keras' own layers, models, ops (MobileNetV3's), initializers..., and cellfuse's
 CORE_MODULES = ("keras.layers", "keras.src.layers", "keras.src.models", "keras.initializers", "keras.regularizers",
-                "keras.constraints", "keras.dtype_policies", "keras.src.dtype_policies", "toolkit.")
+                "keras.constraints", "keras.dtype_policies", "keras.src.dtype_policies", "keras.src.ops", "toolkit.")
 
 
 def is_core(module: str) -> bool:
