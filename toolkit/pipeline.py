@@ -41,7 +41,7 @@ MEMBER_RECIPES = ("cpu-lite0", "cpu-mobilenet")  # shipped recipes (toolkit.cata
 # six-candidate one, where the whole Lite0 born-again was 1.0 / 1.0 behind (MobileNet 0.25, a lower rung, was
 # 1.6-1.8 behind): docs/results.md. So the pipeline climbs: it distils rung after rung and ships the first
 # within CLOSE_POINTS of its teacher on JUDGED_ON (each with the ensemble's views), else the closest. With
-# none within, a larger rung must be closer by more than CLOSER_BY points (4 or more of 899 validation images):
+# none within, a larger rung must be closer by more than CLOSER_BY points (5 or more of 899 validation images):
 # a 1-image gain is not worth a 5x larger submission.
 STUDENT_LADDER = ("student-cpu-lite0", "student-cpu-lite0-whole")
 CLOSE_POINTS = 1.0
