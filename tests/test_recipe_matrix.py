@@ -68,10 +68,11 @@ STEPS, BATCH, GRADE_IMAGES = 1, 16, 16
 CORE_MODULES = ("keras.layers", "keras.src.layers", "keras.src.models", "keras.initializers", "keras.regularizers",
                 "keras.constraints", "keras.dtype_policies", "keras.src.dtype_policies", "keras.src.ops", "toolkit.")
 
+OFFLINE_WEIGHTS = ("cached:", "pip package:")  # pretrained_status's words for "loads without a network"
+
 
 def is_core(module: str) -> bool:
     return module == "keras" or module.startswith(CORE_MODULES)
-OFFLINE_WEIGHTS = ("cached:", "pip package:")  # pretrained_status's words for "loads without a network"
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions_eagerly`")
@@ -198,6 +199,7 @@ def test_layer_modules_finds_a_layer_from_outside_keras_core(tmp_path):
 
 @pytest.mark.parametrize("name", [_param(n) for n in shipped_names() if not is_student(n)])
 def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy, steps_as_recipe):
+    from toolkit.export import export_submission, grade_submission
     from toolkit.train import train_recipe
 
     tmp, train, extra, grade = toy
@@ -207,8 +209,6 @@ def test_member_recipe_trains_exports_and_grades_on_cpu(name, toy, steps_as_reci
     history = (Path(summary["run"]) / "history.csv").read_text().splitlines()
     assert len(history) == 1 + len(recipe.train.stages)  # header + one epoch per stage
     assert set(compute.seen) == {"float16" if recipe.train.mixed_precision == "on" else "float32"}
-    from toolkit.export import export_submission, grade_submission
-
     quiet, zip_path = Console(quiet=True), tmp / f"{name}.zip"
     export_submission(Path(summary["run"]), zip_path, console=quiet)
     modules = layer_modules(zip_path)
