@@ -189,16 +189,20 @@ def class_weight(recipe: Recipe, train: Dataset):
 
 class Predictor:
     """Batched forward passes of `source` in inference mode. Local to this process (no collective op),
-    so every worker of a cluster computes the same values from the same weights."""
+    so every worker of a cluster computes the same values from the same weights. Traced once per image
+    shape, for any number of images: a model with TTA views costs seconds to trace."""
 
     def __init__(self, source, batch_size: int = 256):
         self.source, self.batch_size = source, batch_size
-        self._forward = None
+        self._forward = {}  # image shape -> traced function
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        if self._forward is None:
-            self._forward = tf.function(lambda v: self.source(v, training=False), reduce_retracing=True)
-        return np.concatenate([np.asarray(self._forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
+        shape = tuple(x.shape[1:])
+        if shape not in self._forward:
+            spec = tf.TensorSpec((None, *shape), tf.float32)
+            self._forward[shape] = tf.function(lambda v: self.source(v, training=False), input_signature=[spec])
+        forward = self._forward[shape]
+        return np.concatenate([np.asarray(forward(tf.constant(x[i:i + self.batch_size], tf.float32)),
                                           dtype=np.float32) for i in range(0, len(x), self.batch_size)])

@@ -439,17 +439,16 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
     models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
               "best member": (member_file(ensemble_dir, "best-member"), views)}
     split = T.load_split(recipe, Console(quiet=True))
-    rows, loaded, correct = {}, {}, {}
+    rows, predictors, correct = {}, {}, {}
     for label, (path, tta) in models.items():
         model = load_model(path)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
-        loaded[label] = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
-        predict = T.Predictor(loaded[label], 256)
+        predict = predictors[label] = T.Predictor(wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model)
         for name, data in split.val.items():
             correct[label, name] = predict(data.images).argmax(1) == data.labels
             rows[label][f"acc_{name}"] = float(correct[label, name].mean())
-    if timing:
-        for label, speed in img_per_s(loaded, split.val["val"], console).items():
+    if timing:  # timed as they predicted above, on functions already traced
+        for label, speed in img_per_s(predictors, split.val["val"], console).items():
             rows[label]["img_per_s"] = speed
     student, ensemble = rows["student"], rows["ensemble"]
     started = json.loads((run / "init.json").read_text()) if (run / "init.json").exists() else {}
@@ -509,9 +508,10 @@ TIMING_BATCH = 64
 
 def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = TIMING_S,
               batch: int = TIMING_BATCH) -> dict[str, float]:
-    """Each model's median speed over one-batch passes, the models taking turns until each has
-    predicted for `budget_s` (at least two passes): a shared machine's speed drifts (here by up to
-    2x), so only passes made side by side compare fairly; the budget bounds the cost of any ensemble."""
+    """Each model's median speed over one-batch passes (a model: a function of a batch, as a Predictor),
+    the models taking turns until each has predicted for `budget_s` (at least two passes): a shared
+    machine's speed drifts (here by up to 2x), so only passes made side by side compare fairly; the
+    budget bounds the cost of any ensemble."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     x = data.images[np.arange(batch) % len(data)].astype(np.float32)
@@ -523,13 +523,13 @@ def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = T
                   transient=True) as progress:
         task = progress.add_task("warm-up", total=budget_s * len(models))
         for model in models.values():
-            model.predict_on_batch(x)  # tracing is not throughput
+            model(x)  # a first pass is not throughput
         active = list(models)
         while active:
             for label in list(active):
                 progress.update(task, description=label)
                 started = time.perf_counter()
-                models[label].predict_on_batch(x)
+                models[label](x)
                 seconds = time.perf_counter() - started
                 progress.advance(task, min(seconds, max(budget_s - spent[label], 0)))
                 spent[label] += seconds
