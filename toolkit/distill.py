@@ -443,7 +443,8 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
     for label, (path, tta) in models.items():
         model = load_model(path)
         rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
-        predict = predictors[label] = T.Predictor(wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model)
+        viewed = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
+        predict = predictors[label] = T.Predictor(viewed)
         for name, data in split.val.items():
             correct[label, name] = predict(data.images).argmax(1) == data.labels
             rows[label][f"acc_{name}"] = float(correct[label, name].mean())
@@ -506,30 +507,29 @@ TIMING_S = 3.0  # seconds of prediction per model: ~10 s for the three, a small 
 TIMING_BATCH = 64
 
 
-def img_per_s(models: dict, data: Dataset, console: Console, budget_s: float = TIMING_S,
+def img_per_s(predictors: dict, data: Dataset, console: Console, budget_s: float = TIMING_S,
               batch: int = TIMING_BATCH) -> dict[str, float]:
-    """Each model's median speed over one-batch passes (a model: a function of a batch, as a Predictor),
-    the models taking turns until each has predicted for `budget_s` (at least two passes): a shared
-    machine's speed drifts (here by up to 2x), so only passes made side by side compare fairly; the
-    budget bounds the cost of any ensemble."""
+    """Each predictor's (a function of a batch) median speed over one-batch passes, taking turns until
+    each has predicted for `budget_s` (at least two passes): a shared machine's speed drifts (here by up
+    to 2x), so only passes made side by side compare fairly; the budget bounds the cost of any ensemble."""
     from rich.progress import BarColumn, Progress, TextColumn
 
     x = data.images[np.arange(batch) % len(data)].astype(np.float32)
-    console.print(f"timing {', '.join(models)} on this machine: about {budget_s:.0f} s each after a "
+    console.print(f"timing {', '.join(predictors)} on this machine: about {budget_s:.0f} s each after a "
                   "warm-up pass (--no-timing skips it)")
-    speeds = {label: [] for label in models}
-    spent = dict.fromkeys(models, 0.0)
+    speeds = {label: [] for label in predictors}
+    spent = dict.fromkeys(predictors, 0.0)
     with Progress(TextColumn("timing"), BarColumn(), TextColumn("{task.description}"), console=console,
                   transient=True) as progress:
-        task = progress.add_task("warm-up", total=budget_s * len(models))
-        for model in models.values():
-            model(x)  # a first pass is not throughput
-        active = list(models)
+        task = progress.add_task("warm-up", total=budget_s * len(predictors))
+        for predict in predictors.values():
+            predict(x)  # a first pass is not throughput
+        active = list(predictors)
         while active:
             for label in list(active):
                 progress.update(task, description=label)
                 started = time.perf_counter()
-                models[label](x)
+                predictors[label](x)
                 seconds = time.perf_counter() - started
                 progress.advance(task, min(seconds, max(budget_s - spent[label], 0)))
                 spent[label] += seconds
