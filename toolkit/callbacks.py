@@ -37,9 +37,11 @@ from toolkit.runs import (
 
 
 def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: int, console, source, *,
-                   val: Dataset | None = None, strategy=None, extra=(), calibration, tracked=None):
+                   predict: Predictor, val: Dataset | None = None, strategy=None, extra=(), calibration,
+                   tracked=None):
     """Order matters: backups restore first, EMA swaps in before anything reads the weights, val_auc is
-    computed before the checkpoint, plateau and early stopping read it."""
+    computed before the checkpoint, plateau and early stopping read it. `predict` is `source`'s forward
+    pass, one for the whole run: each new one traces the model again."""
     cfg = recipe.train
     callbacks = [Backup(str(make_own_dir(backup, "part")), console, save_freq=cfg.checkpoint_every)]
     if strategy is not None and is_multi_worker(strategy):
@@ -49,9 +51,9 @@ def make_callbacks(recipe: Recipe, run: Path, backup: Path, offset: int, steps: 
     if cfg.ema:  # before the checkpoint callbacks, so they see the averaged weights
         callbacks.append(SwapEMAWithBatchNorm(source, calibration, strategy=strategy))
     if val is not None:
-        callbacks.append(ValidationAUC(source, val))
+        callbacks.append(ValidationAUC(predict, val))
     if tracked:
-        callbacks.append(TrackedAccuracy(source, tracked, steered=run / "checkpoint" / "steered.npz",
+        callbacks.append(TrackedAccuracy(predict, tracked, steered=run / "checkpoint" / "steered.npz",
                                          monitored=monitored_set(recipe), offset=offset))
     callbacks += [NaNGuard(offset), BestCheckpoint(run, cfg.monitor, offset, source),
                   Snapshots(run, sum(s.epochs for s in cfg.stages) - cfg.snapshots, offset, source),
@@ -199,9 +201,9 @@ class ValidationAUC(keras.callbacks.Callback):
     """val_auc = macro one-vs-rest AUC of `source` on the un-augmented validation images, exactly as
     metrics.json reports it (keras.metrics.AUC is micro-averaged over one-hot columns: another figure)."""
 
-    def __init__(self, source, val: Dataset, batch_size: int = 256):
+    def __init__(self, predict: Predictor, val: Dataset):
         super().__init__()
-        self.val, self.predict = val, Predictor(source, batch_size)
+        self.val, self.predict = val, predict
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -229,9 +231,10 @@ class TrackedAccuracy(keras.callbacks.Callback):
     goes to `steered` (e<epoch> -> bools): the choice replayed on half the images and scored on the
     other half is the honest figure for that set (train.cross_fitted_checkpoint)."""
 
-    def __init__(self, source, sets: dict[str, Dataset], *, steered: Path, monitored: str | None, offset: int):
+    def __init__(self, predict: Predictor, sets: dict[str, Dataset], *, steered: Path, monitored: str | None,
+                 offset: int):
         super().__init__()
-        self.sets, self.predict = sets, Predictor(source)
+        self.sets, self.predict = sets, predict
         self.steered, self.monitored, self.offset = steered, monitored, offset
 
     def on_train_begin(self, logs=None):

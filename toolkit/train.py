@@ -249,6 +249,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     calibration = calibration_images(train_ds, min(512, steps * recipe.train.batch_size)) if recipe.train.ema else None
     val_ds = val_ds or make_dataset(split.val["val"], recipe, training=False, validation_augment=True)
     compile_fn = compile_fn or compile_model
+    predict = Predictor(model)  # traced once for every stage's validation passes
     offset = 0
     for i, stage in enumerate(recipe.train.stages):
         done = ckpt / f"stage{i}.weights.h5"
@@ -264,7 +265,7 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
                       f"backbone {stage.unfreeze:.0%} trainable, "
                       f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable parameters")
         callbacks = make_callbacks(recipe, run, ckpt / f"stage{i}", offset, steps, console, source=model,
-                                   val=split.val["val"], strategy=strategy, extra=extra_callbacks,
+                                   predict=predict, val=split.val["val"], strategy=strategy, extra=extra_callbacks,
                                    tracked=tracked_sets(recipe, split, track_extra_val), calibration=calibration)
         with deterministic_kernels(recipe):
             fitted.fit(train_ds, validation_data=val_ds, epochs=stage.epochs, steps_per_epoch=steps,
