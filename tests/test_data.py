@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_images
 
-from toolkit.data import check_dataset, check_npz, load_dataset, save_dataset, stratified_split
+from toolkit.data import CLASS_NAMES, check_dataset, check_npz, load_dataset, save_dataset, stratified_split
 from toolkit.errors import CellfuseError
 
 
@@ -190,19 +190,49 @@ def test_float_pixels_in_range_are_accepted(tmp_path):
 def test_class_folder(tmp_path):
     from PIL import Image
 
-    for c, name in enumerate(["a_cells", "b_cells"]):
+    for c, name in enumerate(["Basophil", "ig"]):
         (tmp_path / "root" / name).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(GOOD[0][c * 3 + i]).save(tmp_path / "root" / name / f"{i}.png")
-    Image.fromarray(GOOD[0][0][:50, :50]).save(tmp_path / "root" / "b_cells" / "small.png")  # resized
-    (tmp_path / "root" / "b_cells" / "broken.png").write_bytes(b"nope")
+    Image.fromarray(GOOD[0][0][:50, :50]).save(tmp_path / "root" / "ig" / "small.png")  # resized
+    (tmp_path / "root" / "ig" / "broken.png").write_bytes(b"nope")
     with pytest.raises(CellfuseError, match="broken.png: unreadable image"):
         load_dataset(tmp_path / "root")
-    (tmp_path / "root" / "b_cells" / "broken.png").unlink()
+    (tmp_path / "root" / "ig" / "broken.png").unlink()
     data = load_dataset(tmp_path / "root")
     assert check_dataset(tmp_path / "root") == 7
-    assert data.class_names == ("a_cells", "b_cells")
-    assert data.images.shape == (7, 96, 96, 3) and list(data.labels) == [0, 0, 0, 1, 1, 1, 1]
+    assert data.class_names == CLASS_NAMES
+    assert data.images.shape == (7, 96, 96, 3) and list(data.labels) == [0, 0, 0, 3, 3, 3, 3]
+
+
+def test_class_folders_are_labelled_by_name_not_by_their_place_in_a_listing(tmp_path):
+    from PIL import Image
+
+    for name in ["lymphocyte", "Platelets"]:  # six classes absent: labels must still be 4 and 7
+        (tmp_path / "root" / name).mkdir(parents=True)
+        Image.fromarray(GOOD[0][0]).save(tmp_path / "root" / name / "0.png")
+    assert list(load_dataset(tmp_path / "root").labels) == [4, 7]
+    (tmp_path / "root" / "zzz").mkdir()
+    with pytest.raises(CellfuseError, match="sub-folder\\(s\\) 'zzz' name no class"):
+        check_dataset(tmp_path / "root")
+    (tmp_path / "root" / "zzz").rmdir()
+    (tmp_path / "root" / "platelet").mkdir()
+    with pytest.raises(CellfuseError, match="more than one sub-folder stands for platelet"):
+        check_dataset(tmp_path / "root")
+
+
+def test_a_folder_image_is_read_as_predict_reads_it(tmp_path):
+    from PIL import Image
+
+    from toolkit.data import to_model_input
+
+    wide = np.zeros((96, 192, 3), np.uint8)
+    wide[:, 48:144] = 200  # the centre square: a crop keeps only it, a squashing resize would not
+    (tmp_path / "root" / "monocyte").mkdir(parents=True)
+    Image.fromarray(wide).save(tmp_path / "root" / "monocyte" / "wide.png")
+    images = load_dataset(tmp_path / "root").images
+    np.testing.assert_array_equal(images[0], to_model_input(tmp_path / "root" / "monocyte" / "wide.png"))
+    assert images[0].min() == 200
 
 
 def test_stratified_split_is_reproducible_and_balanced():

@@ -16,8 +16,8 @@ from rich.console import Console
 from test_tta import tiny_model
 
 from toolkit.cli import main
-from toolkit.data import CLASS_NAMES, save_dataset
-from toolkit.predict import predict_files, to_model_input
+from toolkit.data import CLASS_NAMES, save_dataset, save_npz, to_model_input
+from toolkit.predict import predict_files
 from toolkit.tta import merge, predict_views
 
 ROOT = Path(__file__).parents[1]
@@ -62,6 +62,11 @@ def test_npz_rows_hold_every_class_probability_and_the_argmax(model, tmp_path):
     np.testing.assert_allclose(probs, trained.predict(images.astype(np.float32), verbose=0), atol=1e-5)
     assert [r["class"] for r in rows] == [CLASS_NAMES[i] for i in probs.argmax(1)]
     assert sum(summary["counts"].values()) == 20
+    # new images come without labels
+    unlabelled = save_npz(tmp_path / "unlabelled.npz", images=images[:5])
+    result = CliRunner().invoke(main, ["predict", str(run), str(unlabelled), "--out", str(tmp_path / "u.csv")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(probabilities(read_csv(tmp_path / "u.csv")), probs[:5], atol=1e-5)
 
 
 def write_folder(folder: Path) -> np.ndarray:

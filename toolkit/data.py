@@ -63,9 +63,8 @@ def load_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
     if not path.exists():
         raise CellfuseError(f"{path}: does not exist")
     if path.is_dir():
-        images, labels, names = _read_folder(path, image_shape)
-        index = np.arange(len(labels), dtype=np.int64)
-        return Dataset(images, labels, str(path), index, names)
+        images, labels = _read_folder(path, image_shape)
+        return Dataset(images, labels, str(path), np.arange(len(labels), dtype=np.int64))
     arrays = _read_npz(path, image_shape)
     images = _check_images(path, arrays["images"])
     labels = _check_labels(path, arrays["labels"], len(images), n_classes)
@@ -83,7 +82,7 @@ def check_dataset(path: str | Path, n_classes: int = len(CLASS_NAMES),
     Returns the number of rows (images)."""
     path = Path(path)
     if path.is_dir():
-        return len(_folder_files(path)[0])
+        return len(_folder_files(path))
     return check_npz(path, n_classes, image_shape)
 
 
@@ -118,6 +117,18 @@ class NpyHeader:
         return math.prod(self.shape) * self.dtype.itemsize  # Python ints: a hostile shape cannot overflow
 
 
+def load_images(path: str | Path, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> np.ndarray:
+    """The images of a challenge npz, labelled or not (new images to predict), checked as load_dataset
+    checks them; any labels are not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellfuseError(f"{path}: does not exist")
+    with _npz_errors(path), _open_npz(path) as archive:
+        header = _npz_headers(path, archive, needed=("images",))["images"]
+        _check_image_header(path, header, image_shape)
+        return _check_images(path, _read_member(path, archive, "images"))
+
+
 def _read_npz(path: Path, image_shape) -> dict[str, np.ndarray]:
     """The wanted members, each read only after its header has been checked against its size."""
     with _npz_errors(path), _open_npz(path) as archive:
@@ -142,10 +153,10 @@ def _open_npz(path: Path) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
-def _npz_headers(path: Path, archive: zipfile.ZipFile) -> dict[str, NpyHeader]:
+def _npz_headers(path: Path, archive: zipfile.ZipFile, needed=("images", "labels")) -> dict[str, NpyHeader]:
     """{member: header} for the members a data set uses, each checked against its size in the zip."""
     found = {name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")}
-    missing = {"images", "labels"} - found
+    missing = set(needed) - found
     if missing:
         raise CellfuseError(
             f"{path}: missing key(s) {sorted(missing)}; found {sorted(found)} "
@@ -261,33 +272,68 @@ def _check_index_header(path, header: NpyHeader, n: int) -> None:
         raise CellfuseError(f"{path}: 'index' must be (N,) integers; got {header.shape} {header.dtype}")
 
 
-def _folder_files(path: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
-    """([(image file, label)], class names) of a folder of class sub-folders."""
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    if not classes:
+# Folder names beside the class names themselves: PBC's own (IG) and plurals are matched too.
+FOLDER_ALIASES = {"ig": "immature granulocyte"}
+
+
+def folder_class(name: str) -> int | None:
+    """The class a sub-folder's name stands for, or None: 'Immature_Granulocyte', 'ig', 'platelets'."""
+    key = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    key = FOLDER_ALIASES.get(key, key)
+    for candidate in (key, key.removesuffix("s")):
+        if candidate in CLASS_NAMES:
+            return CLASS_NAMES.index(candidate)
+    return None
+
+
+def _folder_files(path: Path) -> list[tuple[Path, int]]:
+    """[(image file, label)] of a folder of class sub-folders, each labelled by its name, never by its
+    place in a listing: a test folder that lacks one class keeps every other label right."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    if not folders:
         raise CellfuseError(f"{path}: a data folder needs one sub-folder of images per class")
-    files = [(file, label) for label, name in enumerate(classes) for file in sorted((path / name).iterdir())
-             if file.suffix.lower() in IMAGE_SUFFIXES]
+    labels = {folder: folder_class(folder.name) for folder in folders}
+    unknown = [folder.name for folder, label in labels.items() if label is None]
+    if unknown:
+        raise CellfuseError(f"{path}: sub-folder(s) {', '.join(map(repr, unknown))} name no class; class "
+                            f"folders are named {', '.join(CLASS_NAMES)} (or ig), in any case")
+    twice = sorted({CLASS_NAMES[label] for label in labels.values() if list(labels.values()).count(label) > 1})
+    if twice:
+        raise CellfuseError(f"{path}: more than one sub-folder stands for {', '.join(twice)}")
+    files = [(file, labels[folder]) for folder in sorted(folders, key=labels.get)  # rows in class order
+             for file in sorted(folder.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise CellfuseError(f"{path}: no images found in its class sub-folders")
-    return files, tuple(classes)
+    return files
 
 
-def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    from PIL import Image, UnidentifiedImageError
+def to_model_input(file, size: tuple[int, int] = IMAGE_SHAPE[:2]) -> np.ndarray:
+    """An image file as the challenge data was made from its photographs: RGB, centre-cropped to a
+    square, resized with Lanczos; (96, 96, 3) uint8. Every command reads image files this way."""
+    from PIL import Image
 
-    files, classes = _folder_files(path)
+    with Image.open(file) as image:
+        image = image.convert("RGB")  # greyscale, palette, CMYK, alpha (dropped): all to RGB
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        # Crop, then resize: the filter never reaches pixels outside the square (ImageOps.fit's would).
+        square = image.crop((left, top, left + side, top + side))
+        if square.size != size[::-1]:
+            square = square.resize(size[::-1], Image.LANCZOS)
+        return np.asarray(square, dtype=np.uint8)
+
+
+def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import UnidentifiedImageError
+
+    files = _folder_files(path)
     images = []
     for file, _ in files:
         try:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                if im.size != image_shape[1::-1]:
-                    im = im.resize(image_shape[1::-1], Image.LANCZOS)
-                images.append(np.asarray(im, dtype=np.uint8))
+            images.append(to_model_input(file, image_shape[:2]))
         except (UnidentifiedImageError, OSError) as e:
             raise CellfuseError(f"{file}: unreadable image ({e})") from None
-    return np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes
+    return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, IMAGE_SUFFIXES, load_dataset
+from toolkit.data import CLASS_NAMES, IMAGE_SUFFIXES, load_images, to_model_input
 from toolkit.errors import CellfuseError
 from toolkit.export import WEIGHTS
 from toolkit.runs import check_new_file, load_model, resolve_model_file, write_csv
@@ -128,7 +128,7 @@ def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], n
 
     sources, chunks, skipped = [], [], []
     for path in found.npz:
-        images = load_dataset(path).images
+        images = load_images(path)  # labels, if any, are not needed
         sources += [(str(path), row) for row in range(len(images))]
         chunks.append(images)
     decoded = []
@@ -150,20 +150,6 @@ def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], n
 def one_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def to_model_input(file, size: tuple[int, int] = IMAGE_SHAPE[:2]) -> np.ndarray:
-    """An image file as the challenge data was made from its photographs: RGB, centre-cropped to a
-    square, resized with Lanczos; (96, 96, 3) uint8."""
-    from PIL import Image
-
-    with Image.open(file) as image:
-        image = image.convert("RGB")  # greyscale, palette, CMYK, alpha (dropped): all to RGB
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        # Crop, then resize: the filter never reaches pixels outside the square (ImageOps.fit's would).
-        square = image.crop((left, top, left + side, top + side))
-        return np.asarray(square.resize(size[::-1], Image.LANCZOS), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- predicting
