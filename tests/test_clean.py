@@ -237,6 +237,11 @@ def test_force_replaces_only_what_cellfuse_wrote(planted_npz, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "--force" in result.output  # its own output, but no --force
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0  # its own output: replaced
+    for bad in (["--contamination", "0.6"], ["--threshold", "40"]):  # refused by the command line
+        assert CliRunner().invoke(main, [*args, "--force", *bad]).exit_code == 2
+    with pytest.raises(CellfuseError, match="--contamination must be"):  # and before anything is emptied
+        clean.clean_file(planted_npz, out, contamination=0.6, tsne=False, force=True)
+    assert (out / "clean.npz").exists() and (out / "report.json").exists()
     (out / "mine.npz").write_bytes(b"a file the user put there later")
     result = CliRunner().invoke(main, [*args, "--force"])
     assert result.exit_code != 0 and "mine.npz" in result.output and (out / "mine.npz").exists()

@@ -172,15 +172,21 @@ class Cleaning:
                 **{reason: reasons.count(reason) for reason in REASONS}}
 
 
-def clean_arrays(images: np.ndarray, labels: np.ndarray, *, threshold: int | None = None,
-                 contamination: float | None = None, min_lof: float = MIN_LOF, console=None) -> Cleaning:
-    """Decide, for every row, keep or remove, and why. Needs no files."""
+def check_settings(threshold: int | None, contamination: float | None) -> tuple[int, float]:
+    """The settings, defaults filled in, or a one-line error: checked before anything is written."""
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     contamination = DEFAULT_CONTAMINATION if contamination is None else contamination
     if not 0 <= threshold <= 32:
         raise CellfuseError(f"--threshold must be 0..32 bits of 64, got {threshold}")
     if not 0 <= contamination < 0.5:
         raise CellfuseError(f"--contamination must be in [0, 0.5), got {contamination}")
+    return threshold, contamination
+
+
+def clean_arrays(images: np.ndarray, labels: np.ndarray, *, threshold: int | None = None,
+                 contamination: float | None = None, min_lof: float = MIN_LOF, console=None) -> Cleaning:
+    """Decide, for every row, keep or remove, and why. Needs no files."""
+    threshold, contamination = check_settings(threshold, contamination)
     labels = np.asarray(labels).ravel()
     seconds = {}
     with timed(seconds, "phash"):
@@ -281,6 +287,7 @@ def clean_file(data, out, *, threshold=None, contamination=None, tsne=True, forc
     if inside or data.resolve() in out.resolve().parents:  # --force would delete or alter the input
         raise CellfuseError(f"{out}: the output directory would contain the input {data} "
                             "(or lie inside it); choose another --out")
+    check_settings(threshold, contamination)  # before fresh_dir empties a folder --force replaces
     seconds = {}
     with timed(seconds, "load"):
         ds = load_dataset(data)

@@ -400,9 +400,9 @@ def main(verbose, quiet):
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output folder: clean.npz, report.json, removed.png, tsne.png.")
-@click.option("--threshold", default=4, type=click.IntRange(0, 64),
+@click.option("--threshold", default=4, type=click.IntRange(0, 32),
               help="Max perceptual-hash Hamming distance (bits) between near duplicates.")
-@click.option("--contamination", default=0.01, type=float,
+@click.option("--contamination", default=0.01, type=click.FloatRange(0, 0.5, max_open=True),
               help="Cap on the share of distinct pictures the outlier detector may remove.")
 @click.option("--no-tsne", is_flag=True, help="Skip the t-SNE plot (the slowest part).")
 @force_option
