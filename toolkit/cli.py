@@ -430,7 +430,7 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Corrupted npz to write.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
               help="How strong the corruptions are, 1 (mild) to 5; 3 resembles the challenge's test.")
-@click.option("--seed", default=0, type=int, help="Seed of the corruptions drawn (same seed, same file).")
+@click.option("--seed", default=0, type=click.IntRange(0), help="Seed of the corruptions drawn (same seed, same file).")
 @click.option("--families", default="cellfuse", show_default=True,
               help="Comma list of corruptions, one drawn per image: cellfuse (the 2-4 family mix), own "
                    "(its six families), held-out (ImageNet-C families no preset trains on), all, or names "
@@ -461,7 +461,7 @@ def corrupt(data, out, severity, seed, families, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"),
               help="Folder that receives val.npz, val_corrupt.npz and val_heldout.npz.")
 @click.option("--val-fraction", default=0.15, help="As the recipes' data.val_fraction.")
-@click.option("--seed", default=0, help="As the recipes' data.split_seed.")
+@click.option("--seed", default=0, type=click.IntRange(0), help="As the recipes' data.split_seed.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
               help="Corruption strength of val_corrupt.npz and val_heldout.npz, as in `cellfuse corrupt`.")
 @click.option("--families", "held_out", default="held-out",
@@ -493,8 +493,8 @@ def split(data, out, val_fraction, seed, severity, held_out, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/preview.png"),
               help="PNG to write.")
 @set_option
-@click.option("--images", default=6, help="Distinct training images.")
-@click.option("--repeats", default=6, help="Augmented copies of each.")
+@click.option("--images", default=6, type=click.IntRange(1), help="Distinct training images.")
+@click.option("--repeats", default=6, type=click.IntRange(1), help="Augmented copies of each.")
 @force_option
 @json_option
 def preview(recipe, out, overrides, images, repeats, force, as_json):
@@ -522,7 +522,7 @@ def preview(recipe, out, overrides, images, repeats, force, as_json):
 @runs_out_option
 @resume_option
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder cellfuse wrote.")
-@click.option("--parallel", default=1, help="Recipes trained at once, each in its own process.")
+@click.option("--parallel", default=1, type=click.IntRange(1), help="Recipes trained at once, each in its own process.")
 @click.option("--from", "start_from", type=click.Path(path_type=Path), default=None,
               help="Start from a finished run's weights (train.init_from); its WiSE-FT blend is kept as wise.keras.")
 @seeds_option
@@ -604,7 +604,7 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
 @click.option("--against", type=click.Path(path_type=Path), default=None,
               help="A second model: the two set side by side on each DATA file, image by image (exact McNemar).")
 @click.option("--against-tta", default=None, type=ViewSpec(), help="The second model's views; without it, --tta's.")
-@click.option("--batch-size", default=256, help="Images predicted at once.")
+@click.option("--batch-size", default=256, type=click.IntRange(1), help="Images predicted at once.")
 @json_option
 def evaluate(model, data, tta, against, against_tta, batch_size, as_json):
     """Metrics of MODEL (a .keras file, run or ensemble directory) on each DATA file.
@@ -676,7 +676,7 @@ def predict(model, inputs, out, tta, batch_size, force, as_json):
 @click.option("--severities", default="1,2,3,4,5", show_default=True, help="Robustness columns (1..5).")
 @click.option("--limit", default=400, show_default=True, type=click.IntRange(0),
               help="Images in the robustness grid, drawn at random (0 = all).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the corruptions and the drawn images.")
+@click.option("--seed", default=0, type=click.IntRange(0), show_default=True, help="Seed of the corruptions and the drawn images.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Prediction batch.")
 @force_option
 @json_option
@@ -827,7 +827,7 @@ def export(run, out, tta, precision, force, as_json):
 @main.command()
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--timeout", default=600, help="Seconds before giving up.")
+@click.option("--timeout", default=600, type=click.IntRange(1), help="Seconds before giving up.")
 @json_option
 def grade(submission, data, timeout, as_json):
     """Grade SUBMISSION.zip on DATA as the challenge grader would, in a clean subprocess.
@@ -884,7 +884,7 @@ def runs_table(folder, markdown, columns, intervals, as_json):
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="npz to write.")
 @click.option("--n", default=2000, help="Real (non-planted) images.")
-@click.option("--seed", default=0, help="Seed of the drawing (same seed, same file).")
+@click.option("--seed", default=0, type=click.IntRange(0), help="Seed of the drawing (same seed, same file).")
 @force_option
 @json_option
 def synth(out, n, seed, force, as_json):
