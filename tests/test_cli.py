@@ -238,6 +238,22 @@ def test_internal_failure_keeps_the_traceback_with_status_1(tmp_path, monkeypatc
     assert result.output.strip().splitlines()[-1].startswith("Error: internal failure")
 
 
+def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    import toolkit.synth
+
+    def exhausted(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1024]\nmore")
+
+    monkeypatch.setattr(toolkit.synth, "write_synthetic", exhausted)
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "s.npz")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: out of memory (OOM when allocating tensor with shape[64,1024]); lower train.batch_size or "
+        "model.input_size, turn on train.mixed_precision on a GPU, or give evaluate/predict a smaller --batch-size")
+
+
 # ---------------------------------------------------------------- TensorFlow's start-up noise
 
 TF_NOISE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|absl::InitializeLog|cuInit|oneDNN",

@@ -163,6 +163,17 @@ console = LogConsole(stderr=False)
 
 # ---------------------------------------------------------------- one way to end
 
+def is_out_of_memory(error: Exception) -> bool:
+    # tf.errors.ResourceExhaustedError, named so that a command without TensorFlow never imports it
+    return isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError"
+
+
+def out_of_memory_message(error: Exception) -> str:
+    detail = (str(getattr(error, "message", error)).strip().splitlines() or [type(error).__name__])[0]
+    return (f"out of memory ({detail[:160]}); lower train.batch_size or model.input_size, turn on "
+            "train.mixed_precision on a GPU, or give evaluate/predict a smaller --batch-size")
+
+
 class Group(click.Group):
     """Ends every failure with one "Error: " line: status 2 for bad input (no traceback), 1 for a bug;
     Ctrl-C ends with status 130 and the command that resumes. Lists its commands untruncated."""
@@ -180,6 +191,8 @@ class Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # anything else is a bug: its traceback goes into the report
+            if is_out_of_memory(e):
+                fail(out_of_memory_message(e), EXIT_USER)
             traceback.print_exc()
             fail(f"internal failure ({type(e).__name__}: {e}); please report it with the traceback above",
                  EXIT_INTERNAL)

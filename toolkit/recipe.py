@@ -193,7 +193,8 @@ RULES: dict[str, Bound | frozenset] = {
     "model.head": frozenset({"seed", "linear"}),
     "model.normalize": frozenset({"", "reinhard", "grayworld", "stretch", "median3", "median3+reinhard",
                                   "grayworld+reinhard", "stretch+reinhard"}),
-    "model.input_size": Bound(32, also=0),  # smaller inputs vanish under the backbones' strides
+    # smaller inputs vanish under the backbones' strides; larger is past any pretraining size (600)
+    "model.input_size": Bound(32, 1024, also=0),
     "model.dropout": FRACTION,
     "model.bn_momentum": FRACTION,
     "model.width": ABOVE_0,
