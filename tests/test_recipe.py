@@ -178,6 +178,9 @@ def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
 def test_plain_names_are_kept(tmp_path):
     assert load_recipe(write(tmp_path, ""), ["name=run-1.v2_b"]).name == "run-1.v2_b"
     assert load_recipe(write(tmp_path, ""), ["name=2024"]).name == "2024"  # a number, as --set parses it
+    for name in ("2024-01-01", "1e3", "true", "nan"):  # TOML would read a date, a float, a bool
+        assert load_recipe(write(tmp_path, ""), [f"name={name}"]).name == name
+    assert load_recipe(write(tmp_path, ""), ["data.train=2024-01-01"]).data.train == "2024-01-01"  # a path too
 
 
 def test_unknown_set_key_blames_the_set_and_suggests(tmp_path):

@@ -433,7 +433,7 @@ def _check_name(name, path: Path, origin: Origin) -> str:
         name, whence = path.stem, " (the recipe file's name; set name = \"...\" in it)"
     else:
         whence = ""
-    if type(name) is int:  # `--set name=2024` parses as a number
+    if type(name) is int:  # `name = 2024` in a file is a number
         name = str(name)
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise CellfuseError(f"{origin.of('name')}: name = {name!r}{whence}: must be one plain folder name "
@@ -594,6 +594,8 @@ def apply_override(raw: dict, item: str) -> str:
     if not sep:
         raise CellfuseError(f"--set {item}: expected key=value, e.g. train.batch_size=32 or 'train.stages[1].lr=1e-4'")
     value = _parse_value(text)
+    if _is_text_key(key) and not isinstance(value, str):  # name=2024-01-01 is a folder name, not a date
+        value = text.strip()
     if key == "train.epochs":
         return set_last_stage_epochs(raw, value, item)
     segments = key_segments(key, f"--set {item}")
@@ -603,6 +605,15 @@ def apply_override(raw: dict, item: str) -> str:
                             (f"; did you mean {' or '.join(homes)}?" if homes else ", e.g. train.batch_size=32"))
     set_key(raw, key, value, f"--set {item}")
     return key
+
+
+def _is_text_key(key: str) -> bool:
+    """The key holds a string (a name, a path, a choice), so its value is never read as a number or date."""
+    section, _, name = key.partition(".")
+    if not name:
+        return key == "name"
+    cls = SECTIONS.get(section)
+    return cls is not None and any(f.name == name and f.type == "str" for f in dataclasses.fields(cls))
 
 
 def _parse_value(text: str):
