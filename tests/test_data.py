@@ -10,7 +10,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_images
 
-from toolkit.data import CLASS_NAMES, check_dataset, check_npz, load_dataset, save_dataset, stratified_split
+from toolkit.data import (
+    CLASS_NAMES,
+    check_dataset,
+    check_npz,
+    load_dataset,
+    save_dataset,
+    stratified_split,
+)
 from toolkit.errors import CellfuseError
 
 

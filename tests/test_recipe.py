@@ -222,3 +222,12 @@ def test_set_reaches_list_entries(tmp_path):
         load_recipe(two_stages, ["train.stages[x].lr=1"])
     # a recipe leaving the stages to their default gets the default list, one entry changed
     assert load_recipe(write(tmp_path, ""), ["train.stages[0].lr=0.5"]).train.stages == (Stage(1, 0.5),)
+
+
+@pytest.mark.parametrize("path", ["runs/back\\bslash", "runs/uni\\u0041", 'runs/q"uote', "runs/tab\there",
+                                  "runs/émoji😀", "runs/del\x7f"])
+def test_a_path_code_passes_as_set_reaches_the_recipe_unchanged(tmp_path, path):
+    from toolkit.recipe import toml_string
+
+    recipe = load_recipe(write(tmp_path, ""), [f"data.train={toml_string(path)}", f"train.init_from={toml_string(path)}"])
+    assert recipe.data.train == path and recipe.train.init_from == path

@@ -24,7 +24,7 @@ from toolkit.data import load_dataset
 from toolkit.errors import CellfuseError
 from toolkit.evaluate import evaluate_model
 from toolkit.pipeline import STUDENT_LADDER, run_pipeline
-from toolkit.recipe import load_recipe, shipped_recipe
+from toolkit.recipe import load_recipe, shipped_recipe, toml_string
 from toolkit.report import model_names
 from toolkit.runs import fresh_dir, read_history, shared_dir, write_json
 
@@ -101,7 +101,7 @@ def bench_train_step(clean_npz: Path, out: Path, quick: bool, console: Console) 
     from toolkit.train import train_recipe
 
     steps = 10 if quick else 30
-    recipe = load_recipe(shipped_recipe(CPU_RECIPE), [f'data.train="{clean_npz}"', "data.extra_val=[]",
+    recipe = load_recipe(shipped_recipe(CPU_RECIPE), [f"data.train={toml_string(str(clean_npz))}", "data.extra_val=[]",
                                                 f"train.steps_per_epoch={steps}",
                                                 "train.stages=[{epochs=2, lr=1e-3, unfreeze=1.0}]"])
     summary = train_recipe(recipe, force=True, console=Console(quiet=True), runs_root=out / "step")

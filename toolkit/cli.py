@@ -551,9 +551,10 @@ def train(recipes, overrides, out, resume, force, parallel, start_from, seeds, a
       cellfuse train recipes/cpu-mobilenet.toml --set train.epochs=3 --set train.batch_size=32
     """
     from toolkit import precheck
+    from toolkit.recipe import toml_string
 
     if start_from is not None:
-        overrides = (*overrides, f'train.init_from="{precheck.model(start_from)}"')
+        overrides = (*overrides, f"train.init_from={toml_string(str(precheck.model(start_from)))}")
 
     from toolkit.recipe import seeded
 

@@ -31,7 +31,7 @@ from rich.table import Table
 from toolkit.backbones import BACKBONES
 from toolkit.data import load_dataset, one_hot, save_dataset
 from toolkit.ensemble import build_ensemble
-from toolkit.recipe import load_recipe, shipped_recipe
+from toolkit.recipe import load_recipe, shipped_recipe, toml_string
 from toolkit.runs import read_history
 
 # toolkit.train and toolkit.distill load TensorFlow: imported inside the checks that use them, so
@@ -140,7 +140,7 @@ def synthetic_data(work: Path, n: int) -> Path:
 def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
 
     return load_recipe(shipped_recipe("tiny"), [
-        f'name="{name}"', f'data.train="{data}"', f'model.backbone="{sizes.backbone}"', 'model.weights="none"',
+        f'name="{name}"', f"data.train={toml_string(str(data))}", f'model.backbone="{sizes.backbone}"', 'model.weights="none"',
         f"model.input_size={sizes.input_size}", f"train.batch_size={sizes.batch}",
         f"train.steps_per_epoch={sizes.steps}", f"train.checkpoint_every={10 * sizes.steps}",
         f"train.stages=[{{epochs={sizes.epochs}, lr=1e-3, unfreeze=1.0}}]", 'augment.preset="light"', *extra])
@@ -219,7 +219,7 @@ def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
                    console=Console(quiet=True))
     student = work / "student.toml"
     student.write_text(shipped_recipe("tiny").read_text() + "\n[distill]\nmode = \"function-matching\"\n")
-    overrides = [f'data.train="{data}"', 'name="student"', f"train.steps_per_epoch={sizes.steps}",
+    overrides = [f"data.train={toml_string(str(data))}", 'name="student"', f"train.steps_per_epoch={sizes.steps}",
                  f"train.batch_size={sizes.batch}", "train.stages=[{epochs=1, lr=1e-3, unfreeze=1.0}]"]
     result = distill_recipe(work / "ensemble", student, overrides, force=True, runs_root=runs,
                             console=Console(quiet=True))

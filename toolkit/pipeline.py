@@ -20,7 +20,7 @@ from toolkit.corrupt import corrupt_file, write_val_files
 from toolkit.ensemble import build_ensemble, content_key
 from toolkit.errors import CellfuseError
 from toolkit.export import export_submission, grade_submission
-from toolkit.recipe import find_recipe, load_recipe, shipped_recipe
+from toolkit.recipe import find_recipe, load_recipe, shipped_recipe, toml_string
 from toolkit.runs import (
     MANIFEST,
     folder_kind,
@@ -91,9 +91,8 @@ def finished(folder: Path, last: str, kind: str, resume: bool) -> dict | None:
 
 
 def member_overrides(clean_npz: Path, extra_val: list[Path], extra: tuple[str, ...] = ()) -> list[str]:
-    # json.dumps writes a valid TOML string, whatever the path holds (quotes, backslashes)
-    return [f"data.train={json.dumps(str(clean_npz))}", f"data.extra_val={json.dumps([str(p) for p in extra_val])}",
-            *extra]
+    extra_val = ", ".join(toml_string(str(p)) for p in extra_val)
+    return [f"data.train={toml_string(str(clean_npz))}", f"data.extra_val=[{extra_val}]", *extra]
 
 
 def tuned_name(member: str) -> str:
@@ -102,8 +101,8 @@ def tuned_name(member: str) -> str:
 
 def tuned_copy(run: Path):
     """The recipe of a member's corruption-tuned copy: the member's own, started from its weights."""
-    return load_recipe(run / "recipe.toml", [f"name={json.dumps(tuned_name(run.name))}",
-                                             f"train.init_from={json.dumps(str(resolve_model_file(run)))}",
+    return load_recipe(run / "recipe.toml", [f"name={toml_string(tuned_name(run.name))}",
+                                             f"train.init_from={toml_string(str(resolve_model_file(run)))}",
                                              *TUNED_COPY])
 
 

@@ -607,6 +607,14 @@ def apply_override(raw: dict, item: str) -> str:
     return key
 
 
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string, for a --set value written by code: a path with a backslash, a quote
+    or \\u in it reaches the recipe unchanged."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON's escapes are TOML's
+
+
 def _is_text_key(key: str) -> bool:
     """The key holds a string (a name, a path, a choice), so its value is never read as a number or date."""
     section, _, name = key.partition(".")
