@@ -16,6 +16,7 @@ from conftest import make_images, slow
 
 from toolkit.cli import main
 from toolkit.data import save_dataset
+from toolkit.errors import CellfuseError
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "recipes" / "tiny.toml"
@@ -213,6 +214,14 @@ def test_bad_spaces_are_one_line_errors(tmp_path, space, message):
     (line,) = result.output.strip().splitlines()
     assert line.lower().startswith("error: ") and line[len("error: "):].startswith(f"{path}:") and message in line
     assert not (tmp_path / "s").exists()  # nothing written before the space is valid
+
+
+def test_a_space_by_name_is_a_shipped_space_never_the_recipe_of_that_name(tmp_path):
+    from toolkit.recipe import find_space
+
+    assert find_space("tiny") == find_space("spaces/tiny") == TINY.parent / "spaces" / "tiny.toml"
+    with pytest.raises(CellfuseError, match="no shipped search space .* did you mean 'spaces/tiny'"):
+        find_space("tny")
 
 
 def test_default_objective_is_the_corrupted_set_when_there_is_one(tmp_path):

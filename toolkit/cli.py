@@ -600,9 +600,9 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
     from toolkit import precheck
 
     precheck.recipe(recipe, overrides, data=False)
-    from toolkit.recipe import find_recipe
+    from toolkit.recipe import find_space
 
-    find_recipe(space)  # a file, or a shipped space's name (spaces/tiny)
+    find_space(space)  # a file, or a shipped space's name (spaces/tiny)
     from toolkit.sweep import run_sweep  # no TensorFlow until the space and data files check out
 
     result = run_sweep(recipe, space, overrides=overrides, out=out, trials=trials, parallel=parallel,

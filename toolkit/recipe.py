@@ -323,6 +323,22 @@ def find_recipe(arg: str | Path) -> Path:
     return found
 
 
+def find_space(arg: str | Path) -> Path:
+    """A search-space file: a path that exists, else a shipped space's name (`tiny` or `spaces/tiny`),
+    never a recipe of that name."""
+    if Path(arg).exists():
+        return Path(arg)
+    name = str(arg).removeprefix("spaces/")
+    found = shipped_file(f"spaces/{name}")
+    if found is None:
+        shipped = sorted(p.stem for p in (shipped_dir() / "spaces").glob("*.toml"))
+        close = difflib.get_close_matches(Path(name).name.removesuffix(".toml"), shipped, n=1, cutoff=0.6)
+        raise CellfuseError(f"{arg}: does not exist, and no shipped search space has that name (shipped: "
+                            f"{', '.join(f'spaces/{s}' for s in shipped)})"
+                            + (f"; did you mean 'spaces/{close[0]}'?" if close else ""))
+    return found
+
+
 def did_you_mean_recipe(arg: str) -> str:
     stem = Path(arg).name.removesuffix(".toml")
     close = difflib.get_close_matches(stem, shipped_names(), n=1, cutoff=0.6)

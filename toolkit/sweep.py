@@ -41,7 +41,7 @@ from toolkit.recipe import (
     Recipe,
     as_dict,
     build_recipe,
-    find_recipe,
+    find_space,
     get_key,
     key_segments,
     read_recipe,
@@ -464,7 +464,7 @@ def run_sweep(recipe_path, space_path, *, overrides=(), out=None, trials=20, par
     and its best.toml. Raises CellfuseError when no trial finished: all of them failed."""
     console = console or Console()
     raw = raw_recipe(Path(recipe_path), overrides)
-    space_path = find_recipe(space_path)  # a file, or a shipped space's name (spaces/tiny)
+    space_path = find_space(space_path)  # a file, or a shipped space's name (spaces/tiny)
     space_doc = read_toml(space_path, "space file")
     parse_space(space_doc, str(space_path), raw, str(recipe_path))  # all errors before any directory
     base = build_recipe(copy.deepcopy(raw), Path(recipe_path))
