@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_images
+from conftest import make_images, stand_in_model
 from rich.console import Console
 from test_tta import tiny_model
 
@@ -420,9 +420,9 @@ def _ensemble_split_at(tmp: Path, data: Path, fraction: float) -> Path:
 
     ens, member = tmp / "ens", tmp / "runs" / "m0"
     ens.mkdir()
-    (ens / "ensemble.keras").write_bytes(b"")  # the command checks the files are there
+    stand_in_model(ens / "ensemble.keras")  # the command checks the files are there
     member.mkdir(parents=True)
-    (member / "best.keras").write_bytes(b"")
+    stand_in_model(member / "best.keras")
     (member / "recipe.toml").write_text(f'name = "m0"\n[data]\ntrain = "{data}"\nval_fraction = {fraction}\n')
     rows = stratified_split(load_dataset(data).labels, fraction, 0)[1]
     (ens / "ensemble.json").write_text(json.dumps({

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_images
+from conftest import make_images, stand_in_model
 from scipy.special import softmax
 from test_tta import tiny_model
 
@@ -247,7 +247,7 @@ def test_an_ensembles_member_lists_refuse_a_metrics_file_without_what_they_read(
     from toolkit.ensemble import member_file, ranked_members
 
     (tmp_path / "metrics.json").write_text(json.dumps({"members": {"m0": "m0.keras"}}))
-    (tmp_path / "m0.keras").write_text("")
+    stand_in_model(tmp_path / "m0.keras")
     with pytest.raises(CellfuseError, match=r"metrics.json: no rows, steering_data \(written by an older cellfuse"):
         ranked_members(tmp_path)
     assert member_file(tmp_path, "m0").resolve() == (tmp_path / "m0.keras").resolve()  # a name needs only the members

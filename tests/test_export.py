@@ -145,7 +145,7 @@ def test_export_refuses_bad_requests(run_dir, exported, tmp_path):
     with pytest.raises(CellfuseError, match="no model in this directory"):
         export_submission(tmp_path, tmp_path / "s.zip")
     (tmp_path / "broken.keras").write_bytes(b"not a model")
-    with pytest.raises(CellfuseError, match=r"broken\.keras: cannot load this model"):
+    with pytest.raises(CellfuseError, match=r"broken\.keras: not a readable \.keras model \(not a zip"):
         export_submission(tmp_path / "broken.keras", tmp_path / "s.zip")
 
 

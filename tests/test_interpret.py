@@ -1,12 +1,14 @@
 """What `cellfuse inspect` reads beside a model without loading it: the training augmentation of its run."""
 
+from conftest import stand_in_model
+
 from toolkit.interpret import training_families
 
 
 def _run(tmp_path, recipe: str):
     run = tmp_path / "cpu-lite0"
     run.mkdir()
-    (run / "best.keras").write_text("")
+    stand_in_model(run / "best.keras")
     (run / "recipe.toml").write_text(recipe)
     return run
 

@@ -6,12 +6,14 @@ whatever the machine's speed. One case with good input shows that the trap does 
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stand_in_model
 
 from toolkit.runs import make_own_dir, release_locks
 
@@ -57,15 +59,17 @@ def places(tmp_path, tiny_npz):
     bad_labels = tmp_path / "labels9.npz"
     np.savez(bad_labels, images=np.zeros((2, 96, 96, 3), np.uint8), labels=np.array([0, 9]))
     (tmp_path / "bad.npz").write_text("not a zip")
-    (tmp_path / "m.keras").write_text("a stand-in: only its name is checked before loading")
+    stand_in_model(tmp_path / "m.keras")
+    (tmp_path / "damaged.keras").write_bytes(b"8 bytes!")
     (tmp_path / "sub.zip").write_text("x")
     (tmp_path / "empty").mkdir()
     (tmp_path / "user" / "tiny").mkdir(parents=True)  # the user's folder where a run would go
     (tmp_path / "user" / "notes.txt").write_text("mine")
     (tmp_path / "ens").mkdir()
-    (tmp_path / "ens" / "ensemble.keras").write_text("x")
+    stand_in_model(tmp_path / "ens" / "ensemble.keras")
     (tmp_path / "ens" / "ensemble.json").write_text("{}")
     (tmp_path / "taken.csv").write_text("x")
+    shutil.copy(ROOT / "recipes" / "tiny.toml", tmp_path / "copy.toml")  # a user's copy, its name unchanged
     make_own_dir(tmp_path / "runs", "runs")
     make_own_dir(tmp_path / "runs" / "tiny", "run")  # an earlier run of recipes/tiny.toml
     release_locks()
@@ -85,6 +89,11 @@ def cases(p) -> list[tuple[list, str]]:
         (["train", "tiny", "--set", f"data.train={p['labels9']}", "--out", T / "r"], "labels"),
         (["train", "tiny", *on, "--set", "model.backbone=resnet5O", "--out", T / "r"], "unknown backbone"),
         (["train", "tiny", *on, "--out", T / "runs"], "already exists; --resume to continue it"),
+        (["train", "tiny", *on, "--set", "model.weights=imagnet", "--out", T / "r"], "did you mean 'imagenet'?"),
+        (["train", "tiny", *on, "--set", f"train.init_from={missing}", "--out", T / "r"],
+         "does not exist (train.init_from of"),
+        (["train", "tiny", *on, "--from", T / "damaged.keras", "--out", T / "r"], "not a readable .keras model"),
+        (["train", T / "copy.toml", "tiny", *on, "--out", T / "r"], "both name their run 'tiny'"),
         (["train", "tiny", *on, "--out", T / "user", "--force"], "a folder cellfuse did not make"),
         (["distill", missing, "recipes/student-cpu.toml"], "missing: does not exist"),
         (["distill", p["empty"], "recipes/student-cpu.toml"], "no ensemble.keras"),
@@ -93,6 +102,7 @@ def cases(p) -> list[tuple[list, str]]:
         (["evaluate", missing, good], "missing: does not exist"),
         (["evaluate", p["empty"], good], "no model in this directory"),
         (["evaluate", model, missing], "missing: does not exist"),
+        (["evaluate", T / "damaged.keras", good], "damaged.keras: not a readable .keras model"),
         (["evaluate", model, bad], "not a readable .npz"),
         (["predict", missing, good, "--out", T / "p.csv"], "missing: does not exist"),
         (["predict", model, missing, "--out", T / "p.csv"], "missing: does not exist"),
@@ -109,6 +119,7 @@ def cases(p) -> list[tuple[list, str]]:
         (["split", p["labels9"], "--out", T / "s"], "labels"),
         (["preview", "tiny", "--set", f"data.train={missing}", "--out", T / "p.png"], "does not exist"),
         (["sweep", "tiny", *on, "--space", missing], "missing: does not exist"),
+        (["sweep", "tiny", *on, "--space", "tny"], "did you mean 'spaces/tiny'?"),
         (["sweep", "tiny", "--set", f"data.train={missing}", "--space", "recipes/spaces/tiny.toml"],
          "does not exist"),
         (["grade", missing, good], "missing: does not exist"),

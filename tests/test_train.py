@@ -420,7 +420,7 @@ def test_one_launcher_takes_jobs_only_when_a_slot_is_free_and_spreads_gpus(tmp_p
 
 def test_parallel_spreads_children_over_gpus_and_refuses_one_name_twice(tiny_npz, tmp_path):
     from toolkit.procs import pick_gpu
-    from toolkit.train import check_distinct_names
+    from toolkit.recipe import check_distinct_names
 
     assert pick_gpu([], 2) == 0 and pick_gpu([0], 2) == 1 and pick_gpu([0, 1, 0], 2) == 1
     assert pick_gpu([], 0) is None

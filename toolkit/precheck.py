@@ -10,6 +10,7 @@ The commands' own functions check again, for callers that are not the CLI.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -17,13 +18,15 @@ from pathlib import Path
 from toolkit.backbones import backbone_spec
 from toolkit.data import CLASS_NAMES, check_dataset
 from toolkit.errors import CellfuseError
-from toolkit.recipe import check_student, load_recipe
+from toolkit.recipe import check_distinct_names, check_student, load_recipe
 from toolkit.runs import (
     check_new_file,
     check_output_folder,
     check_run_folder,
     resolve_model_file,
 )
+
+WEIGHT_WORDS = ("imagenet", "none")
 
 
 def existing(path, what: str = "") -> Path:
@@ -72,9 +75,22 @@ def recipe(path, overrides=(), *, data: bool = True):
 
     loaded = load_recipe(path, overrides)
     backbone_spec(loaded.model.backbone, loaded.model.width, loaded.model.depth)
+    weights(loaded)
+    if loaded.train.init_from:
+        resolve_model_file(existing(loaded.train.init_from, f"train.init_from of {loaded.path}"))
     if data:
         recipe_data(loaded)
     return loaded
+
+
+def weights(loaded) -> None:
+    """model.weights: "imagenet", "none", or a file that exists (a typo of either word is named as one)."""
+    value = loaded.model.weights
+    if value in WEIGHT_WORDS or Path(value).is_file():
+        return
+    close = difflib.get_close_matches(value, WEIGHT_WORDS, n=1, cutoff=0.6)
+    raise CellfuseError(f"{value}: does not exist (model.weights of {loaded.path}); "
+                        + (f"did you mean {close[0]!r}?" if close else 'expected "imagenet", "none" or a weights file'))
 
 
 def recipe_data(loaded) -> None:
@@ -100,6 +116,7 @@ def runs_to_train(jobs, root, *, kind: str = "run", resume: bool, force: bool) -
     """Each (recipe, overrides) job checked, then its run folder, then its data (not needed by a complete run
     on --resume; checked once for jobs that share it, as one recipe's seeds do)."""
     loaded = [recipe(p, overrides, data=False) for p, overrides in jobs]
+    check_distinct_names(loaded)
     checked = set()
     for r in loaded:
         if kind == "student":

@@ -659,6 +659,16 @@ def set_last_stage_epochs(raw: dict, epochs, item: str) -> str:
     return f"train.stages[{len(stages) - 1}].epochs"
 
 
+def check_distinct_names(recipes: list[Recipe]) -> None:
+    """Two recipes with one name would train into one run directory."""
+    seen = {}
+    for r in recipes:
+        if r.name in seen:
+            raise CellfuseError(f"{seen[r.name]} and {r.path} both name their run {r.name!r}; "
+                                "give one a different `name` (or --set name=...)")
+        seen[r.name] = r.path
+
+
 def as_dict(recipe: Recipe) -> dict:
     out = {"name": recipe.name}
     for key in SECTIONS:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -781,13 +782,18 @@ def load_model(path, *, compile: bool = True):
 
 
 def resolve_model_file(path: str | Path) -> Path:
-    """A `.keras` file, or the run/ensemble directory holding one (first of MODEL_FILES found)."""
+    """A `.keras` file, or the run/ensemble directory holding one (first of MODEL_FILES found), checked to
+    be a zip archive as every .keras file is: a damaged one is named here, not by Keras' "file not found"."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".keras":
-        return path
     if path.is_dir():
-        for name in MODEL_FILES:
-            if (path / name).is_file():
-                return path / name
-        raise CellfuseError(f"{path}: no model in this directory (looked for {', '.join(MODEL_FILES)})")
-    raise CellfuseError(f"{path}: not a .keras model file or a run directory")
+        found = next((path / name for name in MODEL_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise CellfuseError(f"{path}: no model in this directory (looked for {', '.join(MODEL_FILES)})")
+        path = found
+    elif not path.exists():
+        raise CellfuseError(f"{path}: does not exist")
+    elif not (path.is_file() and path.suffix == ".keras"):
+        raise CellfuseError(f"{path}: not a .keras model file or a run directory")
+    if not zipfile.is_zipfile(path):
+        raise CellfuseError(f"{path}: not a readable .keras model (not a zip archive: damaged or truncated)")
+    return path

@@ -63,7 +63,7 @@ from toolkit.distribute import (
 )
 from toolkit.errors import CellfuseError
 from toolkit.procs import run_all, spawn
-from toolkit.recipe import Recipe, load_recipe, monitored_set
+from toolkit.recipe import Recipe, check_distinct_names, load_recipe, monitored_set
 from toolkit.runs import (
     OUTPUTS,
     adopt_library_files,
@@ -187,16 +187,6 @@ def discard_failed_start(start: RunStart):
             adopt_library_files(start.run / "tb")  # written by this process since it made the run
             remove_own(start.run)
         raise
-
-
-def check_distinct_names(recipes: list[Recipe]) -> None:
-    """Two recipes with one name would train into one run directory."""
-    seen = {}
-    for r in recipes:
-        if r.name in seen:
-            raise CellfuseError(f"{seen[r.name]} and {r.path} both name their run {r.name!r}; "
-                                "give one a different `name` (or --set name=...)")
-        seen[r.name] = r.path
 
 
 # ---------------------------------------------------------------- run directory
