@@ -731,7 +731,7 @@ def inspect(paths, out, top, per_class, families, severities, limit, seed, batch
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--val", "val_data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Validation data (repeatable); the last one steers the selection.")
+              help="Validation data (repeatable); the last one steers the selection: make it val_heldout.npz (corruptions no member trained on).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Ensemble folder: ensemble.keras, ensemble.json, metrics.json, predictions.npz.")
 @click.option("--views", default="d4", type=ViewSpec(several=True),
@@ -748,7 +748,7 @@ def ensemble(runs, val_data, out, views, rounds, top, snapshots, force, as_json)
 
     \b
     Example:
-      cellfuse ensemble outputs/runs/cpu-lite0 outputs/runs/cpu-mobilenet --val outputs/clean/val.npz --val outputs/clean/val_corrupt.npz --out outputs/ensembles/lite
+      cellfuse ensemble outputs/runs/cpu-lite0 outputs/runs/cpu-mobilenet --val outputs/clean/val.npz --val outputs/clean/val_heldout.npz --out outputs/ensembles/lite
     """
     from toolkit import precheck
     from toolkit.sweep import expand_sweeps
