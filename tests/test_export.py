@@ -271,7 +271,11 @@ def test_the_grader_runs_in_the_unpacked_folder(data, tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("raise RuntimeError('weights look wrong')", "model.py failed: RuntimeError: weights look wrong"),
+    ("raise RuntimeError('weights look wrong')", r"model.py failed: RuntimeError: weights look wrong \(in predict\)"),
+    ("raise ValueError('Exception calling layer conv\\n\\nArguments:\\n  • inputs=tf.Tensor(shape=(64, 96, 96, 4))')",
+     r"failed: ValueError: Exception calling layer conv \(in predict\)$"),  # Keras' first line, not its last
+    ("import sys; sys.exit(0)", r"failed: SystemExit: 0 \(in predict\)"),
+    ("return None", r"failed: it returned NoneType, not an array of class indices \(in predict\)"),
     ("return np.zeros(len(X) + 1, int)", r"shape \(65,\); expected \(64,\)"),
     ("return np.zeros(len(X))", "dtype float64; expected integer"),
     ("return np.full(len(X), 8)", r"classes 8..8; expected 0..7"),

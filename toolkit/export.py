@@ -85,7 +85,7 @@ class Model:
 # Runs in the grading subprocess (`python -I -c GRADER images.npy preds.npy result.json PACKAGE`),
 # whose working directory is the unpacked submission.
 GRADER = '''
-import json, os, resource, sys, time
+import json, os, resource, sys, time, traceback
 
 class HideProject:
     """Refuse the project's package: site-packages reaches it through the editable install's finder."""
@@ -95,14 +95,35 @@ class HideProject:
 
 sys.meta_path.insert(0, HideProject())
 sys.path.insert(0, os.getcwd())
+def fail(during, error):
+    """What failed, for the parent's one line (the traceback stays on stderr): a Keras error's first line
+    is its type's message, and its last line a detail. sys.exit() inside model.py is a failure too."""
+    if not isinstance(error, str):
+        traceback.print_exc()
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        error = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    with open(sys.argv[3] + ".error", "w") as f:
+        json.dump({"during": during, "error": error}, f)
+    sys.stderr.flush()
+    os._exit(3)  # not sys.exit: a thread model.py started must not keep the grader waiting
+
 import numpy as np
 X = np.load(sys.argv[1])
 start = time.perf_counter()
-import model
-submission = model.Model()
+try:
+    import model
+    submission = model.Model()
+except BaseException as e:
+    fail("loading model.py", e)
 loaded = time.perf_counter()
-predictions = np.asarray(submission.predict(X))
+try:
+    predictions = submission.predict(X)
+except BaseException as e:
+    fail("predict", e)
 done = time.perf_counter()
+predictions = np.asarray(predictions) if predictions is not None else None
+if predictions is None or predictions.dtype == object:
+    fail("predict", f"it returned {type(predictions).__name__}, not an array of class indices")
 np.save(sys.argv[2], predictions, allow_pickle=False)
 with open(sys.argv[3], "w") as f:
     json.dump({"load_seconds": loaded - start, "predict_seconds": done - loaded,
@@ -300,7 +321,7 @@ def _run_grader(submission: Path, folder: Path, images: np.ndarray, tmp: Path, t
         raise CellfuseError(f"{submission}: grading took longer than {timeout} s; gave up") from None
     seconds = time.perf_counter() - start
     if child.returncode != 0:
-        raise CellfuseError(f"{submission}: model.py failed: {_last_error_line(child)}")
+        raise CellfuseError(f"{submission}: model.py failed: {_failure(child, tmp / 'result.json.error')}")
     timings = json.loads((tmp / "result.json").read_text())
     return np.load(tmp / "predictions.npy", allow_pickle=False), {"seconds": seconds, **timings}
 
@@ -321,7 +342,11 @@ def grader_env(tmp: Path) -> dict[str, str]:
     return {**env, "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 
-def _last_error_line(child: subprocess.CompletedProcess) -> str:
+def _failure(child: subprocess.CompletedProcess, record: Path) -> str:
+    """What the grader recorded (where and what), else the child's last stderr line (a crash)."""
+    if record.is_file():
+        failed = json.loads(record.read_text())
+        return f"{failed['error']} (in {failed['during']})"
     lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
     return lines[-1] if lines else f"exit status {child.returncode}, no error message"
 
