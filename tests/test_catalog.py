@@ -87,6 +87,10 @@ def test_copy_writes_the_recipe_to_edit_and_refuses_to_clobber(tmp_path):
         catalog.copy_recipe("cpu-mobilenet", out)
     catalog.copy_recipe("cpu-mobilenet", out, force=True)  # cellfuse wrote it: --force may replace it
     assert load_recipe(out).name == "cpu-mobilenet"
+    out.write_text(out.read_text() + "# my change\n")  # edited: the user's now
+    with pytest.raises(CellfuseError, match="edited since `cellfuse recipes copy` wrote it"):
+        catalog.copy_recipe("tiny", out, force=True)
+    assert out.read_text().endswith("# my change\n")
     users = tmp_path / "users.toml"
     users.write_text("name = \"keep\"\n")
     with pytest.raises(CellfuseError, match="not written by cellfuse"):
@@ -94,6 +98,16 @@ def test_copy_writes_the_recipe_to_edit_and_refuses_to_clobber(tmp_path):
     assert users.read_text() == "name = \"keep\"\n"
     with pytest.raises(CellfuseError, match="expected a .toml"):
         catalog.copy_recipe("tiny", tmp_path / "mine.txt")
+
+
+def test_a_recipe_copy_inside_a_cellfuse_folder_is_never_deleted_with_it(tmp_path):
+    from toolkit.runs import fresh_dir, make_own_dir
+
+    folder = make_own_dir(tmp_path / "cleaned", "clean")
+    catalog.copy_recipe("tiny", folder / "mine.toml")
+    with pytest.raises(CellfuseError, match="holds mine.toml, which cellfuse did not write, or wrote for you to edit"):
+        fresh_dir(folder, force=True, kind="clean")
+    assert (folder / "mine.toml").is_file()
 
 
 # ---------------------------------------------------------------- backbones

@@ -172,6 +172,14 @@ def own_file(path: str, data: bytes = b"written by cellfuse", writer: str | None
     release_locks()
 
 
+def copy_of(name: str, path: Path) -> bytes:
+    """The shipped recipe `name` as `recipes copy` writes it to `path`."""
+    from toolkit.catalog import copied_text
+    from toolkit.recipe import shipped_recipe
+
+    return copied_text(shipped_recipe(name), path).encode()
+
+
 def own_sweep_with_best_toml(work: Path) -> None:
     """sw1/: a sweep directory cellfuse made, holding its best.toml (a recipe a user trains from)."""
     make_own_dir(work / "sw1", "sweep")
@@ -354,8 +362,11 @@ CASES = [
     Case("recipes-copy-over-recipe", "recipes copy tiny student.toml"),
     Case("recipes-copy-inside-file", "recipes copy tiny d.npz/t.toml"),
     Case("recipes-copy-symlinked-file", "recipes copy tiny t.toml", link("t.toml", "user/notes.txt")),
-    Case("recipes-copy-own-file", "recipes copy tiny t.toml", lambda w: own_file(w / "t.toml", writer="recipes copy"),
+    Case("recipes-copy-own-file", "recipes copy tiny t.toml", lambda w: own_file(w / "t.toml", copy_of("cpu-mobilenet", w / "t.toml"),
+                                                                        writer="recipes copy"),
          expect=ok(2, 0), writes=("t.toml",), replaces=("t.toml",)),
+    Case("recipes-copy-edited-file", "recipes copy tiny t.toml",  # a copy the user edited is theirs
+         lambda w: own_file(w / "t.toml", copy_of("cpu-mobilenet", w / "t.toml") + b"# mine\n", writer="recipes copy")),
     Case("recipes-copy-over-a-run-s-recipe", "recipes copy tiny runs/tiny/recipe.toml"),
     # demo and bench: refused in their output's preparation, before any work (a real run takes minutes)
     Case("demo-user-folder", "demo --out user"),

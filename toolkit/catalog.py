@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 
 from toolkit.backbones import BACKBONES, HUB, find_backbone, pretrained_status
+from toolkit.errors import CellfuseError
 from toolkit.recipe import ModelConfig, read_toml, shipped_dir, shipped_names, shipped_recipe
-from toolkit.runs import atomic_write_text, check_new_file
+from toolkit.runs import atomic_write_text, check_new_file, is_own
 
 # Wall time of each recipe's whole schedule on the real training file (5,091 training images) on
 # a 2-core CPU, as measured in docs/results.md (whole command); "GPU" for recipes sized for a GPU.
@@ -121,8 +122,23 @@ def backbone_rows() -> list[dict]:
 
 def copy_recipe(name: str, path: str | Path, force: bool = False) -> Path:
     """Write the shipped recipe `name` to `path`, its opening command naming the new file."""
-    source = shipped_recipe(name)
-    out = check_new_file(Path(path), ".toml", force)
+    source, path = shipped_recipe(name), Path(path)
+    if force and path.is_file() and is_own(path) and not unedited_copy(path):
+        raise CellfuseError(f"{path}: edited since `cellfuse recipes copy` wrote it, so --force will not replace "
+                            "your edits; choose another name or remove it yourself")
+    out = check_new_file(path, ".toml", force, writer="recipes copy")  # the CLI's name, from Python too
+    return atomic_write_text(out, copied_text(source, path))
+
+
+def copied_text(source: Path, path: Path) -> str:
+    """A shipped recipe as `recipes copy` writes it to `path`: its opening command names the copy."""
     shipped_as = f"recipes/{source.relative_to(shipped_dir()).as_posix()}"
     first, _, rest = source.read_text().partition("\n")
-    return atomic_write_text(out, f"{first.replace(shipped_as, str(path))}\n{rest}")
+    return f"{first.replace(shipped_as, str(path))}\n{rest}"
+
+
+def unedited_copy(path: Path) -> bool:
+    """`path` holds a shipped recipe (or space) as `recipes copy` wrote it: below the opening command,
+    which names the copy by the path it was given, the shipped text unchanged."""
+    body = path.read_text(errors="replace").partition("\n")[2]
+    return any(source.read_text().partition("\n")[2] == body for source in shipped_dir().rglob("*.toml"))

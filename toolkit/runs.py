@@ -450,12 +450,18 @@ def remove_scratch(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# Commands whose file is the user's to edit once written (a recipe copy): never deleted with a folder.
+USERS_TO_EDIT = {"recipes copy"}
+
+
 def check_only_own(folder: Path, keep=()) -> None:
     """Refuse to replace a folder holding anything cellfuse did not record there (except `keep`)."""
     if folder_kind(folder) is None:
         raise CellfuseError(f"{folder}: was not made by cellfuse (no {MANIFEST} naming its kind), so "
                             "--force will not delete it; choose another --out or remove it yourself")
-    own = set(_manifest(folder).get("own", [])) | {MANIFEST, *keep}
+    manifest = _manifest(folder)
+    edited = {name for name, writer in _writers(manifest).items() if writer in USERS_TO_EDIT}
+    own = (set(manifest.get("own", [])) - edited) | {MANIFEST, *keep}
     foreign = []
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith(TMP_PREFIX) and sub.is_file() and not sub.is_symlink():
@@ -465,8 +471,9 @@ def check_only_own(folder: Path, keep=()) -> None:
         elif sub.is_dir() and not sub.is_symlink():
             check_only_own(sub)  # all the way down
     if foreign:
+        whose = "cellfuse did not write" + (", or wrote for you to edit" if edited & set(foreign) else "")
         raise CellfuseError(f"{folder}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
-                            "which cellfuse did not write; --force replaces only cellfuse's own files. "
+                            f"which {whose}; --force replaces only cellfuse's own files. "
                             "Move them, or choose another --out")
 
 
