@@ -181,7 +181,7 @@ def test_check_section_fills_defaults_and_is_idempotent():
     ({"layers": [{"layer": "MixUp", "alpha": 0.2}]}, ["layers[0]", "mixup"]),
     ({"layers": [{"layer": "keras.GridMask"}]}, ["layers[0]", "keras.GridMask"]),
     ({"augmix": "yes"}, ["augmix", "true or false"]),
-    ({"augmix": True, "augmix_severity": 2}, ["augmix_severity", "0.01..1.0"]),
+    ({"augmix": True, "augmix_severity": 2}, ["augmix_severity", "0.01..1"]),
     ({"augmix": True, "augmix_severity": "high"}, ["augmix_severity"]),
     ({"augmix": True, "augmix_width": 0}, ["augmix_width", "1..10"]),
     ({"augmix": True, "augmix_width": 2.5}, ["augmix_width"]),

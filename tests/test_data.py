@@ -35,7 +35,7 @@ GOOD = make_images(16)
     ({"images": GOOD[0][0], "labels": GOOD[1]}, r"expected rank 4"),
     ({"images": GOOD[0].transpose(0, 3, 1, 2), "labels": GOOD[1]}, r"looks channels-first"),
     ({"images": GOOD[0][:, :64], "labels": GOOD[1]}, r"expected \(N,96,96,3\)"),
-    ({"images": GOOD[0] / 255.0, "labels": GOOD[1]}, r"looks like 0..1"),
+    ({"images": GOOD[0] / 255.0, "labels": GOOD[1]}, r"looks like a 0..1 scale"),
     ({"images": GOOD[0].astype(float) * 2, "labels": GOOD[1]}, r"expected 0..255"),
     ({"images": np.full(GOOD[0].shape, np.nan), "labels": GOOD[1]}, r"NaN or infinite"),
     ({"images": GOOD[0].astype(np.complex64), "labels": GOOD[1]}, r"dtype complex64"),

@@ -190,7 +190,8 @@ def _number(value, what: str, lo: float, hi: float | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CellfuseError(f"{what} must be a number, got {value!r}")
     if value < lo or (hi is not None and value > hi):
-        raise CellfuseError(f"{what} = {value} is outside {lo}..{'' if hi is None else hi}")
+        raise CellfuseError(f"{what} = {value} is outside {lo:g}..{hi:g}" if hi is not None else
+                            f"{what} = {value}: must be at least {lo:g}")
     return float(value)
 
 

@@ -236,7 +236,7 @@ def _check_images(path, images: np.ndarray) -> np.ndarray:
     if lo < 0 or hi > 255:
         raise CellfuseError(f"{path}: 'images' values span {lo:g}..{hi:g}; expected 0..255")
     if hi <= 1.0:
-        raise CellfuseError(f"{path}: 'images' values span {lo:g}..{hi:g}, which looks like 0..1; "
+        raise CellfuseError(f"{path}: 'images' values span {lo:g}..{hi:g}, which looks like a 0..1 scale; "
                             "expected raw pixels 0..255 (multiply by 255 first)")
     return np.round(images).astype(np.uint8)
 
@@ -257,8 +257,9 @@ def _check_labels(path, labels: np.ndarray, n: int, n_classes: int) -> np.ndarra
     bad = (labels < 0) | (labels >= n_classes)
     if bad.any():
         row = int(np.argmax(bad))
+        count = int(bad.sum())
         raise CellfuseError(f"{path}: label {labels[row]} at row {row} is out of range 0..{n_classes - 1}"
-                            f" ({int(bad.sum())} such rows)")
+                            + (f" ({count} such rows)" if count > 1 else ""))
     return labels.astype(np.int64)
 
 
