@@ -68,6 +68,7 @@ def places(tmp_path, tiny_npz):
     (tmp_path / "ens").mkdir()
     stand_in_model(tmp_path / "ens" / "ensemble.keras")
     (tmp_path / "ens" / "ensemble.json").write_text("{}")
+    (tmp_path / "ens" / "metrics.json").write_text(json.dumps({"members": {"m0": "m0.keras"}}))
     (tmp_path / "taken.csv").write_text("x")
     shutil.copy(ROOT / "recipes" / "tiny.toml", tmp_path / "copy.toml")  # a user's copy, its name unchanged
     make_own_dir(tmp_path / "runs", "runs")
@@ -99,6 +100,9 @@ def cases(p) -> list[tuple[list, str]]:
         (["distill", p["empty"], "recipes/student-cpu.toml"], "no ensemble.keras"),
         (["distill", T / "ens", "recipes/student-cpu.toml", "--set", f"data.train={missing}", "--out", T / "r"],
          "missing: does not exist"),
+        (["distill", T / "ens", "recipes/student-cpu.toml", *on, "--set", "data.extra_val=[]", "--set", "distill.init=m1",
+          "--out", T / "r"],
+         "no member named 'm1'; members are m0"),
         (["evaluate", missing, good], "missing: does not exist"),
         (["evaluate", p["empty"], good], "no model in this directory"),
         (["evaluate", model, missing], "missing: does not exist"),

@@ -798,7 +798,7 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, seed
     from toolkit.recipe import seeded
 
     jobs = seeded([recipe], overrides, seeds)
-    precheck.runs_to_train(jobs, out, kind="student", resume=resume, force=force)
+    precheck.student_init(precheck.runs_to_train(jobs, out, kind="student", resume=resume, force=force), ensemble_dir)
     from toolkit.distill import distill_recipe
 
     results = [distill_recipe(ensemble_dir, path, job_overrides, resume=resume, force=force, console=console,

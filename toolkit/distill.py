@@ -58,7 +58,15 @@ from toolkit.ensemble import (
     resolve_member,
 )
 from toolkit.errors import CellfuseError
-from toolkit.recipe import DataConfig, Recipe, check_student, load_recipe, monitored_set, read_toml
+from toolkit.recipe import (
+    MATCHING_MEMBER,
+    DataConfig,
+    Recipe,
+    check_student,
+    load_recipe,
+    monitored_set,
+    read_toml,
+)
 from toolkit.runs import (
     load_model,
     make_own_dir,
@@ -68,10 +76,6 @@ from toolkit.runs import (
     write_json,
 )
 from toolkit.tta import wrap_with_tta
-
-# `[distill] init`: the most accurate member whose backbone is the student's (born-again distillation,
-# Furlanello et al. 2018); the student keeps [model] weights when none is
-MATCHING_MEMBER = "matching-member"
 
 # ---------------------------------------------------------------- the loss
 

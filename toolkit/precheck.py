@@ -18,7 +18,7 @@ from pathlib import Path
 from toolkit.backbones import backbone_spec
 from toolkit.data import CLASS_NAMES, check_dataset
 from toolkit.errors import CellfuseError
-from toolkit.recipe import check_distinct_names, check_student, load_recipe
+from toolkit.recipe import MATCHING_MEMBER, check_distinct_names, check_student, load_recipe
 from toolkit.runs import (
     check_new_file,
     check_output_folder,
@@ -126,6 +126,15 @@ def runs_to_train(jobs, root, *, kind: str = "run", resume: bool, force: bool) -
             recipe_data(r)
             checked.add((r.data.train, r.data.extra_val))
     return loaded
+
+
+def student_init(students, ensemble_dir) -> None:
+    """A member distill.init names is one of the ensemble's (read from its metrics.json, no model loaded)."""
+    from toolkit.ensemble import member_file
+
+    for student in students:
+        if student.distill.init not in ("", MATCHING_MEMBER):
+            member_file(ensemble_dir, student.distill.init)
 
 
 def ensemble_folder(path) -> Path:

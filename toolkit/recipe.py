@@ -107,6 +107,11 @@ class TrainConfig:
     deterministic: bool = False
 
 
+# `[distill] init`: the most accurate member whose backbone is the student's (born-again distillation,
+# Furlanello et al. 2018); the student keeps [model] weights when none is
+MATCHING_MEMBER = "matching-member"
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     # cached: the teacher's probabilities on un-augmented images, computed once | function-matching: the
