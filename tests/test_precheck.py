@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import stand_in_model
 
-from toolkit.runs import make_own_dir, release_locks
+from toolkit.recipe import load_recipe
+from toolkit.runs import atomic_write_text, make_own_dir, release_locks
 
 ROOT = Path(__file__).parents[1]
 
@@ -73,6 +74,7 @@ def places(tmp_path, tiny_npz):
     shutil.copy(ROOT / "recipes" / "tiny.toml", tmp_path / "copy.toml")  # a user's copy, its name unchanged
     make_own_dir(tmp_path / "runs", "runs")
     make_own_dir(tmp_path / "runs" / "tiny", "run")  # an earlier run of recipes/tiny.toml
+    atomic_write_text(tmp_path / "runs" / "tiny" / "recipe.toml", load_recipe("tiny", [f"data.train={tiny_npz}"]).to_toml())
     release_locks()
     return {"T": tmp_path, "good": tiny_npz, "bad": tmp_path / "bad.npz", "labels9": bad_labels,
             "model": tmp_path / "m.keras", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
@@ -90,6 +92,8 @@ def cases(p) -> list[tuple[list, str]]:
         (["train", "tiny", "--set", f"data.train={p['labels9']}", "--out", T / "r"], "labels"),
         (["train", "tiny", *on, "--set", "model.backbone=resnet5O", "--out", T / "r"], "unknown backbone"),
         (["train", "tiny", *on, "--out", T / "runs"], "already exists; --resume to continue it"),
+        (["train", "tiny", *on, "--out", T / "runs", "--resume", "--set", "train.batch_size=5"],
+         "the recipe changed since this run started (train.batch_size: "),
         (["train", "tiny", *on, "--set", "model.weights=imagnet", "--out", T / "r"], "did you mean 'imagenet'?"),
         (["train", "tiny", *on, "--set", f"train.init_from={missing}", "--out", T / "r"],
          "does not exist (train.init_from of"),

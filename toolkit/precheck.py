@@ -23,6 +23,7 @@ from toolkit.runs import (
     check_new_file,
     check_output_folder,
     check_run_folder,
+    check_same_recipe,
     resolve_model_file,
 )
 
@@ -109,6 +110,8 @@ def run_folder(root, loaded, *, kind: str, resume: bool, force: bool) -> bool:
     run = Path(root) / loaded.name
     inputs = [loaded.path, loaded.data.train, *loaded.data.extra_val, loaded.train.init_from or None]
     exists = check_run_folder(run, kind, resume=resume, force=force, inputs=inputs)
+    if exists and resume and kind == "run":  # a student's recipe gains the teacher's keys first
+        check_same_recipe(run, loaded)
     return exists and resume and (run / "summary.json").is_file()
 
 
