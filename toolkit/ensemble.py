@@ -437,8 +437,8 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     datasets = [load_dataset(p) for p in val_data]
     if len({Path(d.path).resolve() for d in datasets}) < len(datasets):
         raise CellfuseError("the same --val file is given twice")
+    split_rows = check_same_split(members, datasets)  # before the folder is made: a refusal leaves nothing
     out = _prepare_out(out, force, [*[members[m] for m in members], *val_data])
-    split_rows = check_same_split(members, datasets)
     all_views = list(dict.fromkeys(v for vs, _ in view_sets.values() for v in vs))
     preds = _predict_all(members, all_views, datasets, out, console)
 
