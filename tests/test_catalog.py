@@ -87,10 +87,13 @@ def test_copy_writes_the_recipe_to_edit_and_refuses_to_clobber(tmp_path):
         catalog.copy_recipe("cpu-mobilenet", out)
     catalog.copy_recipe("cpu-mobilenet", out, force=True)  # cellfuse wrote it: --force may replace it
     assert load_recipe(out).name == "cpu-mobilenet"
-    out.write_text(out.read_text() + "# my change\n")  # edited: the user's now
-    with pytest.raises(CellfuseError, match="edited since `cellfuse recipes copy` wrote it"):
-        catalog.copy_recipe("tiny", out, force=True)
-    assert out.read_text().endswith("# my change\n")
+    text = out.read_text()
+    first, _, rest = text.partition("\n")
+    for edited in (text + "# my change\n", f"{first} # my note on line one\n{rest}"):  # the user's now
+        out.write_text(edited)
+        with pytest.raises(CellfuseError, match="edited since `cellfuse recipes copy` wrote it"):
+            catalog.copy_recipe("tiny", out, force=True)
+        assert out.read_text() == edited
     users = tmp_path / "users.toml"
     users.write_text("name = \"keep\"\n")
     with pytest.raises(CellfuseError, match="not written by cellfuse"):

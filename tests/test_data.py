@@ -218,6 +218,8 @@ def test_class_folders_are_labelled_by_name_not_by_their_place_in_a_listing(tmp_
     for name in ["lymphocyte", "Platelets"]:  # six classes absent: labels must still be 4 and 7
         (tmp_path / "root" / name).mkdir(parents=True)
         Image.fromarray(GOOD[0][0]).save(tmp_path / "root" / name / "0.png")
+    (tmp_path / "root" / ".ipynb_checkpoints").mkdir()  # what notebooks and macOS leave beside data: skipped
+    (tmp_path / "root" / "lymphocyte" / "._0.png").write_bytes(b"AppleDouble")
     assert list(load_dataset(tmp_path / "root").labels) == [4, 7]
     (tmp_path / "root" / "zzz").mkdir()
     with pytest.raises(CellfuseError, match="sub-folder\\(s\\) 'zzz' name no class"):
@@ -226,6 +228,16 @@ def test_class_folders_are_labelled_by_name_not_by_their_place_in_a_listing(tmp_
     (tmp_path / "root" / "platelet").mkdir()
     with pytest.raises(CellfuseError, match="more than one sub-folder stands for platelet"):
         check_dataset(tmp_path / "root")
+
+
+def test_an_image_pillow_refuses_is_named_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "root" / "monocyte").mkdir(parents=True)
+    Image.fromarray(GOOD[0][0]).save(tmp_path / "root" / "monocyte" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 96 x 96 is then a "decompression bomb"
+    with pytest.raises(CellfuseError, match="big.png: unreadable image \\(DecompressionBombError"):
+        load_dataset(tmp_path / "root")
 
 
 def test_a_folder_image_is_read_as_predict_reads_it(tmp_path):

@@ -270,12 +270,22 @@ def test_the_grader_runs_in_the_unpacked_folder(data, tmp_path):
     assert graded["accuracy"] == 1.0 and graded["macro_f1"] == 1.0
 
 
+def test_a_model_py_that_resets_argv_and_leaves_a_thread_running_is_graded(data, tmp_path):
+    body = ("import sys, threading, time; sys.argv = []; threading.Thread(target=time.sleep, args=(600,)).start(); "
+            "return np.zeros(len(X), int)")  # a notebook's habits: neither may stall or break the grader
+    zip_path = write_zip(tmp_path / "s.zip", {"model.py": numpy_model_py(body)})
+    graded = grade_submission(zip_path, data[0], timeout=60, console=Console(file=io.StringIO()))
+    assert graded["accuracy"] == pytest.approx(float(np.mean(data[2] == 0)))
+
+
 @pytest.mark.parametrize("body, message", [
     ("raise RuntimeError('weights look wrong')", r"model.py failed: RuntimeError: weights look wrong \(in predict\)"),
     ("raise ValueError('Exception calling layer conv\\n\\nArguments:\\n  • inputs=tf.Tensor(shape=(64, 96, 96, 4))')",
      r"failed: ValueError: Exception calling layer conv \(in predict\)$"),  # Keras' first line, not its last
     ("import sys; sys.exit(0)", r"failed: SystemExit: 0 \(in predict\)"),
     ("return None", r"failed: it returned NoneType, not an array of class indices \(in predict\)"),
+    ("return {'a': 1}", r"failed: it returned dict, not an array"),
+    ("import os; os._exit(0)", r"failed: it exited \(status 0\) before predict returned"),
     ("return np.zeros(len(X) + 1, int)", r"shape \(65,\); expected \(64,\)"),
     ("return np.zeros(len(X))", "dtype float64; expected integer"),
     ("return np.full(len(X), 8)", r"classes 8..8; expected 0..7"),

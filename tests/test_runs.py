@@ -315,3 +315,13 @@ def test_a_resumed_recipe_may_spell_its_files_differently_but_not_change_them(tm
     assert changed_keys(old, moved) == ["data.extra_val: ['clean.npz', 'other.npz'] -> ['clean.npz']",
                                         "data.train: 'clean.npz' -> 'other.npz'", "train.seed: 2 -> 3"]
     assert changed_keys({"x": "missing.npz"}, {"x": str(tmp_path / "missing.npz")}) != []  # no file: by spelling
+
+
+def test_a_damaged_recipe_snapshot_is_named_when_a_run_resumes(tmp_path):
+    from toolkit.recipe import load_recipe
+    from toolkit.runs import atomic_write_text, check_same_recipe
+
+    run = make_own_dir(tmp_path / "tiny", "run")
+    atomic_write_text(run / "recipe.toml", "this is [[ not toml")
+    with pytest.raises(CellfuseError, match=r"tiny/recipe.toml: unreadable .*restore the file, or --force"):
+        check_same_recipe(run, load_recipe("tiny"))

@@ -138,7 +138,13 @@ def copied_text(source: Path, path: Path) -> str:
 
 
 def unedited_copy(path: Path) -> bool:
-    """`path` holds a shipped recipe (or space) as `recipes copy` wrote it: below the opening command,
-    which names the copy by the path it was given, the shipped text unchanged."""
-    body = path.read_text(errors="replace").partition("\n")[2]
-    return any(source.read_text().partition("\n")[2] == body for source in shipped_dir().rglob("*.toml"))
+    """`path` holds a shipped recipe (or space) as `recipes copy` wrote it: the shipped text, its opening
+    command naming the copy by whatever path it was given then."""
+    first, _, body = path.read_text(errors="replace").partition("\n")
+    for source in shipped_dir().rglob("*.toml"):
+        shipped_first, _, shipped_body = source.read_text().partition("\n")
+        before, _, after = shipped_first.partition(f"recipes/{source.relative_to(shipped_dir()).as_posix()}")
+        named = first[len(before):len(first) - len(after)]  # the copy's path, as it was given
+        if body == shipped_body and first.startswith(before) and first.endswith(after) and named.split() == [named]:
+            return True
+    return False

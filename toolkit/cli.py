@@ -38,6 +38,7 @@ READ_ONLY = {"evaluate", "grade", "runs", "recipes", "backbones"}
 # Commands that continue an interrupted run with --resume: Ctrl-C prints that command line.
 RESUMABLE = {"train", "distill", "sweep", "demo"}
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's limit, as recipes bound their seeds
 VIEW_SETS = tuple(VIEWS_BY_SET)  # the set names --help lists (toolkit.tta defines them; it loads no numpy)
 
 
@@ -443,7 +444,7 @@ def clean(data, out, threshold, contamination, no_tsne, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Corrupted npz to write.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
               help="How strong the corruptions are, 1 (mild) to 5; 3 resembles the challenge's test.")
-@click.option("--seed", default=0, type=click.IntRange(0), help="Seed of the corruptions drawn (same seed, same file).")
+@click.option("--seed", default=0, type=click.IntRange(0, SEED_MAX), help="Seed of the corruptions drawn (same seed, same file).")
 @click.option("--families", default="cellfuse", show_default=True,
               help="Comma list of corruptions, one drawn per image: cellfuse (the 2-4 family mix), own "
                    "(its six families), held-out (ImageNet-C families no preset trains on), all, or names "
@@ -474,7 +475,7 @@ def corrupt(data, out, severity, seed, families, force, as_json):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs/clean"),
               help="Folder that receives val.npz, val_corrupt.npz and val_heldout.npz.")
 @click.option("--val-fraction", default=0.15, help="As the recipes' data.val_fraction.")
-@click.option("--seed", default=0, type=click.IntRange(0), help="As the recipes' data.split_seed.")
+@click.option("--seed", default=0, type=click.IntRange(0, SEED_MAX), help="As the recipes' data.split_seed.")
 @click.option("--severity", default=3, type=click.IntRange(1, 5),
               help="Corruption strength of val_corrupt.npz and val_heldout.npz, as in `cellfuse corrupt`.")
 @click.option("--families", "held_out", default="held-out",
@@ -690,7 +691,7 @@ def predict(model, inputs, out, tta, batch_size, force, as_json):
 @click.option("--severities", default="1,2,3,4,5", show_default=True, help="Robustness columns (1..5).")
 @click.option("--limit", default=400, show_default=True, type=click.IntRange(0),
               help="Images in the robustness grid, drawn at random (0 = all).")
-@click.option("--seed", default=0, type=click.IntRange(0), show_default=True, help="Seed of the corruptions and the drawn images.")
+@click.option("--seed", default=0, type=click.IntRange(0, SEED_MAX), show_default=True, help="Seed of the corruptions and the drawn images.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Prediction batch.")
 @force_option
 @json_option
@@ -841,7 +842,7 @@ def export(run, out, tta, precision, force, as_json):
 @main.command()
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--timeout", default=600, type=click.IntRange(1), help="Seconds before giving up.")
+@click.option("--timeout", default=600, type=click.IntRange(1, 10**6), help="Seconds before giving up.")
 @json_option
 def grade(submission, data, timeout, as_json):
     """Grade SUBMISSION.zip on DATA as the challenge grader would, in a clean subprocess.
@@ -898,7 +899,7 @@ def runs_table(folder, markdown, columns, intervals, as_json):
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="npz to write.")
 @click.option("--n", default=2000, help="Real (non-planted) images.")
-@click.option("--seed", default=0, type=click.IntRange(0), help="Seed of the drawing (same seed, same file).")
+@click.option("--seed", default=0, type=click.IntRange(0, SEED_MAX), help="Seed of the drawing (same seed, same file).")
 @force_option
 @json_option
 def synth(out, n, seed, force, as_json):

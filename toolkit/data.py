@@ -287,10 +287,15 @@ def folder_class(name: str) -> int | None:
     return None
 
 
+def hidden(path: Path) -> bool:
+    """What tools leave beside data: .ipynb_checkpoints, macOS's __MACOSX folders and ._ files."""
+    return path.name.startswith((".", "__MACOSX"))
+
+
 def _folder_files(path: Path) -> list[tuple[Path, int]]:
     """[(image file, label)] of a folder of class sub-folders, each labelled by its name, never by its
     place in a listing: a test folder that lacks one class keeps every other label right."""
-    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not hidden(p))
     if not folders:
         raise CellfuseError(f"{path}: a data folder needs one sub-folder of images per class")
     labels = {folder: folder_class(folder.name) for folder in folders}
@@ -302,7 +307,7 @@ def _folder_files(path: Path) -> list[tuple[Path, int]]:
     if twice:
         raise CellfuseError(f"{path}: more than one sub-folder stands for {', '.join(twice)}")
     files = [(file, labels[folder]) for folder in sorted(folders, key=labels.get)  # rows in class order
-             for file in sorted(folder.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+             for file in sorted(folder.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES and not hidden(file)]
     if not files:
         raise CellfuseError(f"{path}: no images found in its class sub-folders")
     return files
@@ -325,15 +330,13 @@ def to_model_input(file, size: tuple[int, int] = IMAGE_SHAPE[:2]) -> np.ndarray:
 
 
 def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import UnidentifiedImageError
-
     files = _folder_files(path)
     images = []
     for file, _ in files:
         try:
             images.append(to_model_input(file, image_shape[:2]))
-        except (UnidentifiedImageError, OSError) as e:
-            raise CellfuseError(f"{file}: unreadable image ({e})") from None
+        except Exception as e:  # Pillow raises many kinds on a damaged or oversized file: each is the file's
+            raise CellfuseError(f"{file}: unreadable image ({type(e).__name__}: {e})") from None
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64)
 
 

@@ -87,14 +87,26 @@ class Model:
 GRADER = '''
 import json, os, resource, sys, time, traceback
 
+IMAGES, PREDICTIONS, RESULT, PACKAGE = sys.argv[1:5]  # read now: model.py may reset sys.argv
+
+
 class HideProject:
     """Refuse the project's package: site-packages reaches it through the editable install's finder."""
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == sys.argv[4]:
+        if name.partition(".")[0] == PACKAGE:
             raise ModuleNotFoundError(f"No module named {name!r} (hidden while grading)", name=name)
 
-sys.meta_path.insert(0, HideProject())
-sys.path.insert(0, os.getcwd())
+
+def finish(path, record, status):
+    """Write the record and leave at once: os._exit, so a thread model.py started cannot keep the
+    grader waiting, and a model.py that exits by itself leaves no record (the parent says so)."""
+    with open(path, "w") as f:
+        json.dump(record, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def fail(during, error):
     """What failed, for the parent's one line (the traceback stays on stderr): a Keras error's first line
     is its type's message, and its last line a detail. sys.exit() inside model.py is a failure too."""
@@ -102,13 +114,13 @@ def fail(during, error):
         traceback.print_exc()
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         error = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-    with open(sys.argv[3] + ".error", "w") as f:
-        json.dump({"during": during, "error": error}, f)
-    sys.stderr.flush()
-    os._exit(3)  # not sys.exit: a thread model.py started must not keep the grader waiting
+    finish(RESULT + ".error", {"during": during, "error": error}, 3)
 
+
+sys.meta_path.insert(0, HideProject())
+sys.path.insert(0, os.getcwd())
 import numpy as np
-X = np.load(sys.argv[1])
+X = np.load(IMAGES)
 start = time.perf_counter()
 try:
     import model
@@ -117,17 +129,16 @@ except BaseException as e:
     fail("loading model.py", e)
 loaded = time.perf_counter()
 try:
-    predictions = submission.predict(X)
+    returned = submission.predict(X)
 except BaseException as e:
     fail("predict", e)
 done = time.perf_counter()
-predictions = np.asarray(predictions) if predictions is not None else None
-if predictions is None or predictions.dtype == object:
-    fail("predict", f"it returned {type(predictions).__name__}, not an array of class indices")
-np.save(sys.argv[2], predictions, allow_pickle=False)
-with open(sys.argv[3], "w") as f:
-    json.dump({"load_seconds": loaded - start, "predict_seconds": done - loaded,
-               "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+predictions = None if returned is None else np.asarray(returned)
+if predictions is None or predictions.dtype == object:  # None, a dict, a generator, ragged lists
+    fail("predict", f"it returned {type(returned).__name__}, not an array of class indices")
+np.save(PREDICTIONS, predictions, allow_pickle=False)
+finish(RESULT, {"load_seconds": loaded - start, "predict_seconds": done - loaded,
+                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, 0)
 '''
 
 
@@ -322,6 +333,8 @@ def _run_grader(submission: Path, folder: Path, images: np.ndarray, tmp: Path, t
     seconds = time.perf_counter() - start
     if child.returncode != 0:
         raise CellfuseError(f"{submission}: model.py failed: {_failure(child, tmp / 'result.json.error')}")
+    if not (tmp / "result.json").is_file():  # model.py ended the process itself, status 0
+        raise CellfuseError(f"{submission}: model.py failed: it exited (status 0) before predict returned")
     timings = json.loads((tmp / "result.json").read_text())
     return np.load(tmp / "predictions.npy", allow_pickle=False), {"seconds": seconds, **timings}
 

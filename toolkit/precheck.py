@@ -90,7 +90,7 @@ def weights(loaded) -> None:
     if value in WEIGHT_WORDS or Path(value).is_file():
         return
     close = difflib.get_close_matches(value, WEIGHT_WORDS, n=1, cutoff=0.6)
-    raise CellfuseError(f"{value}: does not exist (model.weights of {loaded.path}); "
+    raise CellfuseError(f"{value!r}: no such file (model.weights of {loaded.path}); "
                         + (f"did you mean {close[0]!r}?" if close else 'expected "imagenet", "none" or a weights file'))
 
 

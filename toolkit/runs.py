@@ -527,7 +527,12 @@ def check_same_recipe(run: Path, recipe) -> None:
     snapshot = run / "recipe.toml"
     if not snapshot.exists():
         return
-    changed = changed_keys(tomllib.loads(snapshot.read_text()), tomllib.loads(recipe.to_toml()))
+    try:
+        started = tomllib.loads(snapshot.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CellfuseError(f"{snapshot}: unreadable ({e}), so this run's recipe cannot be compared; "
+                            "restore the file, or --force to start over") from None
+    changed = changed_keys(started, tomllib.loads(recipe.to_toml()))
     if changed:
         raise CellfuseError(f"{run}: the recipe changed since this run started ({'; '.join(changed[:6])}); "
                             f"resume needs the same recipe: `cellfuse train {snapshot} --out {run.parent} "

@@ -465,7 +465,7 @@ def run_sweep(recipe_path, space_path, *, overrides=(), out=None, trials=20, par
     console = console or Console()
     raw = raw_recipe(Path(recipe_path), overrides)
     space_path = find_space(space_path)  # a file, or a shipped space's name (spaces/tiny)
-    space_doc = read_toml(space_path, "space file")
+    space_doc = read_toml(space_path, "space")
     parse_space(space_doc, str(space_path), raw, str(recipe_path))  # all errors before any directory
     base = build_recipe(copy.deepcopy(raw), Path(recipe_path))
     check_data_files(base)  # a missing or broken data file is one line now, not a failure per trial
