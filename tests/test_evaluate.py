@@ -96,7 +96,7 @@ def test_evaluate_rejects_bad_input_in_one_line(model_file, tiny_npz, tmp_path):
         keras.layers.GlobalAveragePooling2D()(inputs)))
     five.save(tmp_path / "five.keras")
     cases = [([str(tmp_path / "missing.keras"), str(tiny_npz)], "missing.keras"),
-             ([str(broken), str(tiny_npz)], "cannot load"),
+             ([str(broken), str(tiny_npz)], "broken.keras: not a readable .keras model"),
              ([str(tmp_path / "five.keras"), str(tiny_npz)], "5 classes"),
              ([str(model_file), str(tiny_npz), "--tta", "d9"], "d9"),
              ([str(model_file), str(tmp_path / "none.npz")], "none.npz")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import make_images, stand_in_model
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from toolkit import clean, ensemble, interpret, report, runs
@@ -123,9 +123,10 @@ def test_models_are_named_one_way_in_every_table(tmp_path):
     run, other, loose = tmp_path / "runs" / "cpu-lite0", tmp_path / "other" / "cpu-lite0", tmp_path / "loose"
     for folder in (run, other, loose):
         folder.mkdir(parents=True)
-    for file in (run / "best.keras", run / "recipe.toml", run / "swa.keras", other / "best.keras",
-                 loose / "model-a.keras", loose / "best.keras"):
-        file.write_text("")
+    for file in (run / "best.keras", run / "swa.keras", other / "best.keras", loose / "model-a.keras",
+                 loose / "best.keras"):
+        stand_in_model(file)
+    (run / "recipe.toml").write_text("")
     paths = [run, run / "swa.keras", other, loose / "model-a.keras", loose]
     names = report.model_names(paths)
     assert names == {"cpu-lite0": run / "best.keras", "cpu-lite0-swa": run / "swa.keras",
