@@ -130,11 +130,15 @@ def copy_recipe(name: str, path: str | Path, force: bool = False) -> Path:
     return atomic_write_text(out, copied_text(source, path))
 
 
+def shipped_as(source: Path) -> str:
+    """How a shipped recipe's opening command names it (recipes/tiny.toml)."""
+    return f"recipes/{source.relative_to(shipped_dir()).as_posix()}"
+
+
 def copied_text(source: Path, path: Path) -> str:
     """A shipped recipe as `recipes copy` writes it to `path`: its opening command names the copy."""
-    shipped_as = f"recipes/{source.relative_to(shipped_dir()).as_posix()}"
     first, _, rest = source.read_text().partition("\n")
-    return f"{first.replace(shipped_as, str(path))}\n{rest}"
+    return f"{first.replace(shipped_as(source), str(path))}\n{rest}"
 
 
 def unedited_copy(path: Path) -> bool:
@@ -143,7 +147,7 @@ def unedited_copy(path: Path) -> bool:
     first, _, body = path.read_text(errors="replace").partition("\n")
     for source in shipped_dir().rglob("*.toml"):
         shipped_first, _, shipped_body = source.read_text().partition("\n")
-        before, _, after = shipped_first.partition(f"recipes/{source.relative_to(shipped_dir()).as_posix()}")
+        before, _, after = shipped_first.partition(shipped_as(source))
         named = first[len(before):len(first) - len(after)]  # the copy's path, as it was given
         if body == shipped_body and first.startswith(before) and first.endswith(after) and named.split() == [named]:
             return True

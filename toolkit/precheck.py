@@ -49,9 +49,9 @@ def data_files(paths) -> list[Path]:
     return [data_file(p) for p in paths]
 
 
-def model(path) -> Path:
+def model(path, what: str = "") -> Path:
     """A .keras file, or a run, ensemble or student folder holding one; returns the model file."""
-    return resolve_model_file(existing(path))
+    return resolve_model_file(existing(path, what))
 
 
 def models(paths) -> list[Path]:
@@ -78,7 +78,7 @@ def recipe(path, overrides=(), *, data: bool = True):
     backbone_spec(loaded.model.backbone, loaded.model.width, loaded.model.depth)
     weights(loaded)
     if loaded.train.init_from:
-        resolve_model_file(existing(loaded.train.init_from, f"train.init_from of {loaded.path}"))
+        model(loaded.train.init_from, f"train.init_from of {loaded.path}")
     if data:
         recipe_data(loaded)
     return loaded

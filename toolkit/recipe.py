@@ -411,7 +411,7 @@ def seeded(paths, overrides, seeds=()) -> list[tuple[Path, list[str]]]:
     jobs = []
     for path in paths:
         name = load_recipe(path, overrides).name
-        jobs += [(Path(path), [*overrides, f"train.seed={seed}", f"name={json.dumps(f'{name}-seed{seed}')}"])
+        jobs += [(Path(path), [*overrides, f"train.seed={seed}", f"name={toml_string(f'{name}-seed{seed}')}"])
                  for seed in seeds]
     return jobs
 
@@ -631,8 +631,6 @@ def apply_override(raw: dict, item: str) -> str:
 def toml_string(text: str) -> str:
     """`text` as a TOML basic string, for a --set value written by code: a path with a backslash, a quote
     or \\u in it reaches the recipe unchanged."""
-    import json
-
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON's escapes are TOML's
 
 
