@@ -61,6 +61,11 @@ def test_find_recipe_takes_a_path_or_a_shipped_name(tmp_path, monkeypatch):
     assert find_recipe("spaces/tiny") == shipped_dir() / "spaces" / "tiny.toml"
     (tmp_path / "tiny.toml").write_text("name = \"mine\"\n")
     assert find_recipe("tiny.toml") == Path("tiny.toml"), "a file that exists wins over the name"
+    (tmp_path / "cpu-mobilenet").mkdir()  # a run folder where the user stands
+    assert find_recipe("cpu-mobilenet") == shipped_dir() / "cpu-mobilenet.toml", "a folder never hides a recipe"
+    (tmp_path / "cpu-mobilenett").mkdir()
+    with pytest.raises(CellfuseError, match="cpu-mobilenett: is a folder, not a recipe file .did you mean"):
+        find_recipe("cpu-mobilenett")
 
 
 @pytest.mark.parametrize("arg, hint", [
@@ -134,7 +139,10 @@ def test_recipes_command_lists_and_copies(tmp_path):
     listed = CliRunner().invoke(main, ["recipes", "--json"])
     assert listed.exit_code == 0, listed.output
     assert [r["name"] for r in last_json(listed.output)["recipes"]] == CHECKOUT_RECIPES
-    assert "student-cpu-effv2" in listed.output.split("{")[0], "the table comes before the JSON"
+    table = listed.output.split("{")[0]
+    assert "student-cpu-effv2" in table, "the table comes before the JSON"
+    padded = [line for line in table.splitlines() if line != line.rstrip()]
+    assert not padded, f"piped, a table's rows keep no trailing blanks: {padded[:2]}"
     out = tmp_path / "mine.toml"
     copied = CliRunner().invoke(main, ["recipes", "copy", "tiny", str(out), "--json"])
     assert copied.exit_code == 0 and last_json(copied.output)["out"] == str(out) and out.is_file()

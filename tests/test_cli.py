@@ -17,9 +17,10 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import stand_in_model
 
 from toolkit import cli
-from toolkit.cli import main
+from toolkit.cli import main, out_of_memory_message
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = sorted(main.commands.items())
@@ -238,20 +239,28 @@ def test_internal_failure_keeps_the_traceback_with_status_1(tmp_path, monkeypatc
     assert result.output.strip().splitlines()[-1].startswith("Error: internal failure")
 
 
-def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, monkeypatch):
+def test_out_of_memory_is_one_line_that_says_what_this_command_can_lower(tmp_path, tiny_npz, monkeypatch):
     import tensorflow as tf
 
+    import toolkit.evaluate
     import toolkit.synth
 
     def exhausted(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1024]\nmore")
 
     monkeypatch.setattr(toolkit.synth, "write_synthetic", exhausted)
-    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "s.npz")])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == (
-        "Error: out of memory (OOM when allocating tensor with shape[64,1024]); lower train.batch_size or "
-        "model.input_size, turn on train.mixed_precision on a GPU, or give evaluate/predict a smaller --batch-size")
+    monkeypatch.setattr(toolkit.evaluate, "evaluate_model", exhausted)
+    model = stand_in_model(tmp_path / "m.keras")
+    said = {}
+    for args in (["synth", "--out", str(tmp_path / "s.npz")], ["evaluate", str(model), str(tiny_npz)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        said[args[0]] = result.output.strip().splitlines()[-1]
+    assert said["synth"] == ("Error: out of memory (OOM when allocating tensor with shape[64,1024]); close what "
+                             "else uses this machine's memory, or use one with more")
+    assert said["evaluate"].endswith("; give a smaller --batch-size")
+    assert out_of_memory_message(MemoryError(), "distill").startswith("out of memory (MemoryError); lower "
+                                                                      "train.batch_size")
 
 
 # ---------------------------------------------------------------- TensorFlow's start-up noise

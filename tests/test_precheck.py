@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,13 @@ def places(tmp_path, tiny_npz):
     (tmp_path / "bad.npz").write_text("not a zip")
     stand_in_model(tmp_path / "m.keras")
     (tmp_path / "damaged.keras").write_bytes(b"8 bytes!")
+    with zipfile.ZipFile(tmp_path / "hollow.keras", "w") as archive:  # a zip, but not one Keras wrote
+        archive.writestr("notes.txt", "x")
+    flipped = stand_in_model(tmp_path / "flipped.keras")  # a Keras-shaped zip whose weights fail their checksum
+    with zipfile.ZipFile(flipped, "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", b"WEIGHTS" * 20)
+    flipped.write_bytes(flipped.read_bytes().replace(b"WEIGHTSWEIGHTS", b"WEIGHTSWEIGHTs", 1))
     (tmp_path / "sub.zip").write_text("x")
     (tmp_path / "empty").mkdir()
     (tmp_path / "user" / "tiny").mkdir(parents=True)  # the user's folder where a run would go
@@ -111,6 +119,8 @@ def cases(p) -> list[tuple[list, str]]:
         (["evaluate", p["empty"], good], "no model in this directory"),
         (["evaluate", model, missing], "missing: does not exist"),
         (["evaluate", T / "damaged.keras", good], "damaged.keras: not a readable .keras model"),
+        (["evaluate", T / "hollow.keras", good], "the archive lacks config.json, model.weights.h5"),
+        (["export", T / "flipped.keras", "--out", T / "s.zip"], "model.weights.h5 inside it is damaged"),
         (["evaluate", model, bad], "not a readable .npz"),
         (["predict", missing, good, "--out", T / "p.csv"], "missing: does not exist"),
         (["predict", model, missing, "--out", T / "p.csv"], "missing: does not exist"),

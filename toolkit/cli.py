@@ -66,9 +66,12 @@ class LogConsole(Console):
         Console.size.fset(self, new_size)
 
     def print(self, *objects, **kwargs):
-        if not self.is_terminal:
-            objects = tuple(_fit_to_text(o) for o in objects)
-        super().print(*objects, **kwargs)
+        if self.is_terminal or self.quiet:
+            return super().print(*objects, **kwargs)
+        with self.capture() as captured:  # a table pads its rows to its width: a log needs no trailing blanks
+            super().print(*(_fit_to_text(o) for o in objects), **kwargs)
+        self.file.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
+        self.file.flush()
 
     def set_live(self, live) -> bool:
         top = super().set_live(live)
@@ -169,10 +172,19 @@ def is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError"
 
 
-def out_of_memory_message(error: Exception) -> str:
+TRAINING_MEMORY = "lower train.batch_size or model.input_size (--set), or turn on train.mixed_precision on a GPU"
+MEMORY_ADVICE = {  # what the failing command itself can lower
+    "train": TRAINING_MEMORY, "sweep": TRAINING_MEMORY, "demo": TRAINING_MEMORY,
+    "distill": TRAINING_MEMORY + "; the bank holds distill.bank_views views of every image: fewer use less",
+    "evaluate": "give a smaller --batch-size", "predict": "give a smaller --batch-size",
+    "inspect": "give a smaller --batch-size",
+}
+
+
+def out_of_memory_message(error: Exception, command: str | None = None) -> str:
     detail = (str(getattr(error, "message", error)).strip().splitlines() or [type(error).__name__])[0]
-    return (f"out of memory ({detail[:160]}); lower train.batch_size or model.input_size, turn on "
-            "train.mixed_precision on a GPU, or give evaluate/predict a smaller --batch-size")
+    advice = MEMORY_ADVICE.get(command, "close what else uses this machine's memory, or use one with more")
+    return f"out of memory ({detail[:160]}); {advice}"
 
 
 class Group(click.Group):
@@ -193,7 +205,7 @@ class Group(click.Group):
             raise
         except Exception as e:  # anything else is a bug: its traceback goes into the report
             if is_out_of_memory(e):
-                fail(out_of_memory_message(e), EXIT_USER)
+                fail(out_of_memory_message(e, argv[0] if argv else None), EXIT_USER)
             traceback.print_exc()
             fail(f"internal failure ({type(e).__name__}: {e}); please report it with the traceback above",
                  EXIT_INTERNAL)
@@ -997,7 +1009,7 @@ def recipes(ctx, as_json):
 
     rows = shipped_recipes()
     # Two tables, so each fits an 80-column terminal: the figures, then what each recipe is for.
-    figures = Table(title="shipped recipes: cellfuse train NAME, or cellfuse recipes copy NAME PATH to edit one",
+    figures = Table(title="shipped recipes: cellfuse train NAME; cellfuse recipes copy NAME PATH to edit",
                     box=box.SIMPLE)
     for col in ("recipe", "backbone", "px", "epochs", "2-core CPU"):
         figures.add_column(col, justify="right" if col in ("px", "epochs") else "left", no_wrap=True)

@@ -318,10 +318,13 @@ def shipped_file(name: str) -> Path | None:
 
 
 def find_recipe(arg: str | Path) -> Path:
-    """A recipe file: a path that exists is used as is; otherwise a shipped recipe's name."""
-    if Path(arg).exists():
+    """A recipe file: a file that exists is used as is; otherwise a shipped recipe's name (a folder of
+    that name, such as a run folder, is never a recipe, so it does not hide the shipped one)."""
+    if Path(arg).is_file():
         return Path(arg)
     found = shipped_file(str(arg))
+    if found is None and Path(arg).is_dir():
+        raise CellfuseError(f"{arg}: is a folder, not a recipe file" + did_you_mean_recipe(str(arg)))
     if found is None:
         raise CellfuseError(f"{arg}: does not exist, and no shipped recipe has that name; `cellfuse recipes` lists them"
                             + did_you_mean_recipe(str(arg)))

@@ -806,6 +806,26 @@ def resolve_model_file(path: str | Path) -> Path:
         raise CellfuseError(f"{path}: does not exist")
     elif not (path.is_file() and path.suffix == ".keras"):
         raise CellfuseError(f"{path}: not a .keras model file or a run directory")
-    if not zipfile.is_zipfile(path):
-        raise CellfuseError(f"{path}: not a readable .keras model (not a zip archive: damaged or truncated)")
+    _check_keras_archive(path)
     return path
+
+
+KERAS_ARCHIVE_FILES = ("config.json", "model.weights.h5")  # what every Keras 3 .keras zip holds
+
+
+def _check_keras_archive(path: Path) -> None:
+    """Names a damaged .keras file before TensorFlow loads: the zip itself, its two parts, their checksums."""
+    problem = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            missing = [name for name in KERAS_ARCHIVE_FILES if name not in archive.namelist()]
+            damaged = None if missing else archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        problem = f"not a zip archive: damaged or truncated ({error})"
+    else:
+        if missing:
+            problem = f"the archive lacks {', '.join(missing)}: not saved by Keras 3, or damaged"
+        elif damaged:
+            problem = f"{damaged} inside it is damaged (checksum mismatch)"
+    if problem:
+        raise CellfuseError(f"{path}: not a readable .keras model ({problem})")
