@@ -189,6 +189,9 @@ def test_check_section_fills_defaults_and_is_idempotent():
     ({"augmix": True, "augmix_depth": [1, 2, 3]}, ["augmix_depth", "[low, high]"]),
     ({"augmix_width": 2}, ["augmix_width", "augmix = true"]),
     ({"augmix": True, "augmix_sevrity": 0.5}, ["augmix_sevrity"]),
+    ({"mixup": float("nan")}, ["mixup", "finite number"]),  # nan slipped past the range: MixUp silently off
+    ({"cutmix": float("inf")}, ["cutmix", "finite number"]),
+    ({"mix_prob": float("nan")}, ["mix_prob", "finite number"]),
 ])
 def test_bad_sections_name_the_place_and_the_key(section, words):
     with pytest.raises(CellfuseError) as error:

@@ -223,6 +223,14 @@ def test_members_with_different_validation_splits_are_refused(workspace, tmp_pat
                                        "--out", str(tmp_path / "e3")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e3" / "ensemble.json").read_text())["val_index"] == list(range(48))
+    # a members' training file without indices, copied under another name: refused before any folder
+    save_dataset(tmp_path / "train.npz", *make_images(64, seed=5))
+    (tmp_path / "runA" / "recipe.toml").write_text(f'[data]\ntrain = "{tmp_path / "train.npz"}"\n')
+    shutil.copy(tmp_path / "train.npz", tmp_path / "looks_new.npz")
+    result = CliRunner().invoke(main, [*args[:3], "--val", str(tmp_path / "looks_new.npz"), *args[5:],
+                                       "--out", str(tmp_path / "e4")])
+    assert result.exit_code == 2 and "looks_new.npz: is member runA's training file" in result.output
+    assert not (tmp_path / "e4").exists()
 
 
 def test_runs_and_ensemble_moved_together_still_work(built, tmp_path):

@@ -516,7 +516,17 @@ def test_a_command_may_force_over_its_own_earlier_output(sandbox):
     run_checked(sandbox.parent, "predict runs/tiny d.npz --out user/p.csv --force", expect=0,
                 replaces=("user/p.csv",), writes=("user/p.csv",))
     manifest = json.loads((sandbox / "user" / MANIFEST).read_text())
-    assert manifest == {"own": ["p.csv"], "writers": {"p.csv": "predict"}}
+    assert manifest["own"] == ["p.csv"] and manifest["writers"] == {"p.csv": "predict"}
     result = run_checked(sandbox.parent, "corrupt d.npz --out user/p.csv --force", expect=2)
     assert "`cellfuse predict`" in result.output
+
+
+@pytest.mark.parametrize("command, out", [("predict runs/tiny d.npz", "p.csv"), ("corrupt d.npz", "c.npz")])
+def test_a_file_the_user_replaced_at_cellfuse_s_name_is_theirs(sandbox, command, out):
+    """`corrupt --out test.npz`, then `cp mine.npz test.npz`, then `corrupt --out test.npz --force`
+    replaced the user's data: ownership was recorded by name only."""
+    run_checked(sandbox.parent, f"{command} --out user/{out}", expect=0, writes=(f"user/{out}", f"user/{MANIFEST}"))
+    shutil.copy(sandbox / "d.npz", sandbox / "user" / out)  # the user's own data, at cellfuse's name
+    run_checked(sandbox.parent, f"{command} --out user/{out} --force", expect=2,
+                says=f"{out}: has changed since cellfuse wrote it, so it is yours now")
 

@@ -263,6 +263,10 @@ def test_split_never_overwrites_without_force_and_never_its_input(tiny_npz, tmp_
     own_input = out / "val.npz"
     result = CliRunner().invoke(main, ["split", str(own_input), "--out", str(out), "--force", "--val-fraction", "0.5"])
     assert result.exit_code != 0 and "input" in result.output and own_input.read_bytes() == before
+    # a new split without held-out families takes away the old one's val_heldout.npz, which no longer matches
+    assert (out / "val_heldout.npz").is_file()
+    result = CliRunner().invoke(main, [*args, "--force", "--seed", "1", "--families", ""])
+    assert result.exit_code == 0 and not (out / "val_heldout.npz").exists()
 
 
 def test_demo_refuses_data_inside_its_output_folder(tmp_path):

@@ -97,6 +97,7 @@ def cases(p) -> list[tuple[list, str]]:
         (["train", "tiny", "--set", "train.epocs=3"], "did you mean 'epochs'"),
         (["train", "tiny", "--set", f"data.train={missing}.npz", "--out", T / "r"], "missing.npz: does not exist"),
         (["train", "tiny", "--set", f"data.train={bad}", "--out", T / "r"], "not a readable .npz"),
+        (["train", "tiny", "--set", "data.train=", "--out", T / "r"], "an empty path (data.train of "),
         (["train", "tiny", "--set", f"data.train={p['labels9']}", "--out", T / "r"], "labels"),
         (["train", "tiny", *on, "--set", "model.backbone=resnet5O", "--out", T / "r"], "unknown backbone"),
         (["train", "tiny", *on, "--out", T / "runs"], "already exists; --resume to continue it"),
@@ -141,6 +142,8 @@ def cases(p) -> list[tuple[list, str]]:
         (["sweep", "tiny", "--set", f"data.train={missing}", "--space", "recipes/spaces/tiny.toml"],
          "does not exist"),
         (["grade", missing, good], "missing: does not exist"),
+        (["grade", T / "runs" / "tiny", good], "tiny: is a folder; grade takes a submission zip (make one with "
+                                                "`cellfuse export"),
         (["grade", T / "sub.zip", bad], "not a readable .npz"),
         (["runs", missing], "missing: does not exist"),
         (["demo", "--data", missing, "--out", T / "d"], "missing: does not exist"),

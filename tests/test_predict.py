@@ -17,6 +17,7 @@ from test_tta import tiny_model
 
 from toolkit.cli import main
 from toolkit.data import CLASS_NAMES, save_dataset, save_npz, to_model_input
+from toolkit.errors import CellfuseError
 from toolkit.predict import predict_files
 from toolkit.tta import merge, predict_views
 
@@ -113,6 +114,21 @@ def test_images_are_centre_cropped_to_a_square_then_resized_with_lanczos(tmp_pat
     square = Image.open(tmp_path / "grey.png").convert("RGB").crop((100, 0, 200, 100))
     np.testing.assert_array_equal(grey, np.asarray(square.resize((96, 96), Image.LANCZOS)))
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_16_bit_and_float_greyscale_are_scaled_not_clipped_to_white(tmp_path):
+    """A 16-bit PNG came out all 255: Pillow's convert("RGB") clips wide modes instead of scaling them."""
+    ramp = np.tile(np.linspace(0, 1, 96), (96, 1))
+    eight = Image.fromarray(np.rint(ramp * 255).astype(np.uint8))
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "f01.tif")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I"), "the file is 16-bit, as a microscope writes it"
+    for name in ("g16.png", "f01.tif"):
+        pixels = to_model_input(tmp_path / name)
+        assert np.abs(pixels[..., 0].astype(int) - np.asarray(eight)).max() <= 1, name
+    Image.fromarray((ramp * 1000).astype(np.float32), "F").save(tmp_path / "f1000.tif")
+    with pytest.raises(CellfuseError, match="f1000.tif: F image with values from 0 to 1000; save it as an 8- or 16-bit"):
+        to_model_input(tmp_path / "f1000.tif")
 
 
 def test_a_submission_zip_and_tta_give_the_models_probabilities(model, tmp_path):

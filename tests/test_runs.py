@@ -13,6 +13,7 @@ from toolkit.runs import (
     MANIFEST,
     TMP_PREFIX,
     adopt_library_files,
+    atomic_write_text,
     check_new_file,
     fresh_dir,
     is_own,
@@ -130,8 +131,9 @@ def test_check_new_file_replaces_only_files_cellfuse_wrote(tmp_path):
     assert theirs.read_text() == "{}"
     with pytest.raises(CellfuseError, match="also an input"):
         check_new_file(mine, ".json", force=True, inputs=[mine])
-    assert json.loads((tmp_path / MANIFEST).read_text()) == {  # claims no folder, and names who wrote it
-        "own": ["report.json"], "writers": {"report.json": "(python)"}}
+    manifest = json.loads((tmp_path / MANIFEST).read_text())  # claims no folder, and names who wrote it
+    assert manifest["own"] == ["report.json"] and manifest["writers"] == {"report.json": "(python)"}
+    assert manifest["stamps"]["report.json"][0] == mine.stat().st_size  # in your folder: its size and time too
     with pytest.raises(CellfuseError, match="not a directory"):
         check_new_file(mine / "x.npz", ".npz", force=False)
 
@@ -325,3 +327,23 @@ def test_a_damaged_recipe_snapshot_is_named_when_a_run_resumes(tmp_path):
     atomic_write_text(run / "recipe.toml", "this is [[ not toml")
     with pytest.raises(CellfuseError, match=r"tiny/recipe.toml: unreadable .*restore the file, or --force"):
         check_same_recipe(run, load_recipe("tiny"))
+
+
+def test_a_place_that_takes_no_file_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """`export RUN --out /proc/x.zip` was a traceback from the first write, after TensorFlow loaded."""
+    import tempfile
+
+    from toolkit.runs import check_new_file, check_output_folder
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(CellfuseError, match=r"x.zip: cannot write into .* \(Permission denied\)"):
+        check_new_file(tmp_path / "new" / "x.zip", ".zip", False)
+    with pytest.raises(CellfuseError, match=r"out: cannot write into .* \(Permission denied\)"):
+        check_output_folder(tmp_path / "out", False)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # and if it turns read-only while the work runs
+    with pytest.raises(CellfuseError, match=r"late.json: cannot write it \(Permission denied\)"):
+        atomic_write_text(tmp_path / "late.json", "{}")
+    release_locks()

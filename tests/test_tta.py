@@ -103,6 +103,18 @@ def test_predict_views_identity_matches_predict_and_views_differ():
     assert sum(calls) == pytest.approx(4)  # in units of views over the whole data set
 
 
+def test_a_model_ending_in_logits_is_named_not_scored():
+    """A member without a softmax gave an ensemble's self-check failure, and evaluate NLL 18 and ECE 0."""
+    import keras
+
+    softmax = tiny_model()
+    logits = keras.Model(softmax.inputs, softmax.layers[-1].output, name="logits_only")
+    logits.layers[-1].activation = keras.activations.linear
+    images, _ = make_images(4)
+    with pytest.raises(CellfuseError, match="model 'logits_only' does not output class probabilities .*needs a softmax"):
+        predict_views(logits, images, "none")
+
+
 def test_merge_mean_geometric_and_logits():
     probs = np.array([[[0.7, 0.2, 0.1]], [[0.1, 0.6, 0.3]]])
     np.testing.assert_allclose(merge(probs, "mean"), [[0.4, 0.4, 0.2]])

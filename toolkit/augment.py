@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from pathlib import Path
 
 import numpy as np
@@ -187,8 +188,8 @@ def _depth_range(value, what: str) -> list[int]:
 
 
 def _number(value, what: str, lo: float, hi: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CellfuseError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CellfuseError(f"{what} must be a finite number, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         raise CellfuseError(f"{what} = {value} is outside {lo:g}..{hi:g}" if hi is not None else
                             f"{what} = {value}: must be at least {lo:g}")

@@ -319,7 +319,7 @@ def to_model_input(file, size: tuple[int, int] = IMAGE_SHAPE[:2]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(file) as image:
-        image = image.convert("RGB")  # greyscale, palette, CMYK, alpha (dropped): all to RGB
+        image = _as_8bit(image, file).convert("RGB")  # greyscale, palette, CMYK, alpha (dropped): all to RGB
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         # Crop, then resize: the filter never reaches pixels outside the square (ImageOps.fit's would).
@@ -327,6 +327,27 @@ def to_model_input(file, size: tuple[int, int] = IMAGE_SHAPE[:2]) -> np.ndarray:
         if square.size != size[::-1]:
             square = square.resize(size[::-1], Image.LANCZOS)
         return np.asarray(square, dtype=np.uint8)
+
+
+def _as_8bit(image, file):
+    """16-bit, 32-bit and float greyscale scaled to 0..255, which Pillow's convert("RGB") clips to
+    white instead: a 16-bit PNG became a blank image, predicted without a word."""
+    from PIL import Image
+
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < top <= 65535):
+        scale = 255 / 65535  # 16-bit data, whatever its brightest pixel
+    elif image.mode == "F" and top <= 1:
+        scale = 255.0  # a float image in 0..1
+    elif top <= 255 and values.min() >= 0:
+        scale = 1.0
+    else:
+        raise CellfuseError(f"{file}: {image.mode} image with values from {values.min():g} to {top:g}; "
+                            "save it as an 8- or 16-bit image")
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
 
 
 def _read_folder(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray]:

@@ -399,6 +399,26 @@ def member_split(file: Path) -> np.ndarray | None:
         raise CellfuseError(f"{probs}: cannot read the member's validation split ({e})") from None
 
 
+def refuse_training_files(members: dict[str, Path], datasets) -> None:
+    """A --val file that is a member's own training file (its run's data.train, however named or copied)
+    would score members on images they learned, and steer the selection by them; files with original
+    indices are also checked row by row (check_same_split)."""
+    import tomllib
+
+    for name, file in members.items():
+        recipe = Path(file).parent / "recipe.toml"
+        try:
+            train = Path(tomllib.loads(recipe.read_text())["data"]["train"])
+        except (OSError, ValueError, KeyError, TypeError):  # not a run's model: nothing to compare
+            continue
+        for dataset in datasets:
+            val = Path(dataset.path)
+            if train.is_file() and val.is_file() and (train.resolve() == val.resolve() or (
+                    train.stat().st_size == val.stat().st_size and content_key(train) == content_key(val))):
+                raise CellfuseError(f"{val}: is member {name}'s training file (data.train in {recipe}), so it "
+                                    "cannot validate it; give the split it held out (`cellfuse split`)")
+
+
 def check_same_split(members: dict[str, Path], datasets) -> np.ndarray | None:
     """Every member held out the same rows, and every --val file that carries original indices lies
     inside them: otherwise a member trained on "validation" images and every figure is flattered."""
@@ -437,7 +457,8 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     datasets = [load_dataset(p) for p in val_data]
     if len({Path(d.path).resolve() for d in datasets}) < len(datasets):
         raise CellfuseError("the same --val file is given twice")
-    split_rows = check_same_split(members, datasets)  # before the folder is made: a refusal leaves nothing
+    refuse_training_files(members, datasets)  # before the folder is made: a refusal leaves nothing
+    split_rows = check_same_split(members, datasets)
     out = _prepare_out(out, force, [*[members[m] for m in members], *val_data])
     all_views = list(dict.fromkeys(v for vs, _ in view_sets.values() for v in vs))
     preds = _predict_all(members, all_views, datasets, out, console)
@@ -503,8 +524,10 @@ def _save_model(selected, members, out: Path, images, expected) -> float:
     save_model_atomic(_ensemble_model(selected, members), out / "ensemble.keras")
     reloaded = load_model(out / "ensemble.keras")
     error = float(np.abs(Predictor(reloaded)(images) - expected).max())
-    if error > 1e-4:  # the saved model is not what was selected: say so loudly, keep the files to inspect
-        raise CellfuseError(f"{out / 'ensemble.keras'}: differs from the selected ensemble by {error:.1e}")
+    if error > 1e-4:  # the saved model is not what was selected: say so loudly, and never leave it for
+        (out / "ensemble.keras").unlink()  # export or distill to pick up (the cached predictions stay)
+        raise CellfuseError(f"{out / 'ensemble.keras'}: the saved ensemble differs from the selected one by "
+                            f"{error:.1e}, so it was deleted; please report this with the members' recipes")
     return error
 
 

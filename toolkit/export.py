@@ -288,6 +288,9 @@ def _metrics(dataset, predictions: np.ndarray) -> dict:
 
 def _unpack(submission: Path, folder: Path) -> Path:
     """Extract the zip; model.py and the weights it names must be at its root."""
+    if submission.is_dir():
+        raise CellfuseError(f"{submission}: is a folder; grade takes a submission zip (make one with "
+                            f"`cellfuse export {submission} --out submission.zip`)")
     if not submission.is_file():
         raise CellfuseError(f"{submission}: does not exist")
     try:

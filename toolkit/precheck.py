@@ -32,6 +32,8 @@ WEIGHT_WORDS = ("imagenet", "none")
 
 def existing(path, what: str = "") -> Path:
     """`path`, which must exist (`what` says where it was named, e.g. "data.train of x.toml")."""
+    if not str(path).strip():  # Path("") is the working folder: `--set data.train=` read every folder here
+        raise CellfuseError("an empty path" + (f" ({what})" if what else "") + "; name a file or folder")
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise CellfuseError(f"{path}: does not exist" + (f" ({what})" if what else ""))

@@ -30,7 +30,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     The file is then recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
     path = _claim_file(path)
     _write_replacing(path, data)
-    return record_own(path)
+    return record_own(path, stamp=folder_kind(path.parent) is None)
 
 
 def _claim_file(path: str | Path) -> Path:
@@ -50,7 +50,10 @@ def _claim_file(path: str | Path) -> Path:
 
 
 def _write_replacing(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
+    except OSError as error:  # the place became read-only, or the disk is full: the file, not a traceback
+        raise CellfuseError(f"{path}: cannot write it ({error.strerror or error})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -196,6 +199,19 @@ def _ensure_dir(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
+def refuse_unwritable(path: str | Path) -> None:
+    """The folder an output goes into (or its nearest existing parent) takes a new file: a read-only
+    place is one line before any work, not an OS traceback at the first write."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=TMP_PREFIX):
+            pass
+    except OSError as error:
+        raise CellfuseError(f"{path}: cannot write into {folder} ({error.strerror or error})") from None
+
+
 def refuse_file_on_the_way(path: str | Path) -> None:
     """Nothing can be made below a file (`--out data.npz/sub`): one line, not mkdir's OS error."""
     path = Path(path)
@@ -208,15 +224,17 @@ def refuse_file_on_the_way(path: str | Path) -> None:
             return
 
 
-def record_own(path: str | Path) -> Path:
+def record_own(path: str | Path, stamp: bool = False) -> Path:
     """Record that cellfuse wrote `path` (or is about to: a file a library writes for it), and which
-    command, when check_new_file claimed it for one."""
+    command, when check_new_file claimed it for one. `stamp`: the file is written and lies in a folder
+    of yours, so its size and time are kept too; changed since, it is yours (is_own)."""
     import fcntl
 
     path = Path(path)
     manifest = _manifest(path.parent)
     writer = None if path.is_dir() else _writer_about_to_write(path)
-    if path.name in manifest.get("own", []) and (writer is None or _writers(manifest).get(path.name) == writer):
+    if (path.name in manifest.get("own", []) and (writer is None or _writers(manifest).get(path.name) == writer)
+            and not stamp):
         return path
     fd = os.open(path.parent, os.O_RDONLY)  # several processes (parallel trials) record into one folder
     try:
@@ -228,6 +246,8 @@ def record_own(path: str | Path) -> Path:
         elif path.name not in manifest.get("own", []):
             writers.pop(path.name, None)  # a stale name from a deleted file: this one is the folder's
         manifest["own"] = sorted(set(manifest.get("own", [])) | {path.name})
+        if stamp:
+            manifest["stamps"] = {**manifest.get("stamps", {}), path.name: _stamp(path)}
         _write_manifest(path.parent, _with_writers(manifest, writers))
     finally:
         os.close(fd)
@@ -328,12 +348,23 @@ def _shown(writer: str) -> str:
 
 
 def is_own(path: str | Path) -> bool:
-    """Did cellfuse record this file or folder where it wrote it?"""
+    """Did cellfuse record this file or folder where it wrote it, and is a file it stamped unchanged?"""
     path = Path(path)
     recorded = path.name in _manifest(path.parent).get("own", [])
     if path.is_dir() and not path.is_symlink():
         return recorded and folder_kind(path) is not None
-    return recorded
+    return recorded and not changed_since_written(path)
+
+
+def _stamp(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def changed_since_written(path: Path) -> bool:
+    """A file cellfuse wrote into your folder whose size or time has changed since: you replaced it."""
+    stamp = _manifest(path.parent).get("stamps", {}).get(path.name)
+    return bool(stamp) and path.is_file() and not path.is_symlink() and _stamp(path) != stamp
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -378,6 +409,7 @@ def check_output_folder(path: Path, force: bool, inputs=(), kind: str = "output"
                             "so give the folder it points to, or another --out")
     if path.exists() and not path.is_dir():
         raise CellfuseError(f"{path}: exists and is not a directory")
+    refuse_unwritable(path)
     if path.is_dir() and any(path.iterdir()):
         check_replaceable(path, kind)
         if not force:
@@ -598,12 +630,16 @@ def check_new_file(out: Path, suffix: str | None, force: bool, inputs=(), writer
     if out.is_dir():
         raise CellfuseError(f"{out}: is a directory")
     refuse_file_on_the_way(out)
+    refuse_unwritable(out)
     for item in inputs:
         if item is not None and Path(item).exists() and out.exists() and Path(item).resolve() == out.resolve():
             raise CellfuseError(f"{out}: is also an input; write the output elsewhere")
     if out.exists():
         if not force:
             raise CellfuseError(f"{out}: already exists; pass --force to replace it")
+        if changed_since_written(out):
+            raise CellfuseError(f"{out}: has changed since cellfuse wrote it, so it is yours now and --force "
+                                "will not replace it; choose another name or remove it yourself")
         if not is_own(out):
             raise CellfuseError(f"{out}: was not written by cellfuse, so --force will not replace it; "
                                 "choose another name or remove it yourself")

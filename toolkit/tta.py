@@ -138,7 +138,25 @@ def predict_views(model, images: np.ndarray, views, batch_size: int = 256, progr
     if probs.ndim != 3:
         raise CellfuseError(f"model {model.name!r} returned shape {probs.shape[1:]} per view; "
                             "expected (n, classes)")
+    check_probabilities(probs, f"model {model.name!r}")
     return probs
+
+
+def check_probabilities(probs, what: str) -> None:
+    """Rows of class probabilities, as every metric, ensemble and grade assumes: a model ending in
+    logits (no softmax) would otherwise give confident nonsense (NLL 18, ECE 0) without a word."""
+    import numpy as np
+
+    sums = probs.sum(axis=-1)
+    if not np.isfinite(probs).all():
+        problem = "NaN or infinite outputs"
+    elif probs.min() < -1e-4 or probs.max() > 1 + 1e-3 or np.abs(sums - 1).max() > 1e-2:
+        problem = (f"outputs from {probs.min():.3g} to {probs.max():.3g}, rows summing to "
+                   f"{sums.min():.3g}-{sums.max():.3g}")
+    else:
+        return
+    raise CellfuseError(f"{what} does not output class probabilities ({problem}); its last layer needs "
+                        "a softmax (cellfuse's own models have one)")
 
 
 _VIEWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {views: its viewed model}
