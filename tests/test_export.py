@@ -302,6 +302,8 @@ def test_grade_names_what_is_missing_from_the_zip(exported, data, tmp_path):
     source = zipfile.ZipFile(exported[0]["zip"]).read("model.py")
     cases = {
         "no_weights.zip": ({"model.py": source}, r"no_weights\.zip: missing model\.keras, which model"),
+        "cut.zip": ({"model.py": source, "model.keras": b"PK\x03\x04 cut short"},
+                    r"cut\.zip \(its model\.keras\): not a readable \.keras model"),
         "no_model.zip": ({"weights.keras": b"x"}, r"no_model\.zip: missing model\.py$"),
         "nested.zip": ({"sub/model.py": source}, r"found sub/model\.py; it must be at the zip's root"),
         "syntax.zip": ({"model.py": "def (:\n"}, r"syntax\.zip: model\.py line 1"),

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,11 @@ def test_user_errors_are_reported_before_tensorflow_is_imported(model, tmp_path)
     (tmp_path / "x.npy").write_bytes(b"")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     write_folder(tmp_path / "cells")
+    with zipfile.ZipFile(tmp_path / "no_model.zip", "w") as archive:
+        archive.writestr("model.py", "")
+    with zipfile.ZipFile(tmp_path / "cut.zip", "w") as archive:  # its model.keras cut in half
+        keras_bytes = (run / "best.keras").read_bytes()
+        archive.writestr("model.keras", keras_bytes[: len(keras_bytes) // 2])
     out = str(tmp_path / "p.csv")
     cases = {"missing.npz: does not exist": [str(run), str(tmp_path / "missing.npz"), "--out", out],
              "nothing: does not exist": [str(tmp_path / "nothing"), str(tmp_path / "cells"), "--out", out],
@@ -169,7 +175,10 @@ def test_user_errors_are_reported_before_tensorflow_is_imported(model, tmp_path)
              "expected a .csv": [str(run), str(tmp_path / "cells"), "--out", str(tmp_path / "p.txt")],
              "already exists": [str(run), str(tmp_path / "cells"), "--out", str(tmp_path / "taken.csv")],
              "x.npy: not an .npz": [str(run), str(tmp_path / "x.npy"), "--out", out],
-             "bad.npz: not a readable .npz": [str(run), str(tmp_path / "bad.npz"), "--out", out]}
+             "bad.npz: not a readable .npz": [str(run), str(tmp_path / "bad.npz"), "--out", out],
+             "no_model.zip: holds no model.keras": [str(tmp_path / "no_model.zip"), str(tmp_path / "cells"), "--out", out],
+             "cut.zip (its model.keras): not a readable .keras model": [str(tmp_path / "cut.zip"), str(tmp_path / "cells"),
+                                                                        "--out", out]}
     child = subprocess.run([sys.executable, "-c", ERRORS_BEFORE_TENSORFLOW,
                             json.dumps([["predict", *args] for args in cases.values()])],
                            capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -472,8 +472,13 @@ def test_an_extra_validation_file_cannot_replace_the_split(tiny_npz, tmp_path):
 
     shutil.copy(tiny_npz, tmp_path / "val.npz")
     recipe = tiny_recipe(tiny_npz, tmp_path, f'data.extra_val=["{tmp_path / "val.npz"}"]')
-    with pytest.raises(CellfuseError, match="already taken"):
+    with pytest.raises(CellfuseError, match="whose name 'val' is the split's own name"):
         load_split(recipe, Console(quiet=True))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tiny_npz, tmp_path / "b" / "val_corrupt.npz")
+    twice = f'data.extra_val=["{tiny_npz}", "{tmp_path / "b" / "val_corrupt.npz"}", "{tmp_path / "b" / "val_corrupt.npz"}"]'
+    with pytest.raises(CellfuseError, match="'val_corrupt' is also the name of another data.extra_val file"):
+        load_split(tiny_recipe(tiny_npz, tmp_path, twice), Console(quiet=True))
 
 
 def test_augmented_batches_stay_float32_under_mixed_precision(tiny_npz, tmp_path):

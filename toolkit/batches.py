@@ -47,9 +47,10 @@ def load_split(recipe: Recipe, console: Console) -> Split:
     train_rows, val_rows = stratified_split(data.labels, recipe.data.val_fraction, recipe.data.split_seed)
     val = {"val": data.subset(val_rows)}
     for path, name in zip(recipe.data.extra_val, extra_val_names(recipe), strict=True):
-        if name in val:  # "val" is the held-out split itself: a file named so would replace it
-            raise CellfuseError(f"{recipe.path}: data.extra_val names {path}, whose name {name!r} is already "
-                                "taken (the split's own is 'val'); rename the file")
+        if name in val:  # each set is reported, and may steer, under its file's stem: one name, one set
+            taken = "the split's own name" if name == "val" else "also the name of another data.extra_val file"
+            raise CellfuseError(f"{recipe.path}: data.extra_val names {path}, whose name {name!r} is {taken}; "
+                                "give each set a file name of its own")
         val[name] = load_dataset(path, n_classes=recipe.data.n_classes)
     console.print(f"data: {len(train_rows)} train / {len(val_rows)} val rows of {data.path}"
                   + "".join(f"; {name}: {len(d)}" for name, d in val.items() if name != "val"))

@@ -66,8 +66,11 @@ class LogConsole(Console):
         Console.size.fset(self, new_size)
 
     def print(self, *objects, **kwargs):
+        live_just_ended, self._live_just_ended = getattr(self, "_live_just_ended", False), False
         if self.is_terminal or self.quiet:
             return super().print(*objects, **kwargs)
+        if live_just_ended and not objects:  # rich's Progress.stop ends a log's progress with a blank line
+            return None
         with self.capture() as captured:  # a table pads its rows to its width: a log needs no trailing blanks
             super().print(*(_fit_to_text(o) for o in objects), **kwargs)
         self.file.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
@@ -84,6 +87,7 @@ class LogConsole(Console):
         if lines is not None and len(self._live_stack) == 1:
             self._progress_lines = None
             lines.stop()
+        self._live_just_ended = len(self._live_stack) == 1
         super().clear_live()
 
 

@@ -26,7 +26,13 @@ from toolkit.backbones import non_core_layers
 from toolkit.data import IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
 from toolkit.report import classification_metrics, per_class_table
-from toolkit.runs import atomic_write_bytes, check_new_file, load_model, resolve_model_file
+from toolkit.runs import (
+    atomic_write_bytes,
+    check_keras_archive,
+    check_new_file,
+    load_model,
+    resolve_model_file,
+)
 from toolkit.tta import parse_tta, wrap_with_tta
 
 WEIGHTS = "model.keras"  # the weights file model.py loads from its own folder
@@ -306,6 +312,8 @@ def _unpack(submission: Path, folder: Path) -> Path:
     for name in _weights_named_in(submission, folder / "model.py"):
         if name not in names:
             raise CellfuseError(f"{submission}: missing {name}, which model.py loads")
+        if name.endswith(".keras"):  # damaged, Keras would call it "file not found"
+            check_keras_archive(folder / name, f"{submission} (its {name})")
     return folder
 
 

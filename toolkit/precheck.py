@@ -20,6 +20,7 @@ from toolkit.data import CLASS_NAMES, check_dataset
 from toolkit.errors import CellfuseError
 from toolkit.recipe import MATCHING_MEMBER, check_distinct_names, check_student, load_recipe
 from toolkit.runs import (
+    check_keras_archive,
     check_new_file,
     check_output_folder,
     check_run_folder,
@@ -61,15 +62,22 @@ def models(paths) -> list[Path]:
 
 
 def model_or_zip(path) -> Path:
-    """As `model`, or a submission zip made by `cellfuse export`."""
+    """As `model`, or a submission zip made by `cellfuse export`, whose model.keras is checked too."""
+    import io
     import zipfile
 
     path = existing(path)
-    if path.suffix == ".zip":
-        if not zipfile.is_zipfile(path):
-            raise CellfuseError(f"{path}: not a zip file")
-        return path
-    return model(path)
+    if path.suffix != ".zip":
+        return model(path)
+    try:
+        with zipfile.ZipFile(path) as submission:
+            if "model.keras" not in submission.namelist():
+                raise CellfuseError(f"{path}: holds no model.keras; make a submission with `cellfuse export`")
+            inner = io.BytesIO(submission.read("model.keras"))
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CellfuseError(f"{path}: not a readable zip file ({error})") from None
+    check_keras_archive(inner, f"{path} (its model.keras)")
+    return path
 
 
 def recipe(path, overrides=(), *, data: bool = True):

@@ -442,7 +442,9 @@ def check_student(recipe: Recipe) -> None:
     """Refuse what distillation cannot honour (a recipe fine for `train` may not be for `distill`)."""
     path, cfg = recipe.path, recipe.distill
     if cfg is None:
-        raise CellfuseError(f"{path}: a student recipe needs a [distill] section")
+        raise CellfuseError(f"{path}: a student recipe needs a [distill] section; add one, or give it with "
+                            "--set distill.mode=cached (or bank, function-matching), or use a shipped student "
+                            "such as student-cpu-lite0")
     if recipe.train.class_weights != "none":  # the targets are the teacher's soft votes, not classes
         raise CellfuseError(f"{path}: train.class_weights = {recipe.train.class_weights!r} does not apply "
                             "to distillation (the student matches the teacher's probabilities, not labels "

@@ -842,15 +842,16 @@ def resolve_model_file(path: str | Path) -> Path:
         raise CellfuseError(f"{path}: does not exist")
     elif not (path.is_file() and path.suffix == ".keras"):
         raise CellfuseError(f"{path}: not a .keras model file or a run directory")
-    _check_keras_archive(path)
+    check_keras_archive(path)
     return path
 
 
 KERAS_ARCHIVE_FILES = ("config.json", "model.weights.h5")  # what every Keras 3 .keras zip holds
 
 
-def _check_keras_archive(path: Path) -> None:
-    """Names a damaged .keras file before TensorFlow loads: the zip itself, its two parts, their checksums."""
+def check_keras_archive(path, shown=None) -> None:
+    """Names a damaged .keras file (a path, or the bytes of one inside a submission zip, `shown` as)
+    before TensorFlow loads: the zip itself, its two parts, their checksums."""
     problem = None
     try:
         with zipfile.ZipFile(path) as archive:
@@ -864,4 +865,4 @@ def _check_keras_archive(path: Path) -> None:
         elif damaged:
             problem = f"{damaged} inside it is damaged (checksum mismatch)"
     if problem:
-        raise CellfuseError(f"{path}: not a readable .keras model ({problem})")
+        raise CellfuseError(f"{shown or path}: not a readable .keras model ({problem})")
