@@ -3,6 +3,7 @@ directly, with their real field names, so no test trains anything)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from toolkit.cli import main
 from toolkit.compare import collect, markdown, read_run
+from toolkit.runs import lock_output, release_locks
 
 ROOT = Path(__file__).parents[1]
 HOUR_AGO = 3600
@@ -149,7 +151,12 @@ def test_unfinished_and_broken_folders_are_rows_not_crashes(tmp_path):
     predicting.mkdir(parents=True)
     (predicting / ".cellfuse.json").write_text('{"own": ["predictions.npz"]}')
     (predicting / "predictions.npz").write_bytes(b"")
+    failed = tmp_path / "ensembles" / "failed"  # written a moment ago by a command that has since failed
+    shutil.copytree(predicting, failed)
+    lock_output(tmp_path / "runs" / "running")  # as the commands writing them hold them
+    lock_output(predicting)
     rows = by_path(collect(tmp_path))
+    release_locks()
     assert rows["runs/stopped"].state == "stopped" and rows["runs/stopped"].epochs == "3/10"
     assert rows["runs/stopped"].seconds == pytest.approx(31.5 + 32.5 + 33.5)  # the epochs it finished
     assert "cellfuse train recipes/cpu-lite0.toml --set train.batch_size=32 --resume" in rows["runs/stopped"].note
@@ -158,6 +165,8 @@ def test_unfinished_and_broken_folders_are_rows_not_crashes(tmp_path):
     assert (rows["sweep/trials/t003"].state, rows["sweep/trials/t003"].note) == \
         ("pruned", "behind the other trials at epoch 2")
     assert rows["ensembles/half"].kind == "ensemble" and rows["ensembles/half"].state == "running"
+    assert rows["ensembles/failed"].state == "stopped", "a failure a minute ago is not a command running"
+    assert by_path(collect(tmp_path))["runs/running"].state == "stopped", "its command has ended"
 
 
 def test_a_student_whose_comparison_did_not_finish_is_not_complete(tmp_path):

@@ -16,6 +16,7 @@ from toolkit.runs import (
     atomic_write_text,
     check_new_file,
     fresh_dir,
+    is_being_written,
     is_own,
     load_weights,
     lock_output,
@@ -209,12 +210,14 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_s_lock_i
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        assert is_being_written(out), "`cellfuse runs` sees the other process writing"
         with pytest.raises(CellfuseError, match=f"in use by another cellfuse command \\(PID {holder.pid}"):
             fresh_dir(out)
         assert not out.exists()
     finally:
         holder.kill()
         holder.wait()
+    assert not is_being_written(out), "a dead process writes nothing"
     deadline = time.time() + 10
     while True:  # the kernel drops a dead process's lock
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from toolkit.catalog import input_size
 from toolkit.ensemble import CACHE as ENSEMBLE_CACHE
 from toolkit.errors import CellfuseError
 from toolkit.recipe import read_toml
-from toolkit.runs import MODEL_FILES, read_history
+from toolkit.runs import MODEL_FILES, is_being_written, read_history
 
 KINDS = ("run", "ensemble", "student")
 SKIP = {"checkpoint", "tb", "logs", "__pycache__"}  # folders cellfuse fills with many files, never runs
@@ -128,7 +129,21 @@ def _last_write(folder: Path) -> float:
 
 
 def _unfinished_state(folder: Path) -> str:
-    return "running" if time.time() - _last_write(folder) < RUNNING_WINDOW_S else "stopped"
+    """Running while a command holds the folder's output lock; else stopped (failed, killed, interrupted),
+    or, from another machine sharing the folder, running while it wrote in the last RUNNING_WINDOW_S."""
+    if is_being_written(folder):
+        return "running"
+    return "running" if _written_elsewhere(folder) and time.time() - _last_write(folder) < RUNNING_WINDOW_S \
+        else "stopped"
+
+
+def _written_elsewhere(folder: Path) -> bool:
+    """A run another machine writes (its env.json names another host): its lock is not visible here."""
+    try:
+        host = (_read_json(folder / "env.json") or {}).get("host")
+    except Unreadable:
+        return False
+    return bool(host) and host != platform.node()
 
 
 def read_run(folder: Path, rel: str) -> Row:

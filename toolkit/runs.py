@@ -659,14 +659,12 @@ def lock_output(path: str | Path) -> None:
     lock of a dead process, so a stale lock is taken over. Lock files live in the temporary folder,
     never among the user's files."""
     import fcntl
-    import hashlib
 
     key = _key(path)
     if key in _LOCKS:
         return
-    folder = Path(tempfile.gettempdir()) / f"cellfuse-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    _lock_file(key).parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(_lock_file(key), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -678,6 +676,34 @@ def lock_output(path: str | Path) -> None:
     os.pwrite(fd, f"PID {os.getpid()}: {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}"
               .encode()[:300], 0)
     _LOCKS[key] = fd
+
+
+def _lock_file(key: str) -> Path:
+    import hashlib
+
+    folder = Path(tempfile.gettempdir()) / f"cellfuse-locks-{os.getuid()}"
+    return folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.lock"
+
+
+def is_being_written(path: str | Path) -> bool:
+    """Does a cellfuse command on this machine hold `path`'s output lock now? It holds it exactly while it
+    runs, so a command that failed or was killed, however recently, holds none."""
+    import fcntl
+
+    key = _key(path)
+    if key in _LOCKS:
+        return True
+    try:
+        fd = os.open(_lock_file(key), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock taken to test
 
 
 def release_locks() -> None:
@@ -802,6 +828,7 @@ def env_info() -> dict:
         "git_commit": git_commit(),
         "argv": sys.argv,
         "cwd": os.getcwd(),
+        "host": platform.node(),  # `cellfuse runs` elsewhere cannot see this machine's output locks
     }
 
 
