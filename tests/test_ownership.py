@@ -58,12 +58,13 @@ def built(tmp_path_factory):
     output (clean/), a trained tiny run (runs/tiny/) and an ensemble of it (ens/)."""
     root = tmp_path_factory.mktemp("built")
     save_dataset(root / "d.npz", *make_images(64))
-    (root / MANIFEST).unlink()  # d.npz stands for the user's data: cellfuse did not write it
+    save_dataset(root / "v.npz", *make_images(32, seed=1))  # validation images the run did not train on
+    (root / MANIFEST).unlink()  # d.npz and v.npz stand for the user's data: cellfuse did not write them
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         for args in ("clean d.npz --out clean --no-tsne",
                      f"train tiny {TINY} --out runs",
-                     "ensemble runs/tiny --val d.npz --views none --rounds 1 --out ens"):
+                     "ensemble runs/tiny --val v.npz --views none --rounds 1 --out ens"):
             check_ran(cellfuse(args), args)
     return root
 
@@ -200,6 +201,15 @@ def own_data_in_run(work: Path) -> None:
     atomic_write_bytes(work / "runs" / "tiny" / "c.npz", (work / "d.npz").read_bytes())
 
 
+def export_inside_run(work: Path) -> None:
+    """runs/tiny/sub.zip: a submission exported into the run (`train --force` deleted it without a word)."""
+    check_ran(cellfuse("export runs/tiny --out runs/tiny/sub.zip"), "export")
+
+
+def ensemble_inside_run(work: Path) -> None:
+    check_ran(cellfuse("ensemble runs/tiny --val v.npz --views none --rounds 1 --out runs/tiny/ens"), "ensemble")
+
+
 def user_files(*names: str):
     def put(work: Path) -> None:
         for name in names:
@@ -288,6 +298,10 @@ CASES = [
     Case("train-data-inside-run", "train tiny --set data.train=runs/tiny/c.npz --out runs", own_data_in_run),
     Case("train-user-file-in-tb", f"train tiny {NO_TRAIN} --out runs", user_file_in_tb),
     Case("train-user-hidden-tmp", f"train tiny {NO_TRAIN} --out runs", user_hidden_tmp_in_run),
+    Case("train-export-inside-run", f"train tiny {NO_TRAIN} --out runs", export_inside_run, forces=(True,),
+         says="sub.zip (`cellfuse export`), made from this run by another command"),
+    Case("train-ensemble-inside-run", f"train tiny {NO_TRAIN} --out runs", ensemble_inside_run, forces=(True,),
+         says="ens/ (an ensemble), made from this run by another command"),
     Case("train-symlink-named", f"train tiny {NO_TRAIN} --out . --set name=link"),
     Case("train-own-run", f"train tiny {TINY} --out runs", expect=ok(2, 0), writes=("runs/tiny",),
          replaces=("runs/tiny",)),
@@ -304,15 +318,15 @@ CASES = [
     *[Case(f"distill-name-{key}", f"distill ens student.toml {STUDENT} --out runs --set name={name}", says="name")
       for key, name in NAMES.items()],
     # ensemble RUN --val DATA --out DIR
-    Case("ensemble-user-predictions", "ensemble runs/tiny --val d.npz --views none --out user",
+    Case("ensemble-user-predictions", "ensemble runs/tiny --val v.npz --views none --out user",
          user_files("user/predictions.npz")),
-    Case("ensemble-out-is-run", "ensemble runs/tiny --val d.npz --views none --out runs/tiny"),
-    Case("ensemble-out-holds-run", "ensemble runs/tiny --val d.npz --views none --out runs"),
+    Case("ensemble-out-is-run", "ensemble runs/tiny --val v.npz --views none --out runs/tiny"),
+    Case("ensemble-out-holds-run", "ensemble runs/tiny --val v.npz --views none --out runs"),
     Case("ensemble-own-output-holds-val", "ensemble runs/tiny --val ens/v.npz --views none --out ens",
          lambda w: own_file(w / "ens" / "v.npz", (w / "d.npz").read_bytes())),
-    Case("ensemble-out-inside-input", "ensemble runs/tiny --val d.npz --views none --out d.npz/ens"),
-    Case("ensemble-symlink", "ensemble runs/tiny --val d.npz --views none --out link"),
-    Case("ensemble-own-output", "ensemble runs/tiny --val d.npz --views none --rounds 1 --out ens",
+    Case("ensemble-out-inside-input", "ensemble runs/tiny --val v.npz --views none --out v.npz/ens"),
+    Case("ensemble-symlink", "ensemble runs/tiny --val v.npz --views none --out link"),
+    Case("ensemble-own-output", "ensemble runs/tiny --val v.npz --views none --rounds 1 --out ens",
          expect=ok(2, 0), writes=("ens",), replaces=("ens",)),
     # export RUN --out ZIP
     Case("export-user-file", "export runs/tiny --out user/s.zip", user_files("user/s.zip")),
@@ -467,7 +481,7 @@ def test_ensemble_never_adopts_a_user_s_predictions_as_its_cache(sandbox):
     (sandbox / "u").mkdir()
     shutil.copy(sandbox / "ens" / "predictions.npz", sandbox / "u" / "predictions.npz")
     for force in ("", " --force"):
-        run_checked(sandbox.parent, f"ensemble runs/tiny --val d.npz --views none --out u{force}", expect=2)
+        run_checked(sandbox.parent, f"ensemble runs/tiny --val v.npz --views none --out u{force}", expect=2)
 
 
 @pytest.mark.parametrize("plant", [user_file_in_tb, user_hidden_tmp_in_run], ids=["in-tb", "hidden-tmp"])

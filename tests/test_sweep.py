@@ -143,7 +143,8 @@ def test_ensemble_takes_a_sweeps_top_trials(tiny_sweep, tmp_path):
     ranked = sorted(read_rows(out), key=lambda r: -float(r["objective"]))
     assert top == [out / "trials" / ranked[0]["run"], out / "trials" / ranked[1]["run"], other]
     assert top[0] == Path(summary["best"]["run"])
-    result = CliRunner().invoke(main, ["ensemble", str(out), "--top", "2", "--val", str(data), "--views", "none",
+    val = save_dataset(tmp_path / "val.npz", *make_images(32, seed=7))  # the trials trained on `data`
+    result = CliRunner().invoke(main, ["ensemble", str(out), "--top", "2", "--val", str(val), "--views", "none",
                                        "--rounds", "2", "--out", str(tmp_path / "ens"), "--json"])
     assert result.exit_code == 0, result.output
     members = json.loads(result.output.strip().splitlines()[-1])["members"]

@@ -507,6 +507,23 @@ def check_only_own(folder: Path, keep=()) -> None:
         raise CellfuseError(f"{folder}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
                             f"which {whose}; --force replaces only cellfuse's own files. "
                             "Move them, or choose another --out")
+    _refuse_other_commands_outputs(folder, manifest)
+
+
+def _refuse_other_commands_outputs(folder: Path, manifest: dict) -> None:
+    """A run or student folder is replaced with what its command wrote, never with what you made from it
+    inside it (a submission exported there, an ensemble built there): those are named and kept."""
+    kind = folder_kind(folder)
+    if kind not in ("run", "student"):
+        return
+    made = sorted({f"{name} (`cellfuse {writer}`)" for name, writer in _writers(manifest).items()
+                   if writer != KIND_WRITERS[kind] and (folder / name).exists()}
+                  | {f"{sub.name}/ ({_a(folder_kind(sub))})" for sub in folder.iterdir()
+                     if sub.is_dir() and not sub.is_symlink() and folder_kind(sub) not in (None, "part")})
+    if made:
+        raise CellfuseError(f"{folder}: holds {', '.join(made[:5])}{' ...' if len(made) > 5 else ''}, made from "
+                            f"this {kind} by another command; --force replaces the {kind}, not those. Move "
+                            "them out first, or choose another --out")
 
 
 def check_run_folder(run: Path, kind: str, *, resume: bool, force: bool, inputs=()) -> bool:
