@@ -159,6 +159,9 @@ def test_check_npz_reads_headers_and_labels_only(tmp_path):
     bad_index = save_dataset(tmp_path / "bad_index.npz", *GOOD, index=np.arange(15))
     with pytest.raises(CellfuseError, match="'index' must be \\(N,\\) integers"):
         check_npz(bad_index)
+    negative = save_dataset(tmp_path / "negative.npz", *GOOD, index=-np.arange(16) - 1)
+    with pytest.raises(CellfuseError, match="negative.npz: 'index' holds negative row numbers"):
+        load_dataset(negative)  # was read as 16 leaked training rows by ensemble's split check
     with pytest.raises(CellfuseError, match="missing key"):
         check_npz(npz(tmp_path, "nolabels.npz", images=GOOD[0]))
     with pytest.raises(CellfuseError, match="does not exist"):

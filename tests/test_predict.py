@@ -88,8 +88,9 @@ def test_a_folder_of_images_of_any_size_with_unreadable_files_skipped(model, tmp
     run, trained = model
     exact = write_folder(tmp_path / "cells")
     console = quiet()
-    summary = predict_files(run / "best.keras", [tmp_path / "cells"], tmp_path / "p.csv", console=console)
-    assert summary["predicted"] == 3 and summary["skipped"] == 2
+    named_twice = [tmp_path / "cells", tmp_path / "cells" / "sub" / "b.png"]  # a folder and a file in it
+    summary = predict_files(run / "best.keras", named_twice, tmp_path / "p.csv", console=console)
+    assert summary["predicted"] == 3 and summary["skipped"] == 2, "each image once, however often named"
     printed = console.file.getvalue()
     assert "broken.png" in printed and "truncated.png" in printed and "skipped 2" in printed
     rows = read_csv(tmp_path / "p.csv")

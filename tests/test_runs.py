@@ -350,3 +350,16 @@ def test_a_place_that_takes_no_file_is_one_line_before_any_work(tmp_path, monkey
     with pytest.raises(CellfuseError, match=r"late.json: cannot write it \(Permission denied\)"):
         atomic_write_text(tmp_path / "late.json", "{}")
     release_locks()
+
+
+def test_a_folder_of_yours_holding_cellfuse_s_files_is_named_as_such(tmp_path):
+    """`ensemble --out SPLIT_FOLDER --force` said the folder "was not made by cellfuse", though `split`
+    had written every file in it: the refusal was right, its reason wrong."""
+    out = tmp_path / "split"
+    write_json(out / "val.json", {})  # as `split` writes val.npz into a folder it does not own
+    release_locks()
+    with pytest.raises(CellfuseError, match=r"split: is a folder of yours holding files cellfuse wrote \(val.json\), "
+                                            "not an output folder it made, so it will not be replaced"):
+        fresh_dir(out, force=True, kind="ensemble")
+    assert (out / "val.json").is_file()
+    release_locks()

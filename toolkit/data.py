@@ -264,7 +264,11 @@ def _check_labels(path, labels: np.ndarray, n: int, n_classes: int) -> np.ndarra
 
 
 def _check_index(path, index: np.ndarray, n: int) -> np.ndarray:
+    """Each row's place in the original file, 0 or more (a split's leak check compares them)."""
     _check_index_header(path, NpyHeader(index.shape, index.dtype), n)
+    if len(index) and index.min() < 0:
+        raise CellfuseError(f"{path}: 'index' holds negative row numbers (from {index.min()}); it names each "
+                            "row's place in the original file, 0 or more")
     return index.astype(np.int64)
 
 

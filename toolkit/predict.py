@@ -78,7 +78,16 @@ def find_inputs(paths) -> Inputs:
                                 "or a folder of images")
     if not found.named:
         raise CellfuseError("no INPUT given: name npz files, images or folders of images")
+    found.npz, found.images = _each_once(found.npz), _each_once(found.images)  # a folder and a file in it
     return found
+
+
+def _each_once(paths: list[Path]) -> list[Path]:
+    """The files in order, each once however often it was named (a folder and a file in it)."""
+    first = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
 
 
 def images_in(folder: Path) -> list[Path]:

@@ -421,8 +421,12 @@ def check_replaceable(folder: Path, kind: str) -> None:
     """Refuse, in one line, to replace a folder that is not wholly cellfuse's, or of another kind."""
     found = folder_kind(folder)
     if found is None:
-        raise CellfuseError(f"{folder}: exists and was not made by cellfuse, so it will not be replaced; "
-                            "choose another --out (or name) or remove it yourself")
+        written = _manifest(folder).get("own", [])  # single files cellfuse wrote into a folder of yours
+        what = (f"is a folder of yours holding files cellfuse wrote ({', '.join(written[:3])}"
+                f"{' ...' if len(written) > 3 else ''}), not an output folder it made"
+                if written else "exists and was not made by cellfuse")
+        raise CellfuseError(f"{folder}: {what}, so it will not be replaced; choose another --out (or name) "
+                            "or remove it yourself")
     if found != kind:
         raise CellfuseError(f"{folder}: holds a cellfuse {found} output, not {_a(kind)}; "
                             "choose another --out (or name)")
