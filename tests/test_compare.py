@@ -181,6 +181,9 @@ def test_checkpoints_and_tensorboard_logs_are_not_searched(tmp_path):
     write_run(run / "checkpoint" / "not-a-run")
     write_run(run / "tb" / "not-a-run-either")
     assert [r.path for r in collect(tmp_path)] == ["run"]
+    (run / "ens").mkdir()  # but an ensemble built inside a run is found (it was missed)
+    (run / "ens" / "ensemble.json").write_text("{}")
+    assert [(r.path, r.kind) for r in collect(tmp_path)] == [("run", "run"), ("run/ens", "ensemble")]
 
 
 def test_markdown_table(outputs):

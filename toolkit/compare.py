@@ -62,8 +62,8 @@ class Row:
 # ---------------------------------------------------------------- finding folders
 
 def find_folders(root: Path) -> list[tuple[str, Path]]:
-    """(kind guess, folder) for every run-like or ensemble folder under `root` (root included); a
-    found folder is not searched further, nor are checkpoints, TensorBoard logs and hidden folders."""
+    """(kind guess, folder) for every run-like or ensemble folder under `root` (root included), and in
+    them (an ensemble built inside a run); checkpoints, TensorBoard logs and hidden folders are not searched."""
     found, stack = [], [(Path(root), 0)]
     while stack:
         folder, depth = stack.pop()
@@ -75,7 +75,6 @@ def find_folders(root: Path) -> list[tuple[str, Path]]:
         kind = _kind_of(names)
         if kind:
             found.append((kind, folder))
-            continue
         if depth < MAX_DEPTH:
             stack += [(Path(e.path), depth + 1) for e in entries
                       if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP]
