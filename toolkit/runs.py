@@ -30,7 +30,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     The file is then recorded as cellfuse's own, so a later --force may replace it (and nothing else)."""
     path = _claim_file(path)
     _write_replacing(path, data)
-    return record_own(path, stamp=folder_kind(path.parent) is None)
+    # stamped in a folder of yours, but for a file written for you to edit: its own command judges edits
+    stamp = folder_kind(path.parent) is None and _writer_about_to_write(path) not in USERS_TO_EDIT
+    return record_own(path, stamp=stamp)
 
 
 def _claim_file(path: str | Path) -> Path:
