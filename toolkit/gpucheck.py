@@ -129,12 +129,12 @@ class NotAvailable(Exception):
     pass
 
 
-def synthetic_data(work: Path, n: int) -> Path:
+def synthetic_data(work: Path, n: int, name: str = "synthetic", seed: int = 0) -> Path:
     """Noise pictures in the challenge format: throughput does not depend on what they show."""
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-    return save_dataset(work / "synthetic.npz", images, np.arange(n) % 8)
+    return save_dataset(work / f"{name}.npz", images, np.arange(n) % 8)
 
 
 def _recipe(data: Path, sizes: Sizes, name: str, *extra: str):
@@ -213,8 +213,7 @@ def distill_step(work: Path, data: Path, sizes: Sizes) -> dict:
 
     runs = work / "runs"
     member = runs / "speed-11" if (runs / "speed-11" / "best.keras").exists() else runs / "speed-00"
-    val = load_dataset(data)
-    val_file = save_dataset(work / "val.npz", val.images[: 4 * sizes.batch], val.labels[: 4 * sizes.batch])
+    val_file = synthetic_data(work, 4 * sizes.batch, "val", seed=1)  # never the members' training file
     build_ensemble([member], [val_file], work / "ensemble", views="none", rounds=1, force=True,
                    console=Console(quiet=True))
     student = work / "student.toml"
