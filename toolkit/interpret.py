@@ -61,6 +61,7 @@ from toolkit.runs import (
     resolve_model_file,
     write_json,
 )
+from toolkit.tta import check_probabilities
 
 DEFAULT_FAMILIES = "cellfuse,own,held-out"
 
@@ -159,7 +160,9 @@ def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     it reuses the model's own traced function: the robustness grid predicts dozens of times."""
     chunks = [np.asarray(model.predict_on_batch(np.asarray(images[i:i + batch_size], np.float32)))
               for i in range(0, len(images), batch_size)]
-    return np.concatenate(chunks).astype(np.float64)
+    probs = np.concatenate(chunks).astype(np.float64)
+    check_probabilities(probs, f"model {model.name!r}")
+    return probs
 
 
 def temperature_layers(model) -> list:
