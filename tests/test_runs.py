@@ -363,3 +363,15 @@ def test_a_folder_of_yours_holding_cellfuse_s_files_is_named_as_such(tmp_path):
         fresh_dir(out, force=True, kind="ensemble")
     assert (out / "val.json").is_file()
     release_locks()
+
+
+def test_remove_own_file_deletes_only_an_unchanged_file_of_the_named_writer(tmp_path):
+    from toolkit.runs import remove_own_file
+
+    mine = check_new_file(tmp_path / "v.npz", ".npz", False, writer="split")
+    atomic_write_text(mine, "x")
+    release_locks()
+    assert not remove_own_file(mine, writer="corrupt") and mine.exists()
+    (tmp_path / "theirs.txt").write_text("the user's")
+    assert not remove_own_file(tmp_path / "theirs.txt") and (tmp_path / "theirs.txt").exists()
+    assert remove_own_file(mine, writer="split") and not mine.exists()

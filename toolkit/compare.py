@@ -132,8 +132,8 @@ def _unfinished_state(folder: Path) -> str:
     or, from another machine sharing the folder, running while it wrote in the last RUNNING_WINDOW_S."""
     if is_being_written(folder):
         return "running"
-    return "running" if _written_elsewhere(folder) and time.time() - _last_write(folder) < RUNNING_WINDOW_S \
-        else "stopped"
+    recently_elsewhere = _written_elsewhere(folder) and time.time() - _last_write(folder) < RUNNING_WINDOW_S
+    return "running" if recently_elsewhere else "stopped"
 
 
 def _written_elsewhere(folder: Path) -> bool:

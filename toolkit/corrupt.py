@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from toolkit.data import load_dataset, save_dataset, stratified_split
 from toolkit.errors import CellfuseError
-from toolkit.runs import check_new_file, is_own, writer_of
+from toolkit.runs import check_new_file, remove_own_file
 
 SEVERITIES = range(1, 6)
 
@@ -501,7 +501,5 @@ def write_val_files(clean_npz: Path, out: Path, val_fraction: float = 0.15, seed
         shifted = corrupt_images(val.images, severity, seed + 2, families=families)
         written["val_heldout"] = save_dataset(targets["val_heldout"], shifted, val.labels, val.index)
     else:  # an earlier split's held-out file would no longer match this val.npz: never leave it beside it
-        stale = out / "val_heldout.npz"
-        if stale.is_file() and is_own(stale) and writer_of(stale) == "split":
-            stale.unlink()
+        remove_own_file(out / "val_heldout.npz", writer="split")
     return written

@@ -47,6 +47,7 @@ from toolkit.runs import (
     load_model,
     lock_output,
     refuse_inputs_inside,
+    remove_own_file,
     save_model_atomic,
     write_json,
 )
@@ -525,7 +526,7 @@ def _save_model(selected, members, out: Path, images, expected) -> float:
     reloaded = load_model(out / "ensemble.keras")
     error = float(np.abs(Predictor(reloaded)(images) - expected).max())
     if error > 1e-4:  # the saved model is not what was selected: say so loudly, and never leave it for
-        (out / "ensemble.keras").unlink()  # export or distill to pick up (the cached predictions stay)
+        remove_own_file(out / "ensemble.keras")  # export or distill to pick up (the cached predictions stay)
         raise CellfuseError(f"{out / 'ensemble.keras'}: the saved ensemble differs from the selected one by "
                             f"{error:.1e}, so it was deleted; please report this with the members' recipes")
     return error

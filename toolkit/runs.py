@@ -358,6 +358,16 @@ def is_own(path: str | Path) -> bool:
     return recorded and not changed_since_written(path)
 
 
+def remove_own_file(path: str | Path, writer: str | None = None) -> bool:
+    """Delete one file cellfuse wrote (and, with `writer`, that command wrote), unchanged since; anything
+    else stays. Whether it was deleted. The one place cellfuse deletes a single file."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink() or not is_own(path) or (writer and writer_of(path) != writer):
+        return False
+    path.unlink()
+    return True
+
+
 def _stamp(path: Path) -> list[int]:
     status = path.stat()
     return [status.st_size, status.st_mtime_ns]
