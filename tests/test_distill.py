@@ -1,5 +1,6 @@
 """Distillation: the loss against a hand computation, both teacher modes end to end on tiny data."""
 
+import io
 import json
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
         assert list((run / "checkpoint").glob("teacher_train_*.npz"))
         assert "teacher with its TTA views" in said
         _compare_again_without_timing(tmp, recipe, args, monkeypatch)
+        _compare_reads_the_ensemble_where_it_holds_the_images(tmp, recipe, args, monkeypatch)
         _student_against_ensemble_image_by_image(tmp, run, summary["paired"]["val_corrupt"]["ensemble"])
         _resume_refuses_another_teacher(run, args)
     elif mode == "function-matching":
@@ -277,6 +279,57 @@ def test_view_free_teacher_is_the_weighted_vote_on_one_view(tiny_ensemble):
     assert not [layer for layer in teacher.layers if isinstance(layer, ImageView)]
 
 
+def test_the_ensembles_cached_predictions_are_what_its_models_predict(tiny_ensemble, tmp_path):
+    """distill reads the teacher and the best member from the predictions the ensemble was selected with
+    (minutes of a teacher with views saved on a CPU): the same figures as the models, on exactly the
+    validation files the ensemble holds, and nothing for any other images."""
+    from toolkit.ensemble import (
+        cached_predictions,
+        ensemble_components,
+        load_ensemble,
+        resolve_member,
+        teacher_components,
+    )
+    from toolkit.evaluate import load_model
+    from toolkit.tta import merge, predict_views
+
+    tmp, _ = tiny_ensemble
+    ens, data = tmp / "ens", load_dataset(tmp / "val.npz")
+    images = data.images.astype("float32")
+    for views in (True, False):  # the teacher as saved, and the view-free one function matching runs
+        cached = cached_predictions(ens, data, teacher_components(ens, views=views))
+        np.testing.assert_allclose(cached, load_ensemble(ens, views=views).predict(images, verbose=0), atol=1e-4)
+    member = resolve_member(ens, ensemble_components(ens)[0]["member_file"])
+    flips = {"member_file": str(member.resolve()), "view_list": ["id", "flip", "rot180"], "merge": "mean",
+             "weight": 1.0}
+    expected = merge(predict_views(load_model(member), data.images, flips["view_list"]), "mean")
+    np.testing.assert_allclose(cached_predictions(ens, data, [flips]), expected, atol=1e-5)
+
+    assert cached_predictions(ens, data.subset(np.arange(40)), [flips]) is None  # other images
+    relabelled = load_dataset(save_dataset(tmp_path / "v.npz", data.images, (data.labels + 1) % 8))
+    assert cached_predictions(ens, relabelled, [flips]) is None
+    assert cached_predictions(ens, data, [{**flips, "view_list": ["rot90"]}]) is None  # a view never predicted
+
+
+def test_the_teacher_on_a_validation_file_of_its_ensemble_is_read_not_run(tiny_ensemble, tmp_path):
+    from toolkit.distill import teacher_probs
+    from toolkit.ensemble import load_ensemble, teacher_components
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+    tmp, _ = tiny_ensemble
+    data = load_dataset(tmp / "val.npz")
+    (tmp_path / "checkpoint").mkdir()
+    quiet = Console(quiet=True)
+    probs = teacher_probs(never, data, tmp_path, tmp / "ens", "val", quiet, teacher_components(tmp / "ens", views=False))
+    expected = load_ensemble(tmp / "ens", views=False).predict(data.images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    assert list((tmp_path / "checkpoint").glob("teacher_val_*.npz"))  # kept with the run, as a prediction is
+    with pytest.raises(AssertionError, match="the teacher ran"):  # images the ensemble never saw: it runs
+        teacher_probs(never, data.subset(np.arange(8)), tmp_path, tmp / "ens", "other", quiet, [])
+
+
 def test_student_starts_from_a_member_backbone(tiny_ensemble):
     import keras
 
@@ -368,8 +421,6 @@ def _resume_refuses_another_teacher(run: Path, args: list[str]) -> None:
 
 def _compare_again_without_timing(tmp: Path, recipe: Path, args: list[str], monkeypatch) -> None:
     """timing=False (the CLI's --no-timing) leaves the img/s column empty and never times a model."""
-    import io
-
     from toolkit import distill
 
     monkeypatch.setattr(distill, "img_per_s", lambda *a, **k: pytest.fail("timed although timing=False"))
@@ -379,6 +430,29 @@ def _compare_again_without_timing(tmp: Path, recipe: Path, args: list[str], monk
                                     console=Console(file=out, width=200))
     assert result["speed_ratio"] is None and all(r["img_per_s"] is None for r in result["rows"].values())
     assert "faster" not in out.getvalue() and "slower" not in out.getvalue() and "smaller" in out.getvalue()
+
+
+def _compare_reads_the_ensemble_where_it_holds_the_images(tmp: Path, recipe: Path, args: list[str],
+                                                         monkeypatch) -> None:
+    """On a validation set the ensemble was selected on (here val.npz, as a pipeline's split is), the
+    comparison reads the ensemble and the best member from its predictions, and says so; on others
+    (val_corrupt.npz) it runs them. Either way the ensemble's figure is its saved model's."""
+    from toolkit import distill
+    from toolkit.batches import Split
+    from toolkit.runs import load_model
+
+    sets = {name: load_dataset(tmp / f"{name}.npz") for name in ("val", "val_corrupt")}
+    monkeypatch.setattr(distill.T, "load_split", lambda recipe, console: Split(sets["val"], sets))
+    overrides = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+    out = io.StringIO()
+    result = distill.distill_recipe(tmp / "ens", recipe, overrides, resume=True, timing=False,
+                                    console=Console(file=out, width=300))
+    assert result["from_ensemble_cache"] == ["ensemble on val", "best member on val"]
+    assert "from the predictions" in out.getvalue() and "ensemble on val, best member on val" in out.getvalue()
+    ensemble = load_model(tmp / "ens")
+    for name, data in sets.items():
+        accuracy = (ensemble.predict(data.images.astype(np.float32), verbose=0).argmax(1) == data.labels).mean()
+        assert result["rows"]["ensemble"][f"acc_{name}"] == pytest.approx(accuracy)
 
 
 def test_student_recipe_needs_distill_section(tiny_ensemble):

@@ -48,6 +48,7 @@ from toolkit.backbones import backbone_starts_from, copy_backbone
 from toolkit.consistency import ConsistencyDistiller, scale_for_replicas
 from toolkit.data import Dataset, check_npz, one_hot, save_npz, stratified_split
 from toolkit.ensemble import (
+    cached_predictions,
     content_key,
     ensemble_components,
     ensemble_split,
@@ -56,6 +57,7 @@ from toolkit.ensemble import (
     member_file,
     ranked_members,
     resolve_member,
+    teacher_components,
 )
 from toolkit.errors import CellfuseError
 from toolkit.recipe import (
@@ -185,14 +187,14 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
     run, split, strategy, started = start.run, start.split, start.strategy, start.started
     with T.discard_failed_start(start):  # a start that fails before an epoch leaves nothing behind
         check_student_split(split, Path(ensemble_dir), recipe)
-        teacher = load_ensemble(ensemble_dir, views=cfg.mode == "cached" or cfg.teacher_tta)
+        teacher = load_ensemble(ensemble_dir, views=teacher_views(cfg))
         with strategy.scope():
             student = T.build_model(recipe, split.train.n_classes)
             if cfg.init:  # recorded: "matching-member" resolves to a member, or to none
                 write_json(run / "init.json", {"from": init_from_member(student, Path(ensemble_dir), cfg.init, console)})
         T.check_initial_loss(student, split.val["val"], console)
         console.print(f"distillation: {cfg.mode}, T = {cfg.temperature}, alpha = {cfg.alpha}, teacher "
-                      f"{'with' if cfg.mode == 'cached' or cfg.teacher_tta else 'without'} its TTA views; "
+                      f"{'with' if teacher_views(cfg) else 'without'} its TTA views; "
                       f"student {student.count_params():,} parameters")
         fit = {"track_extra_val": True}
         if cfg.mode == "function-matching":
@@ -202,7 +204,8 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
         else:
             n = split.train.n_classes
             val = split.val["val"]
-            val_targets = np.concatenate([teacher_probs(teacher, val, run, Path(ensemble_dir), "val", console),
+            val_targets = np.concatenate([teacher_probs(teacher, val, run, Path(ensemble_dir), "val", console,
+                                                        teacher_components(ensemble_dir, views=teacher_views(cfg))),
                                           one_hot(val.labels, n)], 1)
             fit.update(val_ds=T.make_dataset(val, recipe, training=False, targets=val_targets),
                        compile_fn=_compile_cached(n))
@@ -210,7 +213,8 @@ def distill_recipe(ensemble_dir, recipe_path, overrides=(), *, resume=False, for
                 fit["train_ds"] = bank_dataset(*build_bank(teacher, split.train, recipe, run, Path(ensemble_dir),
                                                            console), recipe)
             else:
-                targets = np.concatenate([teacher_probs(teacher, split.train, run, Path(ensemble_dir), "train", console),
+                targets = np.concatenate([teacher_probs(teacher, split.train, run, Path(ensemble_dir), "train",
+                                                        console),
                                           one_hot(split.train.labels, n)], 1)
                 fit["train_ds"] = T.make_dataset(split.train, recipe, training=True, targets=targets)
                 fit.update(consistency.fit_arguments(recipe, split, fit["compile_fn"], targets))  # 3 views if on
@@ -402,14 +406,24 @@ def _matching(student, ensemble_dir: Path):
     return None, None
 
 
-def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console) -> np.ndarray:
-    """The teacher's probabilities on `data`, cached in the run (keyed by the ensemble file's hash)."""
+def teacher_views(cfg) -> bool:
+    """Does the teacher label with its TTA views? (load_ensemble's `views`)"""
+    return cfg.mode == "cached" or cfg.teacher_tta
+
+
+def teacher_probs(teacher, data: Dataset, run: Path, ensemble_dir: Path, name: str, console,
+                  components: list[dict] | None = None) -> np.ndarray:
+    """The teacher's probabilities on `data`, cached in the run (keyed by the ensemble file's hash); on a
+    validation file the ensemble was built on, read from its predictions when `components` (the teacher's)
+    are given."""
     cache = run / "checkpoint" / f"teacher_{name}_{teacher_key(ensemble_dir)}.npz"
     if cache.exists():
         with np.load(cache) as f:
             return f["probs"]
-    with console.status(f"teacher predicting {len(data)} {name} images (once)"):
-        probs = T.Predictor(teacher, 256)(data.images)
+    probs = None if components is None else cached_predictions(ensemble_dir, data, components)
+    if probs is None:
+        with console.status(f"teacher predicting {len(data)} {name} images (once)"):
+            probs = T.Predictor(teacher, 256)(data.images)
     save_npz(cache, probs=probs)
     return probs
 
@@ -437,21 +451,39 @@ def teacher_key(ensemble_dir: Path) -> str:
 
 def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, timing: bool = True) -> dict:
     """Student vs ensemble vs best member, each with the ensemble's views: accuracy per validation
-    set, parameters, file size, and (with `timing`) img/s on this machine, taking turns."""
+    set, parameters, file size, and (with `timing`) img/s on this machine, taking turns. The ensemble and
+    the best member are read from the predictions the ensemble was selected with where it holds them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     heaviest = heaviest_views(ensemble_dir)  # the student and the best member get them
     views, merge = heaviest["view_list"], heaviest["merge"]
-    models = {"student": (run / "best.keras", views), "ensemble": (resolve_model_file(ensemble_dir), None),
-              "best member": (member_file(ensemble_dir, "best-member"), views)}
+    best = member_file(ensemble_dir, "best-member")
+    models = {"student": (run / "best.keras", views, None),
+              "ensemble": (resolve_model_file(ensemble_dir), None, ensemble_components(ensemble_dir)),
+              "best member": (best, views, [{"member_file": str(best.resolve()), "view_list": views, "merge": merge,
+                                             "weight": 1.0}])}
     split = T.load_split(recipe, Console(quiet=True))
-    rows, predictors, correct = {}, {}, {}
-    for label, (path, tta) in models.items():
-        model = load_model(path)
-        rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
-        viewed = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
-        predict = predictors[label] = T.Predictor(viewed)
-        for name, data in split.val.items():
-            correct[label, name] = predict(data.images).argmax(1) == data.labels
-            rows[label][f"acc_{name}"] = float(correct[label, name].mean())
+    rows, predictors, correct, cached = {}, {}, {}, []
+    columns = (TextColumn("comparing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(models) * len(split.val))
+        for label, (path, tta, components) in models.items():
+            model = load_model(path)
+            rows[label] = {"params": int(model.count_params()), "bytes": path.stat().st_size, "img_per_s": None}
+            viewed = wrap_with_tta(model, tta, merge) if tta and len(tta) > 1 else model
+            predict = predictors[label] = T.Predictor(viewed)
+            for name, data in split.val.items():
+                progress.update(task, description=f"{label} on {name}")
+                probs = None if components is None else cached_predictions(ensemble_dir, data, components)
+                if probs is None:
+                    probs = predict(data.images)
+                else:
+                    cached.append(f"{label} on {name}")
+                correct[label, name] = probs.argmax(1) == data.labels
+                rows[label][f"acc_{name}"] = float(correct[label, name].mean())
+                progress.advance(task)
+    if cached:
+        console.print(f"from the predictions {ensemble_dir} was selected with: {', '.join(cached)}")
     if timing:  # timed as they predicted above, on functions already traced
         for label, speed in img_per_s(predictors, split.val["val"], console).items():
             rows[label]["img_per_s"] = speed
@@ -459,7 +491,7 @@ def compare(recipe: Recipe, run: Path, ensemble_dir: Path, console: Console, *, 
     started = json.loads((run / "init.json").read_text()) if (run / "init.json").exists() else {}
     result = {"student_run": str(run), "mode": recipe.distill.mode, "init": recipe.distill.init,
               "init_from": started.get("from"),  # the member file the backbone started from; None: [model] weights
-              "views": heaviest["views"], "rows": rows,
+              "views": heaviest["views"], "rows": rows, "from_ensemble_cache": cached,
               "size_ratio": ensemble["bytes"] / student["bytes"],
               "speed_ratio": student["img_per_s"] / ensemble["img_per_s"] if timing else None,
               "gap": {name: ensemble[f"acc_{name}"] - student[f"acc_{name}"] for name in split.val},

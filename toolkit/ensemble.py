@@ -291,10 +291,59 @@ def load_ensemble(dir, *, views: bool = True):
         raise CellfuseError(f"{dir}: no ensemble.keras here (run `cellfuse ensemble ... --out {dir}`)")
     if views:
         return load_model(file)
-    single = _read_ensemble_json(dir).get("single_view_temperatures", {})
-    components = [{**c, "view_list": ["id"], "temperature": single.get(c["member"], c["temperature"])}
-                  for c in ensemble_components(dir)]
+    components = teacher_components(dir, views=False)
     return _ensemble_model(components, {c["member"]: resolve_member(dir, c["member_file"]) for c in components})
+
+
+def teacher_components(dir, *, views: bool = True) -> list[dict]:
+    """The components load_ensemble(dir, views=) computes: as selected, or each member on the input alone."""
+    if views:
+        return ensemble_components(dir)
+    single = _read_ensemble_json(dir).get("single_view_temperatures", {})
+    return [{**c, "view_list": ["id"], "temperature": single.get(c["member"], c["temperature"])}
+            for c in ensemble_components(dir)]
+
+
+def cached_predictions(dir, data, components: list[dict]) -> np.ndarray | None:
+    """What `components` (dicts of member_file, view_list, merge, weight and temperature or None, as
+    ensemble.json holds them) predict on `data`, from the predictions the ensemble in `dir` was selected
+    with: its model's figures without running it (a teacher with views on three validation sets costs
+    minutes on a CPU). None unless one of its validation files holds exactly `data`'s images and labels
+    and every (member, view) there is cached."""
+    path = _validation_file_holding(dir, data)
+    if path is None:
+        return None
+    cache = _read_cache(Path(dir) / CACHE)
+    votes = []
+    try:
+        for c in components:
+            key = functools.partial(_cache_key, resolve_member(dir, c["member_file"]), path)
+            vote = merge(np.stack([cache[key(view)] for view in c["view_list"]]), c["merge"])
+            if c.get("temperature") is not None:
+                vote = temperature_scale(vote, c["temperature"])
+            votes.append(c["weight"] * vote)
+    except (KeyError, CellfuseError, OSError):  # not cached, or a member moved: the caller predicts
+        return None
+    return np.sum(votes, axis=0).astype(np.float32)
+
+
+def _validation_file_holding(dir, data) -> str | None:
+    """The validation file, of those the ensemble was built on, that holds `data` row for row (a split's
+    validation rows and the val.npz `cellfuse split` wrote from them are the same images)."""
+    try:
+        paths = json.loads((Path(dir) / "metrics.json").read_text()).get("ensemble_metrics", {})
+    except (OSError, ValueError):
+        return None
+    for path in paths:
+        if not Path(path).is_file():  # recorded relative to where the ensemble was built
+            continue
+        try:
+            held = load_dataset(path)
+        except CellfuseError:
+            continue
+        if np.array_equal(held.labels, data.labels) and np.array_equal(held.images, data.images):
+            return path
+    return None
 
 
 def _read_ensemble_json(dir) -> dict:
