@@ -103,6 +103,23 @@ def test_a_folder_of_images_of_any_size_with_unreadable_files_skipped(model, tmp
                                atol=1e-5)
 
 
+def test_images_enlarged_more_than_twice_are_named_with_their_size(model, tmp_path):
+    """A 1x1 or 40x40 image becomes a 96x96 input all the same: predicted, but said, since the resize
+    invented what the model reads; 48 px and larger pass quietly."""
+    run, _ = model
+    images, _ = make_images(4, seed=4)
+    for name, side in (("dot.png", 1), ("small.png", 40), ("half.png", 48), ("full.png", 96)):
+        Image.fromarray(images[0]).resize((side, side)).save(tmp_path / name)
+    Image.fromarray(images[1]).resize((300, 30)).save(tmp_path / "strip.png")  # its short side counts
+    console = quiet()
+    summary = predict_files(run / "best.keras", [tmp_path], tmp_path / "p.csv", console=console, force=True)
+    assert summary["predicted"] == 5 and summary["upscaled"] == 3
+    assert sorted(Path(f.split(":")[0]).name for f in summary["upscaled_files"]) == ["dot.png", "small.png", "strip.png"]
+    printed = " ".join(console.file.getvalue().split())
+    assert "dot.png: 1x1" in printed and "small.png: 40x40" in printed and "strip.png: 300x30" in printed
+    assert "3 image(s) smaller than 48 px on a side were enlarged" in printed and "half.png" not in printed
+
+
 def test_images_are_centre_cropped_to_a_square_then_resized_with_lanczos(tmp_path):
     wide = np.zeros((100, 300, 3), dtype=np.uint8)
     wide[:, :100] = wide[:, 200:] = (255, 0, 0)  # red side bands, cropped away

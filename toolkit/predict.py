@@ -24,7 +24,8 @@ from toolkit.export import WEIGHTS
 from toolkit.runs import check_new_file, load_model, resolve_model_file, write_csv
 from toolkit.tta import merge, parse_tta, predict_views
 
-SKIPPED_SHOWN = 10  # unreadable files named one per line; the rest are counted
+SKIPPED_SHOWN = 10  # unreadable (or upscaled) files named one per line; the rest are counted
+UPSCALED_BELOW = 48  # px: a shorter side is enlarged more than 2x to 96, detail the model never saw invented
 
 
 @dataclass
@@ -49,11 +50,11 @@ def predict_files(model, inputs, out, *, tta: str = "none", batch_size: int = 25
     found = find_inputs(inputs)
     model_path = check_model_path(model)
     out = check_new_file(out, ".csv", force, inputs=[model_path, *found.named], writer="predict")
-    sources, images, skipped = read_inputs(found, console)
+    sources, images, skipped, upscaled = read_inputs(found, console)
     probs = predict_images(model_path, images, views, how, batch_size, console)
     names = class_names(probs.shape[1])
     write_predictions(out, sources, probs, names)
-    summary = summarise(model, out, tta, sources, probs, names, skipped)
+    summary = summarise(model, out, tta, sources, probs, names, skipped, upscaled)
     print_summary(summary, console)
     return summary
 
@@ -125,8 +126,10 @@ def zip_member(submission: Path) -> str:
 
 # ---------------------------------------------------------------- reading images
 
-def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], np.ndarray, list[str]]:
-    """Sources (path, npz row or None), the (n, 96, 96, 3) uint8 images, and the unreadable files."""
+def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], np.ndarray, list[str], list[str]]:
+    """Sources (path, npz row or None), the (n, 96, 96, 3) uint8 images, the unreadable files, and the
+    files enlarged more than 2x (a short side under UPSCALED_BELOW pixels), each with its size."""
+    from PIL import Image
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -135,7 +138,7 @@ def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], n
         TimeRemainingColumn,
     )
 
-    sources, chunks, skipped = [], [], []
+    sources, chunks, skipped, upscaled = [], [], [], []
     for path in found.npz:
         images = load_images(path)  # labels, if any, are not needed
         sources += [(str(path), row) for row in range(len(images))]
@@ -147,13 +150,16 @@ def read_inputs(found: Inputs, console) -> tuple[list[tuple[str, int | None]], n
             try:
                 decoded.append(to_model_input(file))
                 sources.append((str(file), None))
+                with Image.open(file) as image:  # the header only
+                    if min(image.size) < UPSCALED_BELOW:
+                        upscaled.append(f"{file}: {image.width}x{image.height}")
             except Exception as e:  # Pillow raises many types on a damaged file; one bad file must not stop the rest
                 skipped.append(f"{file}: {one_line(e)}")
     if decoded:
         chunks.append(np.stack(decoded))
     if not sources:
         raise CellfuseError(f"none of the {len(found.images)} image files could be read; first: {skipped[0]}")
-    return sources, np.concatenate(chunks), skipped
+    return sources, np.concatenate(chunks), skipped, upscaled
 
 
 def one_line(error: Exception) -> str:
@@ -203,10 +209,11 @@ def write_predictions(out: Path, sources, probs: np.ndarray, names) -> Path:
     return write_csv(out, rows)
 
 
-def summarise(model, out: Path, tta: str, sources, probs: np.ndarray, names, skipped: list[str]) -> dict:
+def summarise(model, out: Path, tta: str, sources, probs: np.ndarray, names, skipped: list[str],
+              upscaled: list[str]) -> dict:
     counts = np.bincount(np.argmax(probs, axis=1), minlength=len(names))
     return {"model": str(model), "out": str(out), "tta": tta, "predicted": len(sources),
-            "skipped": len(skipped), "skipped_files": skipped,
+            "skipped": len(skipped), "skipped_files": skipped, "upscaled": len(upscaled), "upscaled_files": upscaled,
             "counts": {name: int(c) for name, c in zip(names, counts, strict=True)}}
 
 
@@ -217,6 +224,13 @@ def print_summary(summary: dict, console) -> None:
         console.print(f"[yellow]skipped[/yellow] {escape(line)}", soft_wrap=True)
     if summary["skipped"] > SKIPPED_SHOWN:
         console.print(f"[yellow]skipped[/yellow] {summary['skipped'] - SKIPPED_SHOWN} more unreadable files")
+    for line in summary["upscaled_files"][:SKIPPED_SHOWN]:
+        console.print(f"[yellow]upscaled more than 2x[/yellow] {escape(line)}", soft_wrap=True)
+    if summary["upscaled"]:
+        more = f" ({summary['upscaled'] - SKIPPED_SHOWN} more not named)" if summary["upscaled"] > SKIPPED_SHOWN else ""
+        console.print(f"[yellow]{summary['upscaled']} image(s) smaller than {UPSCALED_BELOW} px on a side were "
+                      f"enlarged to the model's 96 px{more}: their predictions rest on detail the resize "
+                      "invented[/yellow]", soft_wrap=True)
     counts = ", ".join(f"{name} {n}" for name, n in summary["counts"].items() if n)
     console.print(f"predicted {summary['predicted']} images, skipped {summary['skipped']} unreadable; "
                   f"wrote {escape(summary['out'])}", soft_wrap=True)
