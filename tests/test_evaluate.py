@@ -84,6 +84,15 @@ def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path):
     assert results[str(tiny_npz)]["accuracy"] == pytest.approx(figures["ensemble_accuracy"])
     assert results[str(tiny_npz)]["nll"] == pytest.approx(figures["rows"]["ensemble"][str(tiny_npz)]["nll"],
                                                           abs=1e-5)
+    # set against an ensemble, which carries its own views, a model's --tta is not stacked on them
+    mine = evaluate_model(model_file, [tiny_npz], tta="flips", console=quiet())[str(tiny_npz)]["accuracy"]
+    against = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", console=quiet())
+    paired = against[str(tiny_npz)]["against"]
+    assert paired["tta"] == "none"
+    assert paired["difference"] == pytest.approx(mine - figures["ensemble_accuracy"])  # the ensemble as it is
+    chosen = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", against_tta="flips",
+                            console=quiet())
+    assert chosen[str(tiny_npz)]["against"]["tta"] == "flips"  # asked for: given
 
 
 def test_evaluate_rejects_bad_input_in_one_line(model_file, tiny_npz, tmp_path):

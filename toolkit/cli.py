@@ -634,7 +634,7 @@ def sweep(recipe, space, trials, parallel, overrides, out, resume, force, as_jso
 @click.option("--tta", default="none", type=ViewSpec(), help=VIEWS_HELP)
 @click.option("--against", type=click.Path(path_type=Path), default=None,
               help="A second model: the two set side by side on each DATA file, image by image (exact McNemar).")
-@click.option("--against-tta", default=None, type=ViewSpec(), help="The second model's views; without it, --tta's.")
+@click.option("--against-tta", default=None, type=ViewSpec(), help="The second model's views; without it, --tta's (an ensemble's own only).")
 @click.option("--batch-size", default=256, type=click.IntRange(1), help="Images predicted at once.")
 @json_option
 def evaluate(model, data, tta, against, against_tta, batch_size, as_json):

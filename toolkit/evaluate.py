@@ -14,20 +14,25 @@ from toolkit.report import (
     paired_comparison,
     per_class_table,
 )
-from toolkit.runs import load_model  # also public here: evaluate.load_model
+from toolkit.runs import (  # load_model also public here: evaluate.load_model
+    load_model,
+    resolve_model_file,
+)
 from toolkit.tta import merge, parse_tta, predict_views
 
 
 def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, console=None,
                    against=None, against_tta: str | None = None) -> dict:
     """Metrics of `model` on each data file (merged over the `tta` views); {data_path: metrics}. With
-    `against` (another model, with `against_tta` views, else `tta`'s), each file's metrics also hold
-    `against`: the two set side by side image by image (report.paired_comparison)."""
+    `against` (another model, with `against_tta` views, else `tta`'s; an ensemble, which carries its
+    own, none), each file's metrics also hold `against`: the two set side by side image by image
+    (report.paired_comparison)."""
     from rich.console import Console
     from rich.progress import Progress
 
     console = console or Console()
-    against_tta = against_tta or tta
+    if against_tta is None:  # views on top of an ensemble's own would score another, 8x dearer model
+        against_tta = "none" if against is not None and resolve_model_file(against).name == "ensemble.keras" else tta
     specs = {"model": parse_tta(tta)}  # a bad spec fails before the slow model load
     if against is not None:
         specs["against"] = parse_tta(against_tta)
