@@ -337,13 +337,21 @@ def _validation_file_holding(dir, data) -> str | None:
     for path in paths:
         if not Path(path).is_file():  # recorded relative to where the ensemble was built
             continue
+        stat = Path(path).stat()
         try:
-            held = load_dataset(path)
+            labels, images = _labels_and_images(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
         except CellfuseError:
             continue
-        if np.array_equal(held.labels, data.labels) and np.array_equal(held.images, data.images):
+        if np.array_equal(labels, data.labels) and np.array_equal(images, data.images):
             return path
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _labels_and_images(path: str, size: int, mtime_ns: int):
+    """A validation file's rows, read once per version of it: a comparison asks for each model and set."""
+    held = load_dataset(path)
+    return held.labels, held.images
 
 
 def _read_ensemble_json(dir) -> dict:
