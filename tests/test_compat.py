@@ -93,3 +93,18 @@ def test_op_determinism_switches_both_ways_with_keras_cv_drawing_image_by_image(
     finally:
         compat.set_op_determinism(False)
     assert not config.is_op_determinism_enabled() and Base._map_fn is parallel
+
+
+def test_onednn_is_on_where_toolkit_came_before_tensorflow_and_a_users_setting_wins():
+    import os
+    import subprocess
+    import sys
+
+    from toolkit.runs import env_info
+
+    assert compat.onednn_enabled() and env_info()["onednn"]  # conftest imports toolkit before TensorFlow
+    off = subprocess.run([sys.executable, "-c", "import os, toolkit, toolkit.compat as c; "
+                          "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], c.onednn_enabled())"],
+                         env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"},
+                         capture_output=True, text=True, check=True)
+    assert off.stdout.split() == ["0", "False"]

@@ -64,6 +64,14 @@ def trial_id(trial) -> int:
     return trial._trial_id
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (`_pywrap_util_port.IsMklEnabled`:
+    TensorFlow prints it once at start-up and exposes no public query)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def set_op_determinism(on: bool) -> None:
     """TensorFlow's op determinism on or off (TensorFlow exposes only the switch on; turning it off is
     `config.disable_op_determinism`), and, while on, keras-cv's per-image augmentation loop one image at

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import __version__
-from toolkit.compat import default_layer_name, flatten_layers
+from toolkit.compat import default_layer_name, flatten_layers, onednn_enabled
 from toolkit.errors import CellfuseError
 
 OUTPUTS = Path("outputs")
@@ -858,6 +858,7 @@ def env_info() -> dict:
         "numpy": np.__version__,
         "devices": [d.name for d in tf.config.list_logical_devices()],
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "onednn": onednn_enabled(),  # TensorFlow's CPU kernels: timings differ ~1.8x without them
         "git_commit": git_commit(),
         "argv": sys.argv,
         "cwd": os.getcwd(),
