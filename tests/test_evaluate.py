@@ -11,6 +11,7 @@ from rich.console import Console
 from test_tta import tiny_model
 
 from toolkit.cli import main
+from toolkit.data import load_dataset, save_dataset
 from toolkit.errors import CellfuseError
 from toolkit.evaluate import evaluate_model, load_model
 from toolkit.report import classification_metrics
@@ -73,22 +74,39 @@ def test_evaluate_against_a_second_model_sets_the_two_side_by_side_image_by_imag
     assert missing.exit_code == 2 and "no.keras" in missing.output
 
 
-def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path):
+def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypatch):
     from toolkit.ensemble import build_ensemble
 
     (tmp_path / "run").mkdir()
     tiny_model(seed=3).save(tmp_path / "run" / "best.keras")
     figures = build_ensemble([model_file, tmp_path / "run"], [tiny_npz], tmp_path / "ens", views="none",
                              rounds=3, console=quiet())
-    results = evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())
+    ran = []
+    monkeypatch.setattr("toolkit.evaluate.predict_views", lambda model, *a, **k: ran.append(model.name)
+                        or predict_views(model, *a, **k))
+    ensemble = load_model(tmp_path / "ens")
+    other = tmp_path / "other.npz"
+    save_dataset(other, *make_images(40, seed=7))
+    results = evaluate_model(tmp_path / "ens", [tiny_npz, other], console=quiet())
     assert results[str(tiny_npz)]["accuracy"] == pytest.approx(figures["ensemble_accuracy"])
     assert results[str(tiny_npz)]["nll"] == pytest.approx(figures["rows"]["ensemble"][str(tiny_npz)]["nll"],
                                                           abs=1e-5)
+    # on the file it was selected on, the ensemble is read from its cache; on any other, run
+    assert [results[str(f)]["from_ensemble_cache"] for f in (tiny_npz, other)] == [True, False]
+    assert ran == [ensemble.name]
+    for path in (tiny_npz, other):
+        data = load_dataset(path)
+        probs = ensemble.predict(data.images.astype(np.float32), verbose=0)
+        expected = classification_metrics(data.labels, probs, data.class_names)
+        for key in ("accuracy", "nll"):
+            assert results[str(path)][key] == pytest.approx(expected[key], abs=1e-4)
+    ran.clear()
     # set against an ensemble, which carries its own views, a model's --tta is not stacked on them
     mine = evaluate_model(model_file, [tiny_npz], tta="flips", console=quiet())[str(tiny_npz)]["accuracy"]
     against = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", console=quiet())
     paired = against[str(tiny_npz)]["against"]
-    assert paired["tta"] == "none"
+    assert paired["tta"] == "none" and paired["from_ensemble_cache"]
+    assert set(ran) == {load_model(model_file).name}  # the model with its flips ran; the ensemble was read
     assert paired["difference"] == pytest.approx(mine - figures["ensemble_accuracy"])  # the ensemble as it is
     chosen = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", against_tta="flips",
                             console=quiet())

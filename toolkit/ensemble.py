@@ -27,7 +27,6 @@ import numpy as np
 
 from toolkit.data import load_dataset, save_npz
 from toolkit.errors import CellfuseError
-from toolkit.evaluate import check_compatible
 from toolkit.report import (
     EPS,
     classification_metrics,
@@ -41,6 +40,7 @@ from toolkit.report import (
 from toolkit.runs import (
     MANIFEST,
     TMP_PREFIX,
+    check_compatible,
     check_replaceable,
     clear_own,
     fresh_dir,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.data import load_dataset
+from toolkit.ensemble import cached_predictions, teacher_components
 from toolkit.errors import CellfuseError
 from toolkit.report import (
     PAIRED_CAVEAT,
@@ -15,6 +16,7 @@ from toolkit.report import (
     per_class_table,
 )
 from toolkit.runs import (  # load_model also public here: evaluate.load_model
+    check_compatible,
     load_model,
     resolve_model_file,
 )
@@ -46,19 +48,31 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("predicting", total=len(datasets) * sum(len(v) for v, _ in specs.values()))
         for dataset in datasets:
+            read = set()  # the roles read from an ensemble's cache on this file
             for role, (path, keras_model) in models.items():
                 check_compatible(keras_model, dataset, path)
                 views, how = specs[role]
-                probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
-                                            progress=lambda units: progress.advance(task, units)), how)
+                probs = _from_ensemble_cache(path, dataset, views)
+                if probs is None:
+                    probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
+                                                progress=lambda units: progress.advance(task, units)), how)
+                else:
+                    progress.advance(task, len(views))
+                    read.add(role)
                 correct[role] = probs.argmax(1) == dataset.labels
                 if role == "model":
-                    results[dataset.path] = classification_metrics(dataset.labels, probs, dataset.class_names)
+                    results[dataset.path] = {**classification_metrics(dataset.labels, probs, dataset.class_names),
+                                             "from_ensemble_cache": "model" in read}
             if against is not None:
                 results[dataset.path]["against"] = {"model": str(against), "tta": against_tta,
+                                                    "from_ensemble_cache": "against" in read,
                                                     **paired_comparison(correct["model"], correct["against"])}
     title = f"{model} (TTA: {tta})"
     console.print(metrics_table({Path(p).name: m for p, m in results.items()}, title=title))
+    cached = [Path(p).name for p, m in results.items()
+              if m["from_ensemble_cache"] or m.get("against", {}).get("from_ensemble_cache")]
+    if cached:
+        console.print(f"the ensemble's predictions on {', '.join(cached)}: read from its cache, the saved model's own")
     for path, metrics in results.items():
         console.print(per_class_table(metrics, title=f"per class on {Path(path).name}"))
     if against is not None:
@@ -81,13 +95,11 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
     return table
 
 
-def check_compatible(keras_model, dataset, model_path) -> None:
-    """Refuse, in one line naming both files, a model whose input shape or class count differs from the data's."""
-    want = tuple(keras_model.input_shape[1:])
-    if want != tuple(dataset.images.shape[1:]):
-        raise CellfuseError(f"{model_path}: takes images of shape {want}, but {dataset.path} holds "
-                            f"{tuple(dataset.images.shape[1:])}")
-    classes = keras_model.output_shape[-1]
-    if classes != dataset.n_classes:
-        raise CellfuseError(f"{model_path}: predicts {classes} classes, but {dataset.path} has "
-                            f"{dataset.n_classes}")
+def _from_ensemble_cache(model, dataset, views: list[str]):
+    """An ensemble's own predictions on a validation file it was selected on, read from its cache
+    (ensemble.cached_predictions: the saved model's figures, not minutes of its views on a CPU); None
+    for any other model, data or views."""
+    file = resolve_model_file(model)
+    if file.name != "ensemble.keras" or views != ["id"]:
+        return None
+    return cached_predictions(file.parent, dataset, teacher_components(file.parent))

@@ -41,7 +41,6 @@ from toolkit.corrupt import (
 from toolkit.data import load_dataset
 from toolkit.ensemble import ensemble_components, resolve_member
 from toolkit.errors import CellfuseError
-from toolkit.evaluate import check_compatible
 from toolkit.recipe import read_toml
 from toolkit.report import (
     EPS,
@@ -56,6 +55,7 @@ from toolkit.report import (
 from toolkit.runs import (
     atomic_save_figure,
     atomic_write_text,
+    check_compatible,
     fresh_dir,
     load_model,
     resolve_model_file,

@@ -890,6 +890,18 @@ def load_model(path, *, compile: bool = True):
         raise CellfuseError(f"{file}: cannot load this model ({type(e).__name__}: {first_line})") from None
 
 
+def check_compatible(keras_model, dataset, model_path) -> None:
+    """Refuse, in one line naming both files, a model whose input shape or class count differs from the data's."""
+    want = tuple(keras_model.input_shape[1:])
+    if want != tuple(dataset.images.shape[1:]):
+        raise CellfuseError(f"{model_path}: takes images of shape {want}, but {dataset.path} holds "
+                            f"{tuple(dataset.images.shape[1:])}")
+    classes = keras_model.output_shape[-1]
+    if classes != dataset.n_classes:
+        raise CellfuseError(f"{model_path}: predicts {classes} classes, but {dataset.path} has "
+                            f"{dataset.n_classes}")
+
+
 def resolve_model_file(path: str | Path) -> Path:
     """A `.keras` file, or the run/ensemble directory holding one (first of MODEL_FILES found), checked to
     be a zip archive as every .keras file is: a damaged one is named here, not by Keras' "file not found"."""
