@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -111,6 +112,12 @@ def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypa
     chosen = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", against_tta="flips",
                             console=quiet())
     assert chosen[str(tiny_npz)]["against"]["tta"] == "flips"  # asked for: given
+
+    shutil.copyfile(model_file, tmp_path / "ens" / "ensemble.keras")  # replaced by hand: its cache no longer speaks for it
+    replaced = evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())[str(tiny_npz)]
+    assert not replaced["from_ensemble_cache"]
+    assert replaced["accuracy"] == pytest.approx(evaluate_model(model_file, [tiny_npz], console=quiet())
+                                                 [str(tiny_npz)]["accuracy"])
 
 
 def test_evaluate_rejects_bad_input_in_one_line(model_file, tiny_npz, tmp_path):

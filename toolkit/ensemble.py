@@ -327,6 +327,18 @@ def cached_predictions(dir, data, components: list[dict]) -> np.ndarray | None:
     return np.sum(votes, axis=0).astype(np.float32)
 
 
+def saved_model_predictions(dir, data) -> np.ndarray | None:
+    """What the ensemble.keras in `dir` predicts on `data`, read from the cache (cached_predictions of its
+    components with their views), where the file is still the one this ensemble.json was written with;
+    None for a replaced model, an ensemble from before the check, or data it was not selected on."""
+    try:
+        if _read_ensemble_json(dir).get("model_sha1") != content_key(Path(dir) / "ensemble.keras"):
+            return None
+        return cached_predictions(dir, data, teacher_components(dir))
+    except (CellfuseError, OSError):
+        return None
+
+
 def _validation_file_holding(dir, data) -> str | None:
     """The validation file, of those the ensemble was built on, that holds `data` row for row (a split's
     validation rows and the val.npz `cellfuse split` wrote from them are the same images)."""
@@ -556,7 +568,8 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
         # the view-free teacher (distill) runs members on one view: their single-view temperatures
         "single_view_temperatures": {c.member: float(temperatures[k]) for k, c in enumerate(candidates)
                                      if c.views == "none"},
-        "val_index": None if split_rows is None else split_rows.tolist()})
+        "val_index": None if split_rows is None else split_rows.tolist(),
+        "model_sha1": content_key(out / "ensemble.keras")})  # the model the cache speaks for
     write_json(out / "metrics.json", {**figures, "ensemble_metrics": {
         d.path: classification_metrics(d.labels, ensemble[d.path], d.class_names) for d in datasets}})
     for dataset in datasets:

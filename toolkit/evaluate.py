@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.data import load_dataset
-from toolkit.ensemble import cached_predictions, teacher_components
+from toolkit.ensemble import saved_model_predictions
 from toolkit.errors import CellfuseError
 from toolkit.report import (
     PAIRED_CAVEAT,
@@ -96,10 +96,9 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
 
 
 def _from_ensemble_cache(model, dataset, views: list[str]):
-    """An ensemble's own predictions on a validation file it was selected on, read from its cache
-    (ensemble.cached_predictions: the saved model's figures, not minutes of its views on a CPU); None
-    for any other model, data or views."""
+    """An ensemble, as saved, on a validation file it was selected on: read from its cache
+    (ensemble.saved_model_predictions), not minutes of its members' views on a CPU. None otherwise."""
     file = resolve_model_file(model)
     if file.name != "ensemble.keras" or views != ["id"]:
         return None
-    return cached_predictions(file.parent, dataset, teacher_components(file.parent))
+    return saved_model_predictions(file.parent, dataset)
