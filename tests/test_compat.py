@@ -100,11 +100,16 @@ def test_onednn_is_on_where_toolkit_came_before_tensorflow_and_a_users_setting_w
     import subprocess
     import sys
 
+    import toolkit
     from toolkit.runs import env_info
 
-    assert compat.onednn_enabled() and env_info()["onednn"]  # conftest imports toolkit before TensorFlow
-    off = subprocess.run([sys.executable, "-c", "import os, toolkit, toolkit.compat as c; "
-                          "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], c.onednn_enabled())"],
-                         env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"},
-                         capture_output=True, text=True, check=True)
-    assert off.stdout.split() == ["0", "False"]
+    def child(code: str, **env) -> list[str]:
+        clean = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        return subprocess.run([sys.executable, "-c", code], env={**clean, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert child("import os, toolkit; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])") == ["1"]
+    user_off = "import os, toolkit, toolkit.compat as c; print(os.environ['TF_ENABLE_ONEDNN_OPTS'], c.onednn_enabled())"
+    assert child(user_off, TF_ENABLE_ONEDNN_OPTS="0") == ["0", "False"]
+    if not toolkit.ONEDNN_SET_BY_USER:  # conftest imports toolkit before TensorFlow: the kernels did turn on
+        assert compat.onednn_enabled() and env_info()["onednn"]

@@ -113,6 +113,16 @@ def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypa
                             console=quiet())
     assert chosen[str(tiny_npz)]["against"]["tta"] == "flips"  # asked for: given
 
+    # ensemble.json edited by hand (or a member swapped back to an older version the cache also holds):
+    # the cache no longer describes the saved model, which its first images show, so the model runs
+    description = tmp_path / "ens" / "ensemble.json"
+    edited = json.loads(description.read_text())
+    edited["components"][0]["temperature"] *= 3
+    description.write_text(json.dumps(edited))
+    ran.clear()
+    assert not evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())[str(tiny_npz)]["from_ensemble_cache"]
+    assert ran == [ensemble.name]
+
     shutil.copyfile(model_file, tmp_path / "ens" / "ensemble.keras")  # replaced by hand: its cache no longer speaks for it
     replaced = evaluate_model(tmp_path / "ens", [tiny_npz], console=quiet())[str(tiny_npz)]
     assert not replaced["from_ensemble_cache"]

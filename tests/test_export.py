@@ -349,3 +349,13 @@ def test_grader_gets_a_minimal_environment(data, tmp_path, monkeypatch):
     zip_path = write_zip(tmp_path / "env.zip", {"model.py": numpy_model_py(body)})
     result = grade_submission(zip_path, data[0], console=Console(quiet=True))
     assert result["n"] > 0
+
+
+def test_the_grader_gets_tensorflows_own_onednn_choice_unless_the_user_made_one(data, tmp_path, monkeypatch):
+    """cellfuse turns oneDNN on for itself (toolkit/__init__.py); the challenge's grader does not import it."""
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    for by_user, expected in ((False, None), (True, "1")):
+        monkeypatch.setattr("toolkit.export.ONEDNN_SET_BY_USER", by_user)
+        body = f"assert os.environ.get('TF_ENABLE_ONEDNN_OPTS') == {expected!r}; return np.zeros(len(X), np.int64)"
+        zip_path = write_zip(tmp_path / f"onednn{by_user}.zip", {"model.py": "import os\n" + numpy_model_py(body)})
+        assert grade_submission(zip_path, data[0], console=Console(quiet=True))["n"] > 0

@@ -64,12 +64,16 @@ def trial_id(trial) -> int:
     return trial._trial_id
 
 
-def onednn_enabled() -> bool:
+def onednn_enabled() -> bool | None:
     """Whether TensorFlow runs its oneDNN CPU kernels in this process (`_pywrap_util_port.IsMklEnabled`:
-    TensorFlow prints it once at start-up and exposes no public query)."""
-    from tensorflow.python.util import _pywrap_util_port
+    TensorFlow prints it once at start-up and exposes no public query); None where a release moved it
+    (every run's env.json asks: a record, not worth stopping a run for)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def set_op_determinism(on: bool) -> None:

@@ -54,6 +54,7 @@ from toolkit.runs import (
 from toolkit.tta import merge, parse_tta, predict_views, view_layer
 
 CACHE = "predictions.npz"
+SPOT_CHECK, MODEL_TOLERANCE = 16, 1e-4  # images on which a saved ensemble must reproduce its cached predictions
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
@@ -327,16 +328,21 @@ def cached_predictions(dir, data, components: list[dict]) -> np.ndarray | None:
     return np.sum(votes, axis=0).astype(np.float32)
 
 
-def saved_model_predictions(dir, data) -> np.ndarray | None:
-    """What the ensemble.keras in `dir` predicts on `data`, read from the cache (cached_predictions of its
-    components with their views), where the file is still the one this ensemble.json was written with;
-    None for a replaced model, an ensemble from before the check, or data it was not selected on."""
+def saved_model_predictions(dir, data, model) -> np.ndarray | None:
+    """What `model`, the ensemble.keras in `dir`, predicts on `data`, read from the cache (cached_predictions
+    of its components with their views) where the file is still the one this ensemble.json was written
+    with and reproduces the cache on `data`'s first images, as a fresh save must (_save_model). None for
+    a replaced or edited model or members, an ensemble from before the check, or data it was not
+    selected on."""
     try:
         if _read_ensemble_json(dir).get("model_sha1") != content_key(Path(dir) / "ensemble.keras"):
             return None
-        return cached_predictions(dir, data, teacher_components(dir))
-    except (CellfuseError, OSError):
+        probs = cached_predictions(dir, data, teacher_components(dir))
+    except (CellfuseError, OSError, TypeError, ValueError, AttributeError):  # an ensemble.json edited by hand
         return None
+    if probs is None or probs.shape != (len(data.images), data.n_classes):
+        return None
+    return probs if _deviation(model, data.images[:SPOT_CHECK], probs[:SPOT_CHECK]) <= MODEL_TOLERANCE else None
 
 
 def _validation_file_holding(dir, data) -> str | None:
@@ -542,7 +548,7 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
     selected = [{**asdict(c), "view_list": list(c.view_list), "member_file": _relative(members[c.member], out),
                  "temperature": float(temperatures[k]), "weight": float(weights[k])}
                 for k, c in enumerate(candidates) if weights[k] > 0]
-    model_error = _save_model(selected, members, out, steer.images[:16], ensemble[steer.path][:16])
+    model_error = _save_model(selected, members, out, steer.images[:SPOT_CHECK], ensemble[steer.path][:SPOT_CHECK])
 
     rows = _rows(candidates, datasets, merged, scaled, temperatures, weights, ensemble)
     single_cv, ensemble_cv = _cross_fitted(merged[steer.path], steer.labels, rounds)
@@ -589,17 +595,21 @@ def _merged(preds: dict, candidates: list[Candidate], data_path: str) -> np.ndar
 def _save_model(selected, members, out: Path, images, expected) -> float:
     """Write DIR/ensemble.keras and reload it as every later stage will (safe mode): return its largest
     deviation from the cached-prediction ensemble."""
-    # batches pulls scipy and Pillow (via corrupt): `cellfuse runs` imports this module and stays quick
-    from toolkit.batches import Predictor
-
     save_model_atomic(_ensemble_model(selected, members), out / "ensemble.keras")
-    reloaded = load_model(out / "ensemble.keras")
-    error = float(np.abs(Predictor(reloaded)(images) - expected).max())
-    if error > 1e-4:  # the saved model is not what was selected: say so loudly, and never leave it for
+    error = _deviation(load_model(out / "ensemble.keras"), images, expected)
+    if error > MODEL_TOLERANCE:  # the saved model is not what was selected: say so loudly, and never leave it for
         remove_own_file(out / "ensemble.keras")  # export or distill to pick up (the cached predictions stay)
         raise CellfuseError(f"{out / 'ensemble.keras'}: the saved ensemble differs from the selected one by "
                             f"{error:.1e}, so it was deleted; please report this with the members' recipes")
     return error
+
+
+def _deviation(model, images, expected) -> float:
+    """The largest gap between `model`'s probabilities on `images` and `expected` (the cache's)."""
+    # batches pulls scipy and Pillow (via corrupt): `cellfuse runs` imports this module and stays quick
+    from toolkit.batches import Predictor
+
+    return float(np.abs(Predictor(model)(images) - expected).max())
 
 
 def _relative(file: Path, out: Path) -> str:

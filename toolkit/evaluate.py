@@ -52,7 +52,7 @@ def evaluate_model(model, data, *, tta: str = "none", batch_size: int = 256, con
             for role, (path, keras_model) in models.items():
                 check_compatible(keras_model, dataset, path)
                 views, how = specs[role]
-                probs = _from_ensemble_cache(path, dataset, views)
+                probs = _from_ensemble_cache(path, keras_model, dataset, views)
                 if probs is None:
                     probs = merge(predict_views(keras_model, dataset.images, views, batch_size,
                                                 progress=lambda units: progress.advance(task, units)), how)
@@ -95,10 +95,10 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
     return table
 
 
-def _from_ensemble_cache(model, dataset, views: list[str]):
+def _from_ensemble_cache(path, keras_model, dataset, views: list[str]):
     """An ensemble, as saved, on a validation file it was selected on: read from its cache
     (ensemble.saved_model_predictions), not minutes of its members' views on a CPU. None otherwise."""
-    file = resolve_model_file(model)
+    file = resolve_model_file(path)
     if file.name != "ensemble.keras" or views != ["id"]:
         return None
-    return saved_model_predictions(file.parent, dataset)
+    return saved_model_predictions(file.parent, dataset, keras_model)

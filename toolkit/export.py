@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from toolkit import ONEDNN_SET_BY_USER
 from toolkit.backbones import non_core_layers
 from toolkit.data import IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
@@ -358,11 +359,14 @@ SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "A
 
 
 def grader_env(tmp: Path) -> dict[str, str]:
-    """A minimal environment for model.py: allow-listed variables, a temporary HOME."""
+    """A minimal environment for model.py: allow-listed variables, a temporary HOME, and TensorFlow's
+    own oneDNN choice, as on the challenge's grader, unless the user chose (cellfuse turns it on)."""
     home = tmp / "home"
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items()
            if (k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)) and not any(w in k.upper() for w in SECRET_WORDS)}
+    if not ONEDNN_SET_BY_USER:
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     return {**env, "HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 
