@@ -104,11 +104,16 @@ def test_onednn_is_on_where_toolkit_came_before_tensorflow_and_a_users_setting_w
     from toolkit.runs import env_info
 
     def child(code: str, **env) -> list[str]:
-        clean = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        clean = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "CELLFUSE_ONEDNN")}
         return subprocess.run([sys.executable, "-c", code], env={**clean, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
                               capture_output=True, text=True, check=True).stdout.split()
 
     assert child("import os, toolkit; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])") == ["1"]
+    # a process cellfuse starts inherits the value as cellfuse's, not the user's (grade hands it on only then)
+    inherited = child("import os, toolkit; print(toolkit.ONEDNN_SET_BY_USER)", TF_ENABLE_ONEDNN_OPTS="1",
+                      CELLFUSE_ONEDNN="1")
+    assert inherited == ["False"] and child("import toolkit; print(toolkit.ONEDNN_SET_BY_USER)",
+                                            TF_ENABLE_ONEDNN_OPTS="1") == ["True"]
     user_off = "import os, toolkit, toolkit.compat as c; print(os.environ['TF_ENABLE_ONEDNN_OPTS'], c.onednn_enabled())"
     assert child(user_off, TF_ENABLE_ONEDNN_OPTS="0") == ["0", "False"]
     if not toolkit.ONEDNN_SET_BY_USER:  # conftest imports toolkit before TensorFlow: the kernels did turn on
