@@ -102,6 +102,20 @@ def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypa
         for key in ("accuracy", "nll"):
             assert results[str(path)][key] == pytest.approx(expected[key], abs=1e-4)
     ran.clear()
+    # the validation file moved (or named from another working folder): matched by its contents, still read;
+    # a copy with one label changed is other data, and runs
+    moved = tmp_path / "elsewhere" / "val.npz"
+    moved.parent.mkdir()
+    tiny_npz.rename(moved)
+    relabelled = tmp_path / "relabelled.npz"
+    data = load_dataset(moved)
+    save_dataset(relabelled, data.images, np.roll(data.labels, 1))
+    results = evaluate_model(tmp_path / "ens", [moved, relabelled], console=quiet())
+    assert [results[str(f)]["from_ensemble_cache"] for f in (moved, relabelled)] == [True, False]
+    assert results[str(moved)]["accuracy"] == pytest.approx(figures["ensemble_accuracy"])
+    assert ran == [ensemble.name]
+    moved.rename(tiny_npz)
+    ran.clear()
     # set against an ensemble, which carries its own views, a model's --tta is not stacked on them
     mine = evaluate_model(model_file, [tiny_npz], tta="flips", console=quiet())[str(tiny_npz)]["accuracy"]
     against = evaluate_model(model_file, [tiny_npz], tta="flips", against=tmp_path / "ens", console=quiet())

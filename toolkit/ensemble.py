@@ -347,11 +347,17 @@ def saved_model_predictions(dir, data, model) -> np.ndarray | None:
 
 def _validation_file_holding(dir, data) -> str | None:
     """The validation file, of those the ensemble was built on, that holds `data` row for row (a split's
-    validation rows and the val.npz `cellfuse split` wrote from them are the same images)."""
+    validation rows and the val.npz `cellfuse split` wrote from them are the same images): by the path
+    recorded, which is relative to where the ensemble was built, or `data`'s own file where its contents
+    are one of them (a copy, or the same file named from another working folder)."""
     try:
-        paths = json.loads((Path(dir) / "metrics.json").read_text()).get("ensemble_metrics", {})
-    except (OSError, ValueError):
+        paths = list(json.loads((Path(dir) / "metrics.json").read_text()).get("ensemble_metrics", {}))
+        recorded = _read_ensemble_json(dir).get("val_sha1", [])
+    except (OSError, ValueError, CellfuseError):
         return None
+    own = Path(data.path)
+    if own.is_file() and isinstance(recorded, list) and content_key(own) in recorded:
+        paths.insert(0, str(own))
     for path in paths:
         if not Path(path).is_file():  # recorded relative to where the ensemble was built
             continue
@@ -575,7 +581,8 @@ def build_ensemble(runs, val_data, out, *, views="d4", rounds=10, force=False, c
         "single_view_temperatures": {c.member: float(temperatures[k]) for k, c in enumerate(candidates)
                                      if c.views == "none"},
         "val_index": None if split_rows is None else split_rows.tolist(),
-        "model_sha1": content_key(out / "ensemble.keras")})  # the model the cache speaks for
+        "val_sha1": [content_key(d.path) for d in datasets],  # the cache speaks for these files wherever they lie
+        "model_sha1": content_key(out / "ensemble.keras")})  # and for this model
     write_json(out / "metrics.json", {**figures, "ensemble_metrics": {
         d.path: classification_metrics(d.labels, ensemble[d.path], d.class_names) for d in datasets}})
     for dataset in datasets:
