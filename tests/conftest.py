@@ -16,19 +16,23 @@ os.environ["KERAS_HOME"] = _KERAS_HOME.name
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from toolkit.cli import fd2_to_devnull  # noqa: E402
 from toolkit.data import save_dataset  # noqa: E402
 from toolkit.runs import shared_dir  # noqa: E402
 
 
 def _split_cpu_in_two():
-    """Two logical CPU devices, so MirroredStrategy has something to mirror over (set before TF starts)."""
-    import tensorflow as tf
+    """Two logical CPU devices, so MirroredStrategy has something to mirror over (set before TF starts).
+    TensorFlow's start-up lines go to /dev/null, as the command line sends them: they are written before
+    its logging reads TF_CPP_MIN_LOG_LEVEL, and an xdist worker hands them on after the test summary."""
+    with fd2_to_devnull():
+        import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    except RuntimeError:  # TF already initialised by an earlier import: keep what is there
-        pass
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        except RuntimeError:  # TF already initialised by an earlier import: keep what is there
+            pass
 
 
 _split_cpu_in_two()

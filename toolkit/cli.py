@@ -308,13 +308,13 @@ class _SilentLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        with _fd2_to_devnull():
+        with fd2_to_devnull():
             self.loader.exec_module(module)
         module.__spec__.loader = module.__loader__ = self.loader
 
 
 @contextlib.contextmanager
-def _fd2_to_devnull():
+def fd2_to_devnull():
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
