@@ -216,7 +216,10 @@ def check_model_config(recipe: Recipe) -> None:
 
 
 def build_model(recipe: Recipe, n_classes: int):
-    return build_classifier(recipe.model, n_classes)
+    """The recipe's classifier. A run started from another's weights (train.init_from) has every weight
+    replaced, so ImageNet's are not fetched for it: a corruption-tuned copy needs no download."""
+    config = replace(recipe.model, weights="none") if recipe.train.init_from else recipe.model
+    return build_classifier(config, n_classes)
 
 
 # ---------------------------------------------------------------- fitting
