@@ -35,3 +35,17 @@ def test_the_content_key_is_the_files_sha1(tmp_path):
     assert content_key(file) == hashlib.sha1(b"an ensemble").hexdigest()  # distill's bank_<first 16> folders
     file.write_bytes(b"another, longer ensemble")
     assert content_key(file) == hashlib.sha1(b"another, longer ensemble").hexdigest()
+
+
+def test_a_folder_of_class_sub_folders_is_keyed_by_its_files_names_and_contents(tmp_path):
+    folder = tmp_path / "val"
+    for name, pixels in (("basophil/0.png", b"a cell"), ("platelet/1.png", b"another cell")):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(pixels)
+    key = content_key(folder)
+    copy = shutil.copytree(folder, tmp_path / "copied")
+    assert content_key(copy) == key and content_key(folder) != content_key(folder / "basophil")
+    (copy / "platelet" / "1.png").rename(copy / "basophil" / "1.png")  # relabelled: same bytes, other class
+    assert content_key(copy) != key
+    (folder / "platelet" / "1.png").write_bytes(b"an edited cell")
+    assert content_key(folder) != key

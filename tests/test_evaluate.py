@@ -144,6 +144,22 @@ def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypa
                                                  [str(tiny_npz)]["accuracy"])
 
 
+def test_an_ensemble_selected_on_a_folder_of_class_sub_folders_reads_it_from_its_cache(model_file, tmp_path):
+    from PIL import Image
+
+    from toolkit.data import CLASS_NAMES
+    from toolkit.ensemble import build_ensemble
+
+    images, labels = make_images(16, seed=5)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "val" / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "val" / CLASS_NAMES[label] / f"{i}.png")
+    figures = build_ensemble([model_file], [tmp_path / "val"], tmp_path / "ens", views="none", rounds=1,
+                             console=quiet())
+    result = evaluate_model(tmp_path / "ens", [tmp_path / "val"], console=quiet())[str(tmp_path / "val")]
+    assert result["from_ensemble_cache"] and result["accuracy"] == pytest.approx(figures["ensemble_accuracy"])
+
+
 def test_evaluate_rejects_bad_input_in_one_line(model_file, tiny_npz, tmp_path):
     import keras
 

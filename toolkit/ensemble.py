@@ -178,8 +178,14 @@ def content_key(path) -> str:
     """The sha1 of a file's bytes: what predictions cached from a model, or on a data file, are keyed by
     (here and in distill). Contents, not path and modification time: a moved, copied or touched file
     keeps its cached predictions, a retrained or edited one never reuses them. Hashing costs about
-    0.5 s per 100 MB on 2 cores, once per process for each version of a file."""
+    0.5 s per 100 MB on 2 cores, once per process for each version of a file. A folder of class
+    sub-folders is keyed by its files' names within it and their contents."""
     path = Path(path).resolve()
+    if path.is_dir():
+        digest = hashlib.sha1()
+        for file in sorted(f for f in path.rglob("*") if f.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{content_key(file)}\n".encode())
+        return digest.hexdigest()
     stat = path.stat()
     return _sha1(str(path), stat.st_size, stat.st_mtime_ns)
 
@@ -356,10 +362,10 @@ def _validation_file_holding(dir, data) -> str | None:
     except (OSError, ValueError, CellfuseError):
         return None
     own = Path(data.path)
-    if own.is_file() and isinstance(recorded, list) and content_key(own) in recorded:
+    if own.exists() and isinstance(recorded, list) and content_key(own) in recorded:
         paths.insert(0, str(own))
     for path in paths:
-        if not Path(path).is_file():  # recorded relative to where the ensemble was built
+        if not Path(path).exists():  # recorded relative to where the ensemble was built
             continue
         stat = Path(path).stat()
         try:
