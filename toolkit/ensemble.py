@@ -181,11 +181,10 @@ def content_key(path) -> str:
     0.5 s per 100 MB on 2 cores, once per process for each version of a file. A folder of class
     sub-folders is keyed by its files' names within it and their contents."""
     path = Path(path).resolve()
-    if path.is_dir():
-        digest = hashlib.sha1()
-        for file in sorted(f for f in path.rglob("*") if f.is_file()):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{content_key(file)}\n".encode())
-        return digest.hexdigest()
+    if path.is_dir():  # hashed once per version of its files (a key is asked for per member and view)
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return _folder_sha1(str(path), tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                                             for f in files))
     stat = path.stat()
     return _sha1(str(path), stat.st_size, stat.st_mtime_ns)
 
@@ -194,6 +193,17 @@ def content_key(path) -> str:
 def _sha1(path: str, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_sha1(root: str, files: tuple) -> str:
+    """Each file's name within the folder and the sha1 of its bytes, hashed together; `files` holds
+    (name, size, mtime) so that an edited file makes a new key."""
+    digest = hashlib.sha1()
+    for name, _, _ in files:
+        with open(Path(root) / name, "rb") as f:
+            digest.update(f"{name}\0{hashlib.file_digest(f, 'sha1').hexdigest()}\n".encode())
+    return digest.hexdigest()
 
 
 def _cache_key(member_file: Path, data_path: str, view: str) -> str:
