@@ -16,8 +16,9 @@ from toolkit.augment import (
     pipeline_throughput,
     preview_arrays,
     preview_recipe,
+    save_batch_grid,
 )
-from toolkit.data import one_hot, save_dataset
+from toolkit.data import CLASS_NAMES, one_hot, save_dataset
 from toolkit.errors import CellfuseError
 
 N_CLASSES = 8
@@ -302,6 +303,26 @@ def test_preview_recipe_uses_the_recipe_fields(tmp_path, monkeypatch):
         assert rows and labels[rows[0]] == label
     assert shown_section is section and out == tmp_path / "p.png"
     assert seen["kwargs"]["seed"] == 1 and seen["kwargs"]["n_repeats"] == 2 and "toy" in seen["kwargs"]["title"]
+
+
+def test_a_batch_grid_titles_each_image_by_its_target(tmp_path, monkeypatch):
+    """Distillation's targets are [teacher | labels]: the grid shows the teacher's columns, the mixed
+    ones as their two shares, and no more than `n` images."""
+    import toolkit.augment
+
+    seen = {}
+    monkeypatch.setattr(toolkit.augment, "save_image_grid", lambda images, titles, out, **k: seen.update(
+        images=images, titles=titles) or out)
+    n = len(CLASS_NAMES)
+    teacher = one_hot(np.arange(30) % n, n)
+    teacher[1] = 0.7 * teacher[1] + 0.3 * one_hot(np.array([2]), n)[0]
+    packed = np.concatenate([teacher, one_hot(np.zeros(30, int), n)], 1)  # every label is basophil
+    images = np.arange(30, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 4, 3), np.float32)
+    save_batch_grid((images, packed), tmp_path / "g.png", n=24)
+    assert len(seen["titles"]) == len(seen["images"]) == 24
+    assert seen["titles"][0] == CLASS_NAMES[0] and seen["titles"][2] == CLASS_NAMES[2]  # the teacher's, not the label
+    assert seen["titles"][1] == f"0.70 {CLASS_NAMES[1]}\n0.30 {CLASS_NAMES[2]}"
+    np.testing.assert_array_equal(seen["images"][:, 0, 0, 0], np.arange(24))  # the batch's first, in order
 
 
 def test_pipeline_throughput_measures_the_augmentation():

@@ -177,6 +177,7 @@ def test_distill_modes_end_to_end(tiny_ensemble, mode, monkeypatch):
     patience = json.loads((run / "distill.json").read_text())["patience"]
     epochs = len((run / "history.csv").read_text().splitlines()) - 1
     assert patience["epoch"] == list(range(1, epochs + 1)) and (run / "patience.png").exists()
+    assert (run / "augmented.png").exists()  # the first batch the student trained on
     for name in ("val", "val_corrupt"):
         assert len(patience["student"][name]) == epochs and all(0 <= v <= 1 for v in patience["student"][name])
 

@@ -32,7 +32,7 @@ def test_train_cli_writes_a_complete_run(tiny_npz, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])[0]
     run = tmp_path / "outputs" / "runs" / "tiny"
-    for name in ("recipe.toml", "env.json", "history.csv", "best.keras", "metrics.json", "curves.png",
+    for name in ("recipe.toml", "env.json", "history.csv", "best.keras", "metrics.json", "curves.png", "augmented.png",
                  "confusion_val.png", "probs_val.npz", "checkpoint/best.json"):
         assert (run / name).exists(), name
     assert summary["best_epoch"] in (1, 2)

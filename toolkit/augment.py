@@ -455,6 +455,15 @@ def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeat
     return grid, titles, 1 + n_passes * views
 
 
+def save_batch_grid(batch, out, class_names=CLASS_NAMES, title: str = "", n: int = 24) -> Path:
+    """The first `n` images of a batch as the model trains on them (augmented, mixed, corrupted rows
+    included), each titled by the first len(class_names) columns of its target: the label, a mixed
+    label's two shares or, in distillation, the teacher's."""
+    images, targets = np.asarray(batch[0])[:n], np.asarray(batch[1])[:n, :len(class_names)]
+    titles = [_label_title(target, class_names) for target in targets]
+    return save_image_grid(images, titles, out, ncols=8, cell=1.6, suptitle=title)
+
+
 def _label_title(soft: np.ndarray, class_names) -> str:
     """A class name, or the two largest shares of a mixed label."""
     top = np.argsort(soft)[::-1][:2]

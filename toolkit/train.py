@@ -5,7 +5,7 @@
 
 A run directory explains itself: recipe.toml as run, env.json, history.csv, tb/ (TensorBoard),
 best.keras (no optimizer state), checkpoint/ (resumable), metrics.json, confusion_*.png, curves.png,
-probs_*.npz (validation probabilities).
+augmented.png (the first training batch), probs_*.npz (validation probabilities).
 
 The training API that distill and sweep build on (a student is a run with its own compile_fn and
 datasets; a sweep trial is a run with a pruning callback):
@@ -36,6 +36,7 @@ import numpy as np
 from rich.console import Console
 
 from toolkit import compat, consistency, report
+from toolkit.augment import save_batch_grid
 from toolkit.averaging import inference_model, save_snapshots, save_wise, weights_digest
 from toolkit.backbones import backbone_spec, build_classifier, set_trainable
 from toolkit.batches import (
@@ -236,7 +237,11 @@ def fit_stages(model, recipe: Recipe, split: Split, run: Path, strategy, console
     """
     ckpt = make_own_dir(run / "checkpoint", "part")
     train_ds = train_ds or make_dataset(split.train, recipe, training=True)
-    check_batch(next(iter(train_ds))[0])
+    first = next(iter(train_ds))
+    check_batch(first[0])
+    if not (run / "augmented.png").exists():  # what training sees, to look at before trusting the run
+        save_batch_grid(first, run / "augmented.png", split.train.class_names,
+                        title=f"{recipe.name}: the first training batch, as the model sees it")
     steps = steps_per_epoch(recipe, len(split.train))
     # BatchNorm re-estimation for EMA: 512 training images, or one epoch's when an epoch holds fewer
     calibration = calibration_images(train_ds, min(512, steps * recipe.train.batch_size)) if recipe.train.ema else None
