@@ -182,9 +182,9 @@ def content_key(path) -> str:
     sub-folders is keyed by its files' names within it and their contents."""
     path = Path(path).resolve()
     if path.is_dir():  # hashed once per version of its files (a key is asked for per member and view)
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        return _folder_sha1(str(path), tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
-                                             for f in files))
+        stats = ((f, f.stat()) for f in sorted(path.rglob("*")) if f.is_file())
+        return _folder_sha1(str(path), tuple((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns)
+                                             for f, st in stats))
     stat = path.stat()
     return _sha1(str(path), stat.st_size, stat.st_mtime_ns)
 
