@@ -291,8 +291,8 @@ def test_preview_recipe_uses_the_recipe_fields(tmp_path, monkeypatch):
     images, labels = make_images(40, seed=4)
     data = save_dataset(tmp_path / "train.npz", images, labels)
     section = check_section({"preset": "light"}, "t")
-    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data), train=SimpleNamespace(seed=1, consistency=0.0),
-                             augment=section)
+    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data, corrupt_fraction=0.0),
+                             train=SimpleNamespace(seed=1, consistency=0.0), augment=section)
     seen = {}
     monkeypatch.setattr(toolkit.augment, "preview_arrays", lambda *a, **k: seen.update(args=a, kwargs=k) or "x")
     preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
@@ -303,6 +303,29 @@ def test_preview_recipe_uses_the_recipe_fields(tmp_path, monkeypatch):
         assert rows and labels[rows[0]] == label
     assert shown_section is section and out == tmp_path / "p.png"
     assert seen["kwargs"]["seed"] == 1 and seen["kwargs"]["n_repeats"] == 2 and "toy" in seen["kwargs"]["title"]
+    assert seen["kwargs"]["notes"] == ["", "", ""]
+
+
+def test_preview_of_a_tuned_copy_shows_its_share_of_corrupted_rows(tmp_path, monkeypatch):
+    """data.corrupt_fraction: that share of the rows is corrupted before augmenting, as in training,
+    and their titles say so; the other rows are the file's own images."""
+    import toolkit.augment
+
+    images, labels = make_images(40, seed=4)
+    data = save_dataset(tmp_path / "train.npz", images, labels)
+    section = check_section({"preset": "none"}, "t")
+    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data, corrupt_fraction=0.5),
+                             train=SimpleNamespace(seed=1, consistency=0.0), augment=section)
+    seen = {}
+    monkeypatch.setattr(toolkit.augment, "save_image_grid", lambda grid, titles, out, **k: seen.update(
+        grid=grid, titles=titles) or out)
+    preview_recipe(recipe, tmp_path / "p.png", n_images=6, n_repeats=1)
+    originals, notes = seen["grid"][0::2], seen["titles"][0::2]  # each row: the original, one copy
+    corrupted = [i for i, title in enumerate(notes) if "corrupted, severity" in title]
+    assert len(corrupted) == 3
+    for i, image in enumerate(originals):
+        in_file = any(np.array_equal(image, row) for row in images)
+        assert in_file == (i not in corrupted)
 
 
 def test_a_batch_grid_titles_each_image_by_its_target(tmp_path, monkeypatch):

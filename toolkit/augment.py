@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.corrupt import corrupt_images
 from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
 from toolkit.report import save_image_grid
@@ -426,20 +427,22 @@ def augment_dataset(ds, section: dict, n_classes: int, seed: int | None = None,
 # ----------------------------------------------------------------------------- looking and timing
 
 def preview_arrays(images: np.ndarray, labels: np.ndarray, section: dict, out, n_repeats: int = 6,
-                   class_names=CLASS_NAMES, seed: int = 0, title: str = "", consistency: float = 0.0) -> Path:
-    """One row per image: the original, then `n_repeats` augmented copies from the training pipeline.
+                   class_names=CLASS_NAMES, seed: int = 0, title: str = "", consistency: float = 0.0,
+                   notes=None) -> Path:
+    """One row per image: the original (its title followed by `notes[i]`, if any), then `n_repeats`
+    augmented copies from the training pipeline.
 
     With augmix on, the copies come in triples, (clean, AugMix 1, AugMix 2) from one pass, as the
     consistency loss compares them; without consistency training sees only the AugMix views.
     """
-    grid, titles, ncols = preview_grid(images, labels, section, n_repeats, class_names, seed, consistency)
+    grid, titles, ncols = preview_grid(images, labels, section, n_repeats, class_names, seed, consistency, notes)
     name = section["preset"] if not section["layers"] else "layers"
     return save_image_grid(np.stack(grid), titles, out, ncols=ncols, cell=1.6,
                            suptitle=title or f"augment: {name}{' + AugMix' if section['augmix'] else ''}")
 
 
 def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeats: int, class_names=CLASS_NAMES,
-                 seed: int = 0, consistency: float = 0.0) -> tuple[list[np.ndarray], list[str], int]:
+                 seed: int = 0, consistency: float = 0.0, notes=None) -> tuple[list[np.ndarray], list[str], int]:
     """(cells, titles, columns) of preview_arrays' grid, row after row."""
     import tensorflow as tf
 
@@ -453,7 +456,7 @@ def preview_grid(images: np.ndarray, labels: np.ndarray, section: dict, n_repeat
     grid, titles = [], []
     for i, label in enumerate(labels):
         grid.append(images[i])
-        titles.append(class_names[label])
+        titles.append(class_names[label] + (f"\n{notes[i]}" if notes and notes[i] else ""))
         for pass_images, pass_labels in passes:
             for v, kind in enumerate(kinds):
                 grid.append(pass_images[views * i + v])
@@ -479,7 +482,9 @@ def _label_title(soft: np.ndarray, class_names) -> str:
 
 
 def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:
-    """Preview of a recipe's training augmentation on training images of distinct classes."""
+    """Preview of a recipe's training augmentation on training images of distinct classes; with
+    data.corrupt_fraction (a corruption-tuned copy), that share of the rows corrupted first, as training
+    corrupts its rows before augmenting them."""
     data = load_dataset(recipe.data.train)
     rng = np.random.default_rng(recipe.train.seed)
     classes = rng.permutation(np.unique(data.labels))
@@ -487,9 +492,25 @@ def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:
     while len(rows) < n_images:  # more rows than classes: repeat classes with other images
         rows.append(int(rng.integers(len(data))))
     rows = np.array(rows[:n_images])
-    return preview_arrays(data.images[rows], data.labels[rows], recipe.augment, out,
+    images, notes = _corrupt_rows(data.images[rows], recipe.data.corrupt_fraction, rng, recipe.train.seed)
+    return preview_arrays(images, data.labels[rows], recipe.augment, out,
                           n_repeats=n_repeats, class_names=data.class_names, seed=recipe.train.seed,
-                          title=f"{recipe.name}: training augmentation", consistency=recipe.train.consistency)
+                          title=f"{recipe.name}: training augmentation", consistency=recipe.train.consistency,
+                          notes=notes)
+
+
+def _corrupt_rows(images: np.ndarray, fraction: float, rng, seed: int) -> tuple[np.ndarray, list[str]]:
+    """`fraction` of the rows (at least one when it is set) corrupted by the cellfuse mix at severities
+    drawn from 1-5, as batches.corrupt_share does to a run's training rows; a note says which."""
+    notes = [""] * len(images)
+    if not fraction:
+        return images, notes
+    images = images.copy()
+    for row in rng.choice(len(images), max(1, round(fraction * len(images))), replace=False):
+        severity = int(rng.integers(1, 6))
+        images[row] = corrupt_images(images[row:row + 1], severity, seed=seed + severity)[0]
+        notes[row] = f"corrupted, severity {severity}"
+    return images, notes
 
 
 def pipeline_throughput(section: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
