@@ -75,6 +75,21 @@ def test_evaluate_against_a_second_model_sets_the_two_side_by_side_image_by_imag
     assert missing.exit_code == 2 and "no.keras" in missing.output
 
 
+def test_two_runs_of_one_name_are_told_apart_by_their_folders(model_file, tiny_npz, tmp_path):
+    """`--against` the same run name in another output folder: each column names its folder, not name-2."""
+    for demo in ("demo-a", "demo-b"):
+        (tmp_path / demo / "runs" / "cpu-lite0").mkdir(parents=True)
+        shutil.copy(model_file, tmp_path / demo / "runs" / "cpu-lite0" / "best.keras")
+    runs = [tmp_path / demo / "runs" / "cpu-lite0" for demo in ("demo-a", "demo-b")]
+    result = CliRunner().invoke(main, ["evaluate", str(runs[0]), str(tiny_npz), "--against", str(runs[1])])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "only cpu-lite0 (demo-a) right" in said and "only cpu-lite0 (demo-b) right" in said
+    assert "cpu-lite0-2" not in said
+    itself = CliRunner().invoke(main, ["evaluate", str(runs[0]), str(tiny_npz), "--against", str(runs[0])])
+    assert "only cpu-lite0 right" in " ".join(itself.output.split())
+
+
 def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypatch):
     from toolkit.ensemble import build_ensemble
 

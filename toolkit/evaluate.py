@@ -85,7 +85,7 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
 
     table = Table(title=f"{model} against {against} (TTA: {tta} vs {against_tta}), image by image "
                   "(exact McNemar test)", caption=PAIRED_CAVEAT)
-    first, second = model_names([model, against])  # two best.keras files get two names
+    first, second = _two_names(model, against)
     for col in ("data", "points", f"only {first} right", f"only {second} right", "p"):
         table.add_column(col, justify="left" if col == "data" else "right")
     for path, metrics in results.items():
@@ -93,6 +93,19 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
         table.add_row(Path(path).name, f"{100 * c['difference']:+.1f}", str(c["a_only"]), str(c["b_only"]),
                       f"{c['p']:.3f}")
     return table
+
+
+def _two_names(model, against) -> tuple[str, str]:
+    """The two models as every table names them (report.model_names); two runs of one name, from two
+    output folders, by that name and the nearest folder in which their paths differ."""
+    (first,), (second,) = model_names([model]), model_names([against])
+    if first != second:
+        return first, second
+    a, b = resolve_model_file(model).resolve(), resolve_model_file(against).resolve()
+    for x, y in zip(reversed(a.parent.parts), reversed(b.parent.parts), strict=False):
+        if x != y:
+            return f"{first} ({x})", f"{second} ({y})"
+    return first, f"{second}-2"  # one model set against itself
 
 
 def _from_ensemble_cache(path, keras_model, dataset, views: list[str]):
