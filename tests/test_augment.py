@@ -320,12 +320,13 @@ def test_preview_of_a_tuned_copy_shows_its_share_of_corrupted_rows(tmp_path, mon
     monkeypatch.setattr(toolkit.augment, "save_image_grid", lambda grid, titles, out, **k: seen.update(
         grid=grid, titles=titles) or out)
     preview_recipe(recipe, tmp_path / "p.png", n_images=6, n_repeats=1)
-    originals, notes = seen["grid"][0::2], seen["titles"][0::2]  # each row: the original, one copy
-    corrupted = [i for i, title in enumerate(notes) if "corrupted, severity" in title]
+    originals, copies = seen["grid"][0::2], seen["grid"][1::2]  # each row: the original, one copy
+    corrupted = [i for i, title in enumerate(seen["titles"][0::2]) if "corrupted, severity" in title]
     assert len(corrupted) == 3
-    for i, image in enumerate(originals):
+    for i, (image, copy) in enumerate(zip(originals, copies, strict=True)):
         in_file = any(np.array_equal(image, row) for row in images)
         assert in_file == (i not in corrupted)
+        np.testing.assert_array_equal(copy, image)  # preset none: the copy trains on the corrupted row
 
 
 def test_a_batch_grid_titles_each_image_by_its_target(tmp_path, monkeypatch):

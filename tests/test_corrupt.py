@@ -14,6 +14,7 @@ from toolkit.corrupt import (
     corrupt_file,
     corrupt_image,
     corrupt_images,
+    corrupt_share,
     layer_families,
     parse_families,
 )
@@ -78,6 +79,20 @@ def test_bad_severity_is_refused(images, severity):
 def test_non_uint8_images_are_refused(images):
     with pytest.raises(CellfuseError, match="uint8"):
         corrupt_images(images.astype(np.float32))
+
+
+def test_a_share_of_rows_is_corrupted_each_row_its_own_way(images):
+    """A tuned copy's training rows (and its preview): the drawn rows change, the others stay, and rows of
+    one severity do not share one corruption: twelve copies of one image come out twelve ways."""
+    same = np.repeat(images[:1], 12, axis=0)
+    out, rows, severities = corrupt_share(same, 8, np.random.default_rng(0), seed=3)
+    assert len(set(rows.tolist())) == 8 and set(severities.tolist()) <= {1, 2, 3, 4, 5}
+    untouched = np.setdiff1d(np.arange(12), rows)
+    np.testing.assert_array_equal(out[untouched], same[untouched])
+    assert not any(np.array_equal(out[r], same[0]) for r in rows)
+    assert len({out[r].tobytes() for r in rows}) == 8
+    again, _, _ = corrupt_share(same, 8, np.random.default_rng(0), seed=3)
+    np.testing.assert_array_equal(again, out)  # the same rows and corruptions for a seed (resumes agree)
 
 
 def test_corrupt_file_keeps_labels_and_index_and_refuses_to_overwrite(tmp_path):

@@ -87,7 +87,15 @@ def test_two_runs_of_one_name_are_told_apart_by_their_folders(model_file, tiny_n
     assert "only cpu-lite0 (demo-a) right" in said and "only cpu-lite0 (demo-b) right" in said
     assert "cpu-lite0-2" not in said
     itself = CliRunner().invoke(main, ["evaluate", str(runs[0]), str(tiny_npz), "--against", str(runs[0])])
-    assert "only cpu-lite0 right" in " ".join(itself.output.split())
+    assert itself.exit_code == 0, itself.output
+    said = " ".join(itself.output.split())
+    assert "only cpu-lite0 right" in said and "only cpu-lite0-2 right" in said
+    shutil.copy(model_file, runs[0] / "student.keras")  # two files of one run: named by file
+    files = CliRunner().invoke(main, ["evaluate", str(runs[0] / "best.keras"), str(tiny_npz),
+                                      "--against", str(runs[0] / "student.keras")])
+    assert files.exit_code == 0, files.output
+    said = " ".join(files.output.split())
+    assert "only cpu-lite0 (best.keras) right" in said and "only cpu-lite0 (student.keras) right" in said
 
 
 def test_evaluate_an_ensemble_directory(model_file, tiny_npz, tmp_path, monkeypatch):

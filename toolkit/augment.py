@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.corrupt import corrupt_images
+from toolkit.corrupt import corrupt_share
 from toolkit.data import CLASS_NAMES, IMAGE_SHAPE, load_dataset, one_hot
 from toolkit.errors import CellfuseError
 from toolkit.report import save_image_grid
@@ -500,15 +500,13 @@ def preview_recipe(recipe, out, n_images: int = 6, n_repeats: int = 6) -> Path:
 
 
 def _corrupt_rows(images: np.ndarray, fraction: float, rng, seed: int) -> tuple[np.ndarray, list[str]]:
-    """`fraction` of the rows (at least one when it is set) corrupted by the cellfuse mix at severities
-    drawn from 1-5, as batches.corrupt_share does to a run's training rows; a note says which."""
+    """`fraction` of the rows (at least one when it is set, so a preview of few images shows one) corrupted
+    as a run's training rows are (corrupt.corrupt_share); a note says which, and at what severity."""
     notes = [""] * len(images)
     if not fraction:
         return images, notes
-    images = images.copy()
-    for row in rng.choice(len(images), max(1, round(fraction * len(images))), replace=False):
-        severity = int(rng.integers(1, 6))
-        images[row] = corrupt_images(images[row:row + 1], severity, seed=seed + severity)[0]
+    images, rows, severities = corrupt_share(images, max(1, round(fraction * len(images))), rng, seed)
+    for row, severity in zip(rows, severities, strict=True):
         notes[row] = f"corrupted, severity {severity}"
     return images, notes
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from toolkit.augment import make_batch_augmenter
-from toolkit.corrupt import corrupt_images
+from toolkit.corrupt import corrupt_share
 from toolkit.data import (
     DEFAULT_THRESHOLD,
     Dataset,
@@ -57,7 +57,7 @@ def load_split(recipe: Recipe, console: Console) -> Split:
     return Split(data.subset(train_rows), val)
 
 
-def corrupt_share(train: Dataset, recipe: Recipe, console: Console) -> Dataset:
+def corrupt_training_rows(train: Dataset, recipe: Recipe, console: Console) -> Dataset:
     """data.corrupt_fraction of the training rows corrupted once by the cellfuse mix, each at a severity
     drawn from 1-5 (the same rows and corruptions for a seed): validation stays clean. Applied after
     check_data: a corrupted copy of a training image can look like a validation image corrupted alike."""
@@ -65,13 +65,7 @@ def corrupt_share(train: Dataset, recipe: Recipe, console: Console) -> Dataset:
     if not fraction:
         return train
     rng = np.random.default_rng(recipe.train.seed + 7)
-    rows = rng.choice(len(train), round(fraction * len(train)), replace=False)
-    severities = rng.integers(1, 6, len(rows))
-    images = train.images.copy()
-    for severity in range(1, 6):
-        chosen = np.sort(rows[severities == severity])
-        if len(chosen):
-            images[chosen] = corrupt_images(images[chosen], severity, seed=recipe.train.seed + severity)
+    images, rows, _ = corrupt_share(train.images, round(fraction * len(train)), rng, seed=recipe.train.seed)
     console.print(f"corrupted {len(rows)} of {len(train)} training rows with the cellfuse mix (severities 1-5)")
     return dataclasses.replace(train, images=images)
 

@@ -454,6 +454,21 @@ def corrupt_images(images: np.ndarray, severity: int = 3, seed: int = 0, *, fami
     return out
 
 
+def corrupt_share(images: np.ndarray, n_rows: int, rng: np.random.Generator, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A copy of `images` with `n_rows` of them, drawn by `rng`, corrupted by the cellfuse mix at severities
+    drawn from 1-5: (images, rows, severities). Each severity's rows go through corrupt_images at once, so
+    two rows of one severity get corruptions of their own."""
+    rows = rng.choice(len(images), n_rows, replace=False)
+    severities = rng.integers(1, 6, len(rows))
+    images = images.copy()
+    for severity in range(1, 6):
+        chosen = np.sort(rows[severities == severity])
+        if len(chosen):
+            images[chosen] = corrupt_images(images[chosen], severity, seed=seed + severity)
+    return images, rows, severities
+
+
 def corrupt_file(data, out, *, severity: int = 3, seed: int = 0, families=None, force: bool = False,
                  console=None) -> Path:
     """Write a corrupted copy of DATA to OUT (same labels and `index`); never over DATA itself."""

@@ -46,7 +46,7 @@ from toolkit.batches import (
     check_data,
     check_initial_loss,
     class_weight,
-    corrupt_share,
+    corrupt_training_rows,
     load_split,
     make_dataset,
     steps_per_epoch,
@@ -171,7 +171,7 @@ def start_run(recipe: Recipe, runs_root=None, *, resume=False, force=False, cons
     start = RunStart(run, split, strategy, cluster, started, created=created)
     with discard_failed_start(start):
         check_data(split, recipe, console)
-        start.split = replace(split, train=corrupt_share(split.train, recipe, console))
+        start.split = replace(split, train=corrupt_training_rows(split.train, recipe, console))
         set_precision(recipe.train, console)
     return start
 
