@@ -284,15 +284,22 @@ def test_preview_arrays_draws_one_row_per_image(tmp_path):
     assert w5 > 1.5 * w2 and abs(h5 - h2) < 0.2 * h2  # more repeats, more columns; same rows
 
 
+def toy_recipe(tmp_path, preset: str, corrupt_fraction: float = 0.0):
+    """(recipe, images, labels): the fields preview_recipe reads, over a training file of 40 images."""
+    images, labels = make_images(40, seed=4)
+    data = save_dataset(tmp_path / "train.npz", images, labels)
+    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data, corrupt_fraction=corrupt_fraction),
+                             train=SimpleNamespace(seed=1, consistency=0.0),
+                             augment=check_section({"preset": preset}, "t"))
+    return recipe, images, labels
+
+
 def test_preview_recipe_uses_the_recipe_fields(tmp_path, monkeypatch):
     """The grid shows the recipe's own training images, one per class, through its own augmentation."""
     import toolkit.augment
 
-    images, labels = make_images(40, seed=4)
-    data = save_dataset(tmp_path / "train.npz", images, labels)
-    section = check_section({"preset": "light"}, "t")
-    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data, corrupt_fraction=0.0),
-                             train=SimpleNamespace(seed=1, consistency=0.0), augment=section)
+    recipe, images, labels = toy_recipe(tmp_path, "light")
+    section = recipe.augment
     seen = {}
     monkeypatch.setattr(toolkit.augment, "preview_arrays", lambda *a, **k: seen.update(args=a, kwargs=k) or "x")
     preview_recipe(recipe, tmp_path / "p.png", n_images=3, n_repeats=2)
@@ -311,11 +318,7 @@ def test_preview_of_a_tuned_copy_shows_its_share_of_corrupted_rows(tmp_path, mon
     and their titles say so; the other rows are the file's own images."""
     import toolkit.augment
 
-    images, labels = make_images(40, seed=4)
-    data = save_dataset(tmp_path / "train.npz", images, labels)
-    section = check_section({"preset": "none"}, "t")
-    recipe = SimpleNamespace(name="toy", data=SimpleNamespace(train=data, corrupt_fraction=0.5),
-                             train=SimpleNamespace(seed=1, consistency=0.0), augment=section)
+    recipe, images, _ = toy_recipe(tmp_path, "none", corrupt_fraction=0.5)
     seen = {}
     monkeypatch.setattr(toolkit.augment, "save_image_grid", lambda grid, titles, out, **k: seen.update(
         grid=grid, titles=titles) or out)
