@@ -220,7 +220,8 @@ def save_image_grid(images: np.ndarray, titles: list[str], path: str | Path, nco
     plt = pyplot()
     n = max(len(images), 1)
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.25)), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.25)), squeeze=False,
+                             layout="constrained")  # a title of one row kept clear of the suptitle
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
