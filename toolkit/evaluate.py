@@ -97,16 +97,14 @@ def _against_table(results: dict, model, against, tta: str, against_tta: str):
 
 def _two_names(model, against) -> tuple[str, str]:
     """The two models as every table names them (report.model_names); two of one name by that name and
-    what tells them apart as the user gave them: the file in one folder, else the nearest differing folder."""
+    the nearest part of their paths, as the user gave them, that tells them apart (the file, or a folder)."""
     (first,), (second,) = model_names([model]), model_names([against])
     if first != second:
         return first, second
     a, b = resolve_model_file(model).absolute(), resolve_model_file(against).absolute()
     if a.resolve() == b.resolve():  # one model set against itself
         return first, f"{second}-2"
-    if a.parent == b.parent:  # best.keras against student.keras of one run
-        return f"{first} ({a.name})", f"{second} ({b.name})"
-    for x, y in zip(reversed(a.parent.parts[1:]), reversed(b.parent.parts[1:]), strict=False):
+    for x, y in zip(reversed(a.parts[1:]), reversed(b.parts[1:]), strict=False):
         if x != y:
             return f"{first} ({x})", f"{second} ({y})"
     return f"{first} ({a.parent})", f"{second} ({b.parent})"  # one folder inside the other
