@@ -13,7 +13,7 @@ from rich.console import Console
 
 from toolkit.data import CLASS_NAMES, save_dataset
 from toolkit.errors import CellfuseError
-from toolkit.export import _imported_modules, export_submission, grade_submission
+from toolkit.export import _imported_modules, export_submission, grade_submission, submission_views
 from toolkit.report import accuracy_interval
 
 # ---------------------------------------------------------------- fixtures (shared: TF work is slow)
@@ -317,6 +317,60 @@ def test_grade_names_what_is_missing_from_the_zip(exported, data, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI (grade --json: the `graded` fixture)
+
+def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
+    """The student's views go into the zip when they gain on the held-out families for at most half a
+    point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
+    run = tmp_path / "student"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
+
+    def distilled(val, heldout):
+        return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
+
+    assert submission_views(run, distilled(0.930, 0.810)) == "d4"
+    assert submission_views(run, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
+    assert submission_views(run, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
+    assert submission_views(run, distilled(0.924, 0.810)) == "none"
+    assert submission_views(run, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
+    assert submission_views(run, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
+    assert submission_views(run, distilled(0.940, 0.790)) == "none"
+    assert submission_views(run, {"views": "none", "rows": {"student": {"acc_val": 0.930}}}) == "none"
+    assert submission_views(run, {"views": "d4", "rows": {"student": {"acc_val": 0.930}}}) == "none"  # no steering set
+
+
+def test_auto_exports_a_students_measured_views_and_nothing_else_with_views(run_dir, tmp_path):
+    """--tta auto (the default) reads the student's distill comparison: its views when they pay, and
+    none, said aloud, for a student whose views do not pay, another file of its run, or a member."""
+    import shutil
+
+    student = tmp_path / "student"
+    student.mkdir()
+    shutil.copy(run_dir / "best.keras", student / "best.keras")
+    shutil.copy(run_dir / "best.keras", student / "wise.keras")
+    (student / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
+
+    def export(path, heldout, name):
+        (student / "distill.json").write_text(json.dumps(
+            {"views": "d4", "rows": {"student": {"acc_val": 0.929, "acc_val_heldout": heldout}}}))
+        console = Console(file=io.StringIO(), width=300)
+        result = export_submission(path, tmp_path / f"{name}.zip", console=console)
+        return result["tta"], console.file.getvalue()
+
+    def config(zip_path):
+        return zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(zip_path).read("model.keras"))).read("config.json")
+
+    views, printed = export(student, 0.810, "pays")
+    assert views == "d4" and "views (--tta auto): d4" in printed and "val_heldout 0.800 -> 0.810" in printed
+    assert b"ImageView" in config(tmp_path / "pays.zip")  # the views are inside the exported model
+    assert export(student / "best.keras", 0.810, "own-file")[0] == "d4"
+    assert export(student, 0.800, "no-gain")[0] == "none" and b"ImageView" not in config(tmp_path / "no-gain.zip")
+    views, printed = export(student / "wise.keras", 0.810, "other-file")
+    assert views == "none" and "not a distilled student" in printed
+    assert export(run_dir, 0.810, "member")[0] == "none"
+
+
+
 
 def test_cli_export(run_dir, exported, tmp_path):
     from click.testing import CliRunner

@@ -11,7 +11,6 @@ from toolkit.pipeline import (
     climb,
     points_behind,
     run_pipeline,
-    submission_views,
 )
 from toolkit.synth import write_synthetic
 
@@ -59,6 +58,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch):
     import numpy as np
 
     from toolkit.evaluate import evaluate_model
+    from toolkit.export import submission_views
 
     graded_file = out / "clean" / "val_corrupt.npz"
     tta = figures["export"]["tta"]
@@ -151,25 +151,6 @@ def test_a_failed_rung_is_skipped_but_a_failed_first_rung_stops_the_pipeline():
         climb([broken, small], distill_rung)
     with pytest.raises(CellfuseError, match="compared no val_heldout"):  # never judged on fewer sets
         points_behind({"student_run": "s", "gap": {"val": 0.0}})
-
-
-def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
-    """The student's views go into the zip when they gain on the held-out families for at most half a
-    point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
-    run = tmp_path / "student"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
-
-    def distilled(val, heldout):
-        return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
-
-    assert submission_views(run, distilled(0.930, 0.810)) == "d4"
-    assert submission_views(run, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
-    assert submission_views(run, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
-    assert submission_views(run, distilled(0.924, 0.810)) == "none"
-    assert submission_views(run, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
-    assert submission_views(run, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
-    assert submission_views(run, distilled(0.940, 0.790)) == "none"
 
 
 def test_runs_named_alike_are_refused_before_training():

@@ -333,15 +333,18 @@ class ViewSpec(click.ParamType):
 
     name = "views"
 
-    def __init__(self, several: bool = False):
-        self.several = several
+    def __init__(self, several: bool = False, auto: bool = False):
+        self.several, self.auto = several, auto
 
     def get_metavar(self, param, ctx=None) -> str:
-        return f"[{'|'.join(VIEW_SETS)}][+...][:{'|'.join(MERGES)}]" + (",..." if self.several else "")
+        return (("auto|" if self.auto else "") + f"[{'|'.join(VIEW_SETS)}][+...][:{'|'.join(MERGES)}]"
+                + (",..." if self.several else ""))
 
     def convert(self, value, param, ctx):
         from toolkit.tta import parse_tta
 
+        if self.auto and value == "auto":
+            return value
         for spec in str(value).split(",") if self.several else [value]:
             try:
                 parse_tta(spec.strip())
@@ -832,7 +835,9 @@ def distill(ensemble_dir, recipe, overrides, out, resume, force, no_timing, seed
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission zip.")
-@click.option("--tta", default="none", type=ViewSpec(), help="Views the exported model averages. " + VIEWS_HELP)
+@click.option("--tta", default="auto", show_default=True, type=ViewSpec(auto=True),
+              help="Views the exported model averages. auto: a student's views if its distill comparison "
+                   "found they gain on val_heldout for at most half a point on val, else none. " + VIEWS_HELP)
 @click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Weights stored in this precision.")
 @force_option
@@ -842,7 +847,7 @@ def export(run, out, tta, precision, force, as_json):
 
     \b
     Example:
-      cellfuse export outputs/runs/student-cpu --out outputs/submission.zip --tta d4
+      cellfuse export outputs/runs/student-cpu --out outputs/submission.zip
     """
     from toolkit import precheck
 

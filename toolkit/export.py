@@ -42,6 +42,8 @@ PROJECT_PACKAGE = __name__.partition(".")[0]  # hidden from the grading subproce
 SUBMISSION_IMPORTS = {"numpy", "tensorflow", "keras"}  # besides the standard library
 PRECISIONS = ("float32", "float16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# --tta auto keeps views that gain on the held-out families for at most CLEAN_COST on clean validation
+CLEAN_SET, STEERING_SET, CLEAN_COST = "val", "val_heldout", 0.005
 
 MODEL_PY = '''"""Challenge submission made by `cellfuse export`: `Model().predict(X)` -> class indices.
 
@@ -151,14 +153,17 @@ finish(RESULT, {"load_seconds": loaded - start, "predict_seconds": done - loaded
 
 # ---------------------------------------------------------------- export
 
-def export_submission(run, out, *, tta="none", precision="float32", force=False, console=None) -> dict:
-    """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters."""
+def export_submission(run, out, *, tta="auto", precision="float32", force=False, console=None) -> dict:
+    """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters.
+    tta "auto": the views a student's distill comparison found to pay (`submission_views`), else none."""
     console = console or Console()
     out = Path(out)
     check_new_file(out, ".zip", force, writer="export")
     if precision not in PRECISIONS:
         raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if tta != "none":
+    if tta == "auto":
+        tta = auto_views(Path(run), console)
+    elif tta != "none":
         parse_tta(tta)  # a bad spec fails before the slow model load
     source = model_py_source()
     model = _load_for_export(resolve_model_file(run), tta)
@@ -169,6 +174,40 @@ def export_submission(run, out, *, tta="none", precision="float32", force=False,
     console.print(f"wrote {out}: {result['bytes'] / 1e6:.2f} MB, {result['params']:,} parameters "
                   f"(tta {tta}, weights {precision})")
     return result
+
+
+def auto_views(run: Path, console: Console) -> str:
+    """`--tta auto`: for a student run (or its own model file), the views its distill comparison
+    measured, if they pay by `submission_views`' rule; "none" for anything else, said aloud."""
+    folder = run if run.is_dir() else run.parent
+    comparison = folder / "distill.json"
+    if not (comparison.is_file() and (run.is_dir() or run == resolve_model_file(folder))):
+        console.print(f"views (--tta auto): none; {run} is not a distilled student with its comparison "
+                      "(distill.json), so nothing measured whether views pay (--tta d4 adds them anyway)")
+        return "none"
+    distilled = json.loads(comparison.read_text())
+    views = submission_views(folder, distilled)
+    single, viewed = json.loads((folder / "metrics.json").read_text()), distilled["rows"]["student"]
+    measured = [f"{name} {single[name]['accuracy']:.3f} -> {viewed[f'acc_{name}']:.3f}"
+                for name in (STEERING_SET, CLEAN_SET) if name in single and f"acc_{name}" in viewed]
+    console.print(f"views (--tta auto): {views}; the student with its teacher's views ({distilled['views']}), "
+                  f"as distill measured it: {', '.join(measured) or 'no steering set'} (kept when they gain "
+                  f"on {STEERING_SET} for at most {CLEAN_COST:.1%} on {CLEAN_SET})")
+    return views
+
+
+def submission_views(student_run: Path, distilled: dict) -> str:
+    """The ensemble's views for the submission if they raise the student on the steering set (corruption
+    families nothing trained on) for at most half a point on clean validation, the rule every robustness
+    lever is adopted by (README); else "none": views multiply the submission's inference cost."""
+    single = json.loads((student_run / "metrics.json").read_text())
+    viewed = distilled["rows"]["student"]
+    if distilled["views"] == "none" or STEERING_SET not in single or f"acc_{STEERING_SET}" not in viewed:
+        return "none"  # no views, or no steering set to judge them on
+    gain = viewed[f"acc_{STEERING_SET}"] - single[STEERING_SET]["accuracy"]
+    cost = single[CLEAN_SET]["accuracy"] - viewed[f"acc_{CLEAN_SET}"]
+    # rounded: accuracies are fractions of whole images, and 0.930 - 0.925 is 0.0050000000000000044
+    return distilled["views"] if round(gain, 9) > 0 and round(cost, 9) <= CLEAN_COST else "none"
 
 
 def model_py_source() -> str:

@@ -6,7 +6,6 @@ Each stage is the same function its command calls, so the demo exercises exactly
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,19 +125,6 @@ def common_split(recipes) -> tuple[float, int]:
     return splits.pop()
 
 
-def submission_views(student_run: Path, distilled: dict, steer: str = "val_heldout", clean: str = "val",
-                     clean_cost: float = 0.005) -> str:
-    """The ensemble's views for the submission if they raise the student on the steering set (corruption
-    families nothing trained on) for at most half a point on clean validation, the rule every robustness
-    lever is adopted by (README); else "none": views multiply the submission's inference cost."""
-    single = json.loads((student_run / "metrics.json").read_text())
-    viewed = distilled["rows"]["student"]
-    gain = viewed[f"acc_{steer}"] - single[steer]["accuracy"]
-    cost = single[clean]["accuracy"] - viewed[f"acc_{clean}"]
-    # rounded: accuracies are fractions of whole images, and 0.930 - 0.925 is 0.0050000000000000044
-    return distilled["views"] if round(gain, 9) > 0 and round(cost, 9) <= clean_cost else "none"
-
-
 def points_behind(distilled: dict) -> float:
     """The student's largest gap to its teacher on JUDGED_ON, in points as distill prints them (one decimal)."""
     gaps = distilled["gap"]
@@ -256,9 +242,8 @@ def run_pipeline(data: Path, out: Path, test: Path | None, console: Console, *, 
                       f"{CLOSER_BY:g}; distilled {len(tried)} of {len(ladder)})")
 
     p.step("export")
-    tta = submission_views(student_run, figures["distill"])
-    figures["export"] = export_submission(student_run, out / "submission.zip", tta=tta, force=True, console=console)
-    p.done(f"{figures['export']['bytes'] / 1e6:.2f} MB zip, views {tta}", out / "submission.zip")
+    figures["export"] = export_submission(student_run, out / "submission.zip", tta="auto", force=True, console=console)
+    p.done(f"{figures['export']['bytes'] / 1e6:.2f} MB zip, views {figures['export']['tta']}", out / "submission.zip")
 
     p.step("grade")
     graded = test or val_corrupt
