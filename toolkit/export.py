@@ -192,7 +192,7 @@ def auto_views(run: Path, console: Console) -> str:
                 for name in (STEERING_SET, CLEAN_SET) if name in single and f"acc_{name}" in viewed]
     console.print(f"views (--tta auto): {views}; the student with its teacher's views ({distilled['views']}), "
                   f"as distill measured it: {', '.join(measured) or 'no steering set'} (kept when they gain "
-                  f"on {STEERING_SET} for at most {CLEAN_COST:.1%} on {CLEAN_SET})")
+                  f"on {STEERING_SET} and cost at most {100 * CLEAN_COST:g} points on {CLEAN_SET})")
     return views
 
 
