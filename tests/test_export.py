@@ -318,25 +318,24 @@ def test_grade_names_what_is_missing_from_the_zip(exported, data, tmp_path):
 
 # ---------------------------------------------------------------- CLI (grade --json: the `graded` fixture)
 
-def test_the_submission_carries_the_views_only_where_they_pay(tmp_path):
+def test_the_submission_carries_the_views_only_where_they_pay():
     """The student's views go into the zip when they gain on the held-out families for at most half a
     point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
-    run = tmp_path / "student"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
+    single = {"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}
 
     def distilled(val, heldout):
         return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
 
-    assert submission_views(run, distilled(0.930, 0.810)) == "d4"
-    assert submission_views(run, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
-    assert submission_views(run, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
-    assert submission_views(run, distilled(0.924, 0.810)) == "none"
-    assert submission_views(run, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
-    assert submission_views(run, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
-    assert submission_views(run, distilled(0.940, 0.790)) == "none"
-    assert submission_views(run, {"views": "none", "rows": {"student": {"acc_val": 0.930}}}) == "none"
-    assert submission_views(run, {"views": "d4", "rows": {"student": {"acc_val": 0.930}}}) == "none"  # no steering set
+    assert submission_views(single, distilled(0.930, 0.810)) == "d4"
+    assert submission_views(single, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
+    assert submission_views(single, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
+    assert submission_views(single, distilled(0.924, 0.810)) == "none"
+    assert submission_views(single, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
+    assert submission_views(single, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
+    assert submission_views(single, distilled(0.940, 0.790)) == "none"
+    assert submission_views(single, {"views": "none", "rows": {"student": {"acc_val": 0.930}}}) == "none"
+    assert submission_views(single, {"views": "d4", "rows": {"student": {"acc_val": 0.930}}}) == "none"  # no steering set
+    assert submission_views(single, {"views": "d4"}) == "none"  # a comparison without the rows
 
 
 def test_auto_exports_a_students_measured_views_and_nothing_else_with_views(run_dir, tmp_path):
@@ -368,6 +367,10 @@ def test_auto_exports_a_students_measured_views_and_nothing_else_with_views(run_
     views, printed = export(student / "wise.keras", 0.810, "other-file")
     assert views == "none" and "not a distilled student" in printed
     assert export(run_dir, 0.810, "member")[0] == "none"
+    (student / "distill.json").write_text('{"views": "d4", "ro')  # cut short: said, not a traceback
+    console = Console(file=io.StringIO(), width=300)
+    assert export_submission(student, tmp_path / "cut.zip", console=console)["tta"] == "none"
+    assert "readable comparison" in console.file.getvalue()
 
 
 

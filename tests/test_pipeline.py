@@ -62,7 +62,7 @@ def test_synth_to_graded_submission(tmp_path, monkeypatch):
 
     graded_file = out / "clean" / "val_corrupt.npz"
     tta = figures["export"]["tta"]
-    assert tta == submission_views(shipped, figures["distill"])
+    assert tta == submission_views(json.loads((shipped / "metrics.json").read_text()), figures["distill"])
     student_metrics = evaluate_model(shipped, [graded_file], tta=tta, console=Console(quiet=True))
     assert figures["grade"]["accuracy"] == student_metrics[str(graded_file)]["accuracy"]
     # the split files hold the rows every member held out (tiny.toml's 25%, not split's default 15%)

@@ -32,6 +32,7 @@ from toolkit.runs import (
     check_keras_archive,
     check_new_file,
     load_model,
+    read_finished_json,
     resolve_model_file,
 )
 from toolkit.tta import parse_tta, wrap_with_tta
@@ -181,33 +182,34 @@ def auto_views(run: Path, console: Console) -> str:
     measured, if they pay by `submission_views`' rule; "none" for anything else, said aloud."""
     folder = run if run.is_dir() else run.parent
     comparison = folder / "distill.json"
-    if not (comparison.is_file() and (run.is_dir() or run == resolve_model_file(folder))):
-        console.print(f"views (--tta auto): none; {run} is not a distilled student with its comparison "
-                      "(distill.json), so nothing measured whether views pay (--tta d4 adds them anyway)")
+    own = comparison.is_file() and (run.is_dir() or run == resolve_model_file(folder))
+    distilled, single = (read_finished_json(comparison), read_finished_json(folder / "metrics.json")) if own else (None, None)
+    if not (distilled and single):
+        console.print(f"views (--tta auto): none; {run} is not a distilled student with a readable comparison "
+                      "(distill.json, metrics.json), so nothing measured whether views pay (--tta d4 adds them)")
         return "none"
-    distilled = json.loads(comparison.read_text())
-    views = submission_views(folder, distilled)
-    single, viewed = json.loads((folder / "metrics.json").read_text()), distilled["rows"]["student"]
+    views, viewed = submission_views(single, distilled), distilled.get("rows", {}).get("student", {})
     measured = [f"{name} {single[name]['accuracy']:.3f} -> {viewed[f'acc_{name}']:.3f}"
                 for name in (STEERING_SET, CLEAN_SET) if name in single and f"acc_{name}" in viewed]
-    console.print(f"views (--tta auto): {views}; the student with its teacher's views ({distilled['views']}), "
-                  f"as distill measured it: {', '.join(measured) or 'no steering set'} (kept when they gain "
-                  f"on {STEERING_SET} and cost at most {100 * CLEAN_COST:g} points on {CLEAN_SET})")
+    console.print(f"views (--tta auto): {views}; the student with its teacher's views ({distilled.get('views')}), "
+                  f"as distill measured it: {', '.join(measured) or f'no {STEERING_SET} measured'} (kept when "
+                  f"they gain on {STEERING_SET} and cost at most {100 * CLEAN_COST:g} points on {CLEAN_SET})")
     return views
 
 
-def submission_views(student_run: Path, distilled: dict) -> str:
-    """The ensemble's views for the submission if they raise the student on the steering set (corruption
-    families nothing trained on) for at most half a point on clean validation, the rule every robustness
-    lever is adopted by (README); else "none": views multiply the submission's inference cost."""
-    single = json.loads((student_run / "metrics.json").read_text())
-    viewed = distilled["rows"]["student"]
-    if distilled["views"] == "none" or STEERING_SET not in single or f"acc_{STEERING_SET}" not in viewed:
+def submission_views(single: dict, distilled: dict) -> str:
+    """The ensemble's views for the submission if they raise the student (its run's metrics.json: `single`;
+    its distill.json: `distilled`) on the steering set, corruption families nothing trained on, for at most
+    half a point on clean validation: the rule every robustness lever is adopted by (README). Else "none":
+    views multiply the submission's inference cost."""
+    views, viewed = distilled.get("views", "none"), distilled.get("rows", {}).get("student", {})
+    sets = (STEERING_SET, CLEAN_SET)
+    if views == "none" or not all(name in single and f"acc_{name}" in viewed for name in sets):
         return "none"  # no views, or no steering set to judge them on
     gain = viewed[f"acc_{STEERING_SET}"] - single[STEERING_SET]["accuracy"]
     cost = single[CLEAN_SET]["accuracy"] - viewed[f"acc_{CLEAN_SET}"]
     # rounded: accuracies are fractions of whole images, and 0.930 - 0.925 is 0.0050000000000000044
-    return distilled["views"] if round(gain, 9) > 0 and round(cost, 9) <= CLEAN_COST else "none"
+    return views if round(gain, 9) > 0 and round(cost, 9) <= CLEAN_COST else "none"
 
 
 def model_py_source() -> str:
