@@ -185,6 +185,82 @@ def test_tta_lives_inside_the_exported_model(tta_exported, model, data, tmp_path
     assert (predicted == tta_direct(model, images)).all()
 
 
+def test_the_submission_carries_the_views_only_where_they_pay():
+    """The student's views go into the zip when they gain on the held-out families for at most half a
+    point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
+    single = {"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}
+
+    def distilled(val, heldout):
+        return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
+
+    assert submission_views(single, distilled(0.930, 0.810)) == "d4"
+    assert submission_views(single, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
+    assert submission_views(single, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
+    assert submission_views(single, distilled(0.924, 0.810)) == "none"
+    assert submission_views(single, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
+    assert submission_views(single, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
+    assert submission_views(single, distilled(0.940, 0.790)) == "none"
+    assert submission_views(single, {"views": "none", "rows": {"student": {"acc_val": 0.930}}}) == "none"
+    assert submission_views(single, {"views": "d4", "rows": {"student": {"acc_val": 0.930}}}) == "none"  # no steering set
+    assert submission_views(single, {"views": "d4"}) == "none"  # a comparison without the rows
+
+
+def test_auto_exports_a_students_measured_views_and_says_why_not_elsewhere(run_dir, tmp_path):
+    """--tta auto (the CLI's default) reads a student's distill comparison: its views when they pay, and
+    none, with the reason, for a student whose views do not pay, another file of its run, a cut comparison,
+    one without val_heldout, a member and an ensemble."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    student = tmp_path / "student"
+    student.mkdir()
+    shutil.copy(run_dir / "best.keras", student / "best.keras")
+    shutil.copy(run_dir / "best.keras", student / "wise.keras")
+
+    def export(path, heldout=0.810, single_heldout=0.800):
+        metrics = {"val": {"accuracy": 0.930}, **({"val_heldout": {"accuracy": single_heldout}} if single_heldout else {})}
+        (student / "metrics.json").write_text(json.dumps(metrics))
+        (student / "distill.json").write_text(json.dumps(
+            {"views": "d4", "rows": {"student": {"acc_val": 0.929, "acc_val_heldout": heldout}}}))
+        out = tmp_path / f"{len(list(tmp_path.glob('*.zip')))}.zip"
+        console = Console(file=io.StringIO(), width=400)
+        views = export_submission(path, out, tta="auto", console=console)["tta"]
+        inner = zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(out).read("model.keras")))
+        assert (b"ImageView" in inner.read("config.json")) == (views != "none")  # the views inside, or none
+        return views, console.file.getvalue()
+
+    views, printed = export(student)
+    assert views == "d4" and "val_heldout 0.800 -> 0.810, val 0.930 -> 0.929" in printed
+    assert export(student / "best.keras")[0] == "d4"
+    views, printed = export(student, heldout=0.800)
+    assert views == "none" and "val_heldout 0.800 -> 0.800" in printed
+    views, printed = export(student / "wise.keras")
+    assert views == "none" and "not wise.keras" in printed
+    (student / "best.keras").write_bytes(b"damaged")  # not read for another file of the run
+    assert export(student / "wise.keras")[0] == "none"
+    shutil.copy(run_dir / "best.keras", student / "best.keras")
+    views, printed = export(student, single_heldout=None)
+    assert views == "none" and "no val_heldout" in printed
+    assert "not a student cellfuse distilled" in export(run_dir)[1]
+    (student / "distill.json").write_text('{"views": "d4", "ro')  # cut short: said, not a traceback
+    console = Console(file=io.StringIO(), width=400)
+    assert export_submission(student, tmp_path / "cut.zip", tta="auto", console=console)["tta"] == "none"
+    assert "unreadable or incomplete" in console.file.getvalue()
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    shutil.copy(run_dir / "best.keras", ensemble / "ensemble.keras")
+    (ensemble / "ensemble.json").write_text("{}")
+    assert "already averages the views" in export(ensemble)[1]
+    # the CLI's default is auto
+    export(student)  # a whole comparison again
+    result = CliRunner().invoke(main, ["export", str(student), "--out", str(tmp_path / "cli.zip"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "views (--tta auto): d4" in result.output and json.loads(result.output.splitlines()[-1])["tta"] == "d4"
+
+
 # ---------------------------------------------------------------- model.py edge cases (in process)
 
 def test_predict_matches_the_model_across_batches_and_input_kinds(submission, model, data):
@@ -317,63 +393,6 @@ def test_grade_names_what_is_missing_from_the_zip(exported, data, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI (grade --json: the `graded` fixture)
-
-def test_the_submission_carries_the_views_only_where_they_pay():
-    """The student's views go into the zip when they gain on the held-out families for at most half a
-    point on clean validation; its single-view figures come from its run, the viewed ones from distill."""
-    single = {"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}
-
-    def distilled(val, heldout):
-        return {"views": "d4", "rows": {"student": {"acc_val": val, "acc_val_heldout": heldout}}}
-
-    assert submission_views(single, distilled(0.930, 0.810)) == "d4"
-    assert submission_views(single, distilled(0.926, 0.810)) == "d4"  # 0.4 points clean for 1 held-out
-    assert submission_views(single, distilled(0.925, 0.810)) == "d4"  # half a point is allowed (float-exact)
-    assert submission_views(single, distilled(0.924, 0.810)) == "none"
-    assert submission_views(single, distilled(0.920, 0.830)) == "none"  # a point clean is too dear
-    assert submission_views(single, distilled(0.940, 0.800)) == "none"  # no held-out gain, no views
-    assert submission_views(single, distilled(0.940, 0.790)) == "none"
-    assert submission_views(single, {"views": "none", "rows": {"student": {"acc_val": 0.930}}}) == "none"
-    assert submission_views(single, {"views": "d4", "rows": {"student": {"acc_val": 0.930}}}) == "none"  # no steering set
-    assert submission_views(single, {"views": "d4"}) == "none"  # a comparison without the rows
-
-
-def test_auto_exports_a_students_measured_views_and_nothing_else_with_views(run_dir, tmp_path):
-    """--tta auto (the default) reads the student's distill comparison: its views when they pay, and
-    none, said aloud, for a student whose views do not pay, another file of its run, or a member."""
-    import shutil
-
-    student = tmp_path / "student"
-    student.mkdir()
-    shutil.copy(run_dir / "best.keras", student / "best.keras")
-    shutil.copy(run_dir / "best.keras", student / "wise.keras")
-    (student / "metrics.json").write_text(json.dumps({"val": {"accuracy": 0.930}, "val_heldout": {"accuracy": 0.800}}))
-
-    def export(path, heldout, name):
-        (student / "distill.json").write_text(json.dumps(
-            {"views": "d4", "rows": {"student": {"acc_val": 0.929, "acc_val_heldout": heldout}}}))
-        console = Console(file=io.StringIO(), width=300)
-        result = export_submission(path, tmp_path / f"{name}.zip", console=console)
-        return result["tta"], console.file.getvalue()
-
-    def config(zip_path):
-        return zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(zip_path).read("model.keras"))).read("config.json")
-
-    views, printed = export(student, 0.810, "pays")
-    assert views == "d4" and "views (--tta auto): d4" in printed and "val_heldout 0.800 -> 0.810" in printed
-    assert b"ImageView" in config(tmp_path / "pays.zip")  # the views are inside the exported model
-    assert export(student / "best.keras", 0.810, "own-file")[0] == "d4"
-    assert export(student, 0.800, "no-gain")[0] == "none" and b"ImageView" not in config(tmp_path / "no-gain.zip")
-    views, printed = export(student / "wise.keras", 0.810, "other-file")
-    assert views == "none" and "not a distilled student" in printed
-    assert export(run_dir, 0.810, "member")[0] == "none"
-    (student / "distill.json").write_text('{"views": "d4", "ro')  # cut short: said, not a traceback
-    console = Console(file=io.StringIO(), width=300)
-    assert export_submission(student, tmp_path / "cut.zip", console=console)["tta"] == "none"
-    assert "readable comparison" in console.file.getvalue()
-
-
-
 
 def test_cli_export(run_dir, exported, tmp_path):
     from click.testing import CliRunner

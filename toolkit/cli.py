@@ -329,7 +329,8 @@ def fd2_to_devnull():
 # ---------------------------------------------------------------- shared options
 
 class ViewSpec(click.ParamType):
-    """A TTA spec (`d4`, `d4+shifts`, `d4:geometric`), or several comma-separated; checked when parsed."""
+    """A TTA spec (`d4`, `d4+shifts`, `d4:geometric`), or several comma-separated, or (`auto`) `auto`;
+    checked when parsed."""
 
     name = "views"
 
@@ -349,7 +350,7 @@ class ViewSpec(click.ParamType):
             try:
                 parse_tta(spec.strip())
             except CellfuseError as e:
-                self.fail(str(e), param, ctx)
+                self.fail(f"{e}{'; or auto' if self.auto else ''}", param, ctx)
         return value
 
 

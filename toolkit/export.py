@@ -154,20 +154,21 @@ finish(RESULT, {"load_seconds": loaded - start, "predict_seconds": done - loaded
 
 # ---------------------------------------------------------------- export
 
-def export_submission(run, out, *, tta="auto", precision="float32", force=False, console=None) -> dict:
+def export_submission(run, out, *, tta="none", precision="float32", force=False, console=None) -> dict:
     """Write `out` (.zip): model.py and RUN's model, no optimizer state. Prints size and parameters.
-    tta "auto": the views a student's distill comparison found to pay (`submission_views`), else none."""
+    tta "auto": the views a student's distill comparison found to pay (`auto_views`), else none."""
     console = console or Console()
     out = Path(out)
     check_new_file(out, ".zip", force, writer="export")
     if precision not in PRECISIONS:
         raise CellfuseError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    model_file = resolve_model_file(run)
     if tta == "auto":
-        tta = auto_views(Path(run), console)
-    elif tta != "none":
+        tta = auto_views(model_file, console)
+    if tta != "none":
         parse_tta(tta)  # a bad spec fails before the slow model load
     source = model_py_source()
-    model = _load_for_export(resolve_model_file(run), tta)
+    model = _load_for_export(model_file, tta)
     files = {"model.py": source.encode(), WEIGHTS: _keras_bytes(model, precision)}
     atomic_write_bytes(out, _zip_bytes(files))
     result = {"zip": str(out), "bytes": out.stat().st_size, "params": int(model.count_params()),
@@ -177,24 +178,44 @@ def export_submission(run, out, *, tta="auto", precision="float32", force=False,
     return result
 
 
-def auto_views(run: Path, console: Console) -> str:
-    """`--tta auto`: for a student run (or its own model file), the views its distill comparison
-    measured, if they pay by `submission_views`' rule; "none" for anything else, said aloud."""
-    folder = run if run.is_dir() else run.parent
-    comparison = folder / "distill.json"
-    own = comparison.is_file() and (run.is_dir() or run == resolve_model_file(folder))
-    distilled, single = (read_finished_json(comparison), read_finished_json(folder / "metrics.json")) if own else (None, None)
-    if not (distilled and single):
-        console.print(f"views (--tta auto): none; {run} is not a distilled student with a readable comparison "
-                      "(distill.json, metrics.json), so nothing measured whether views pay (--tta d4 adds them)")
-        return "none"
-    views, viewed = submission_views(single, distilled), distilled.get("rows", {}).get("student", {})
-    measured = [f"{name} {single[name]['accuracy']:.3f} -> {viewed[f'acc_{name}']:.3f}"
-                for name in (STEERING_SET, CLEAN_SET) if name in single and f"acc_{name}" in viewed]
-    console.print(f"views (--tta auto): {views}; the student with its teacher's views ({distilled.get('views')}), "
-                  f"as distill measured it: {', '.join(measured) or f'no {STEERING_SET} measured'} (kept when "
-                  f"they gain on {STEERING_SET} and cost at most {100 * CLEAN_COST:g} points on {CLEAN_SET})")
+def auto_views(model_file: Path, console: Console) -> str:
+    """`--tta auto`: the views a student's distill comparison measured on its best.keras, if they pay by
+    `submission_views`' rule; "none" for anything else. Either way the reason is printed."""
+    views, reason = _measured_views(model_file)
+    console.print(f"views (--tta auto): {views}; {reason}")
     return views
+
+
+def _measured_views(model_file: Path) -> tuple[str, str]:
+    folder = model_file.resolve().parent
+    if (folder / "ensemble.json").is_file():
+        return "none", "an ensemble's model already averages the views its selection chose"
+    if not (folder / "distill.json").is_file():
+        return "none", (f"{model_file} is not a student cellfuse distilled, so nothing measured whether views "
+                        "pay for it (name them with --tta)")
+    if model_file.resolve() != (folder / "best.keras").resolve():
+        return "none", f"distill measured {folder / 'best.keras'}, not {model_file.name}"
+    distilled, single = read_finished_json(folder / "distill.json"), read_finished_json(folder / "metrics.json")
+    try:
+        views, figures = submission_views(single, distilled), compared_figures(single, distilled)
+    except (AttributeError, TypeError, KeyError, ValueError):  # missing, cut short or of another shape
+        return "none", (f"{folder}: distill.json or metrics.json is unreadable or incomplete; `cellfuse distill "
+                        "ENSEMBLE RECIPE --resume` writes them again")
+    if distilled.get("views", "none") == "none":
+        return "none", "its teacher averaged no views"
+    if STEERING_SET not in figures:
+        return "none", f"distill measured it on no {STEERING_SET}, which views are judged on"
+    shown = ", ".join(f"{name} {alone:.3f} -> {viewed:.3f}" for name, (alone, viewed) in figures.items())
+    return views, (f"the student alone and with its teacher's views ({distilled['views']}): {shown}; views are "
+                   f"kept when they gain on {STEERING_SET} and cost at most {100 * CLEAN_COST:g} points on {CLEAN_SET}")
+
+
+def compared_figures(single: dict, distilled: dict) -> dict[str, tuple[float, float]]:
+    """{set: (the student's accuracy alone, from its metrics.json; with its teacher's views, from its
+    distill.json)} for the steering and clean sets, where both were measured."""
+    viewed = distilled.get("rows", {}).get("student", {})
+    return {name: (float(single[name]["accuracy"]), float(viewed[f"acc_{name}"]))
+            for name in (STEERING_SET, CLEAN_SET) if name in single and f"acc_{name}" in viewed}
 
 
 def submission_views(single: dict, distilled: dict) -> str:
@@ -202,12 +223,11 @@ def submission_views(single: dict, distilled: dict) -> str:
     its distill.json: `distilled`) on the steering set, corruption families nothing trained on, for at most
     half a point on clean validation: the rule every robustness lever is adopted by (README). Else "none":
     views multiply the submission's inference cost."""
-    views, viewed = distilled.get("views", "none"), distilled.get("rows", {}).get("student", {})
-    sets = (STEERING_SET, CLEAN_SET)
-    if views == "none" or not all(name in single and f"acc_{name}" in viewed for name in sets):
+    figures, views = compared_figures(single, distilled), distilled.get("views", "none")
+    if views == "none" or len(figures) < 2:
         return "none"  # no views, or no steering set to judge them on
-    gain = viewed[f"acc_{STEERING_SET}"] - single[STEERING_SET]["accuracy"]
-    cost = single[CLEAN_SET]["accuracy"] - viewed[f"acc_{CLEAN_SET}"]
+    (steer_alone, steer_viewed), (clean_alone, clean_viewed) = figures[STEERING_SET], figures[CLEAN_SET]
+    gain, cost = steer_viewed - steer_alone, clean_alone - clean_viewed
     # rounded: accuracies are fractions of whole images, and 0.930 - 0.925 is 0.0050000000000000044
     return views if round(gain, 9) > 0 and round(cost, 9) <= CLEAN_COST else "none"
 
