@@ -329,8 +329,8 @@ def fd2_to_devnull():
 # ---------------------------------------------------------------- shared options
 
 class ViewSpec(click.ParamType):
-    """A TTA spec (`d4`, `d4+shifts`, `d4:geometric`), or several comma-separated, or (`auto`) `auto`;
-    checked when parsed."""
+    """A TTA spec (`d4`, `d4+shifts`, `d4:geometric`), or several comma-separated; with `auto=True` also the
+    word `auto` (export's choice from a student's distill comparison). Checked when parsed."""
 
     name = "views"
 
